@@ -1,0 +1,22 @@
+# `make demo`: set up and run the main job end to end on the embedded default.
+# `make test`: set up and run the whole test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export KERAS_BACKEND := tensorflow
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m demo
+
+test: install
+	$(PY) -m pytest -q

@@ -1,0 +1,65 @@
+"""The model takes raw strings; a saved version loads back with identical outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train.model import SIZES, accuracy, load_model_dir, new_model, save_model_dir, size_named
+from train.store import ModelStore
+
+TEXTS = ["turn on the kitchen light", "거실 조명 켜줘", "", "!!!", "WHAT'S the TIME?", "x " * 100]
+
+
+def test_raw_strings_in_probabilities_out():
+    m = new_model("small", ["a", "b", "c"])
+    probs = m.predict(TEXTS)
+    assert probs.shape == (len(TEXTS), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # Tokenisation is case- and punctuation-insensitive, inside the model.
+    same = m.predict(["what's the time", "WHAT'S the TIME?"])
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-6)
+
+
+def test_save_load_round_trip_identical(tmp_path):
+    m = new_model("small", ["HassTurnOn", "HassTurnOff"])
+    m.metrics = {"test_accuracy": 0.5}
+    before = m.predict(TEXTS)
+    save_model_dir(m, tmp_path / "v")
+    back = load_model_dir(tmp_path / "v")
+    assert back.labels == ["HassTurnOn", "HassTurnOff"] and back.size == m.size
+    assert back.metrics == {"test_accuracy": 0.5}
+    np.testing.assert_array_equal(back.predict(TEXTS), before)
+
+
+def test_store_versions_are_numbered_and_loadable(tmp_path):
+    store = ModelStore(str(tmp_path / "store"))
+    assert store.latest() is None
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        store.load()
+    m = new_model("small", ["a", "b"])
+    save_model_dir(m, tmp_path / "saved")
+    assert store.publish(tmp_path / "saved") == 1
+    assert store.publish(tmp_path / "saved") == 2
+    assert store.versions() == [1, 2]
+    loaded = store.load()
+    assert loaded.version == 2
+    np.testing.assert_array_equal(loaded.predict(TEXTS), m.predict(TEXTS))
+    with pytest.raises(FileNotFoundError, match="model version 7 not in"):
+        store.load(7)
+
+
+def test_unknown_size_rejected():
+    with pytest.raises(ValueError, match=r"unknown model size 'huge'; choose one of \['large', 'small'\]"):
+        size_named("huge")
+
+
+def test_large_size_is_the_production_shape():
+    large = SIZES["large"]
+    assert large.embed_dim == 300
+    assert 78e6 <= large.params(num_labels=34) <= 82e6  # their model: 80,656,435
+
+
+def test_accuracy_counts_unknown_labels_wrong():
+    m = new_model("small", ["a", "b"])
+    assert accuracy(m, ["x", "y"], ["zzz", "zzz"]) == 0.0

@@ -1,0 +1,180 @@
+"""The Ray Train job: train one model with TensorflowTrainer, publish the best epoch to the store.
+
+One worker: Keras 3 has no MultiWorkerMirroredStrategy (keras-team/keras#20585), so a run uses
+one node; several GPUs on that node train together through MirroredStrategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.data import DataSpec
+
+DEFAULT_EPOCHS = {"small": 15, "large": 2}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    size: str = "small"
+    data: DataSpec = field(default_factory=DataSpec)
+    epochs: int | None = None  # None: DEFAULT_EPOCHS for the size
+    batch_size: int = 64  # the production team's setting
+    learning_rate: float = 1e-3
+    steps_per_epoch: int | None = None  # cap an epoch (quick throughput measurements)
+    use_gpu: bool = False
+    store_uri: str | None = None  # None: the default model store
+    storage_path: str = "artifacts/ray_results"  # Ray Train's checkpoints and run state
+
+    def __post_init__(self) -> None:
+        from train.model import size_named
+
+        size_named(self.size)  # raises with the list of sizes
+        for name in ("epochs", "batch_size", "steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def num_epochs(self) -> int:
+        return self.epochs or DEFAULT_EPOCHS[self.size]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    version: int
+    uri: str
+    metrics: dict
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    """Runs inside the Ray Train worker. Imports Keras 3 itself, never tf.keras."""
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from train.data import load_dataset
+    from train.model import compile_for_training, new_model, save_model_dir
+
+    spec = DataSpec(**{**config["data"], "langs": tuple(config["data"]["langs"])})
+    splits = load_dataset(spec)
+    index = {label: i for i, label in enumerate(splits.labels)}
+
+    def dataset(examples, shuffle: bool):
+        ds = tf.data.Dataset.from_tensor_slices(
+            ([e.text for e in examples], [index[e.label] for e in examples])
+        )
+        if shuffle:
+            ds = ds.shuffle(len(examples), seed=spec.seed, reshuffle_each_iteration=True)
+        ds = ds.batch(config["batch_size"])
+        return (ds.repeat() if config["steps_per_epoch"] else ds).prefetch(2)
+
+    gpus = tf.config.list_physical_devices("GPU")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    with strategy.scope():
+        loaded = new_model(config["size"], splits.labels)
+        compile_for_training(loaded.model, config["learning_rate"])
+    device = f"{len(gpus)} GPU" if gpus else "CPU"
+    print(f"[train] {config['size']} model, {loaded.model.count_params():,} parameters, on {device}; "
+          f"{len(splits.train)} train / {len(splits.validation)} validation examples")
+
+    class ReportEachEpoch(keras.callbacks.Callback):
+        """Ray's ReportCheckpointCallback subclasses tf.keras' Callback, so Keras 3 needs its own."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start, self._seen = time.perf_counter(), 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._seen += 1
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self._start
+            samples = min(self._seen * config["batch_size"], len(splits.train)) \
+                if not config["steps_per_epoch"] else self._seen * config["batch_size"]
+            metrics = {k: float(v) for k, v in (logs or {}).items()}
+            metrics.update(epoch=epoch + 1, epoch_seconds=seconds, samples_per_s=samples / seconds,
+                           device=device)
+            with tempfile.TemporaryDirectory() as tmp:
+                loaded.metrics = metrics
+                save_model_dir(loaded, tmp)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    loaded.model.fit(
+        dataset(splits.train, shuffle=True),
+        validation_data=dataset(splits.validation, shuffle=False) if splits.validation else None,
+        validation_steps=max(1, len(splits.validation) // config["batch_size"]) if config["steps_per_epoch"] else None,
+        epochs=config["epochs"],
+        steps_per_epoch=config["steps_per_epoch"],
+        callbacks=[ReportEachEpoch()],
+        verbose=2,  # one line per epoch: Ray's log forwarding mangles Keras' live bar
+    )
+
+
+def run_training(cfg: TrainConfig) -> TrainOutcome:
+    """Train on a (local or connected) Ray cluster and publish the best epoch as a new version."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from train.data import load_dataset
+    from train.model import accuracy, load_model_dir, save_model_dir
+    from train.store import ModelStore
+
+    store = ModelStore(cfg.store_uri)
+    if not ray.is_initialized():
+        ray.init()  # with the dashboard: Train V2's clean-up watcher asks the state API
+    loop_config = {
+        "size": cfg.size,
+        "data": dataclasses.asdict(cfg.data),
+        "epochs": cfg.num_epochs,
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "steps_per_epoch": cfg.steps_per_epoch,
+    }
+    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    trainer = TensorflowTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            name=f"train-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
+            ),
+        ),
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if "val_accuracy" in m]
+    if not scored:
+        raise RuntimeError("training reported no checkpoint with val_accuracy")
+    checkpoint, best = max(scored, key=lambda cm: cm[1]["val_accuracy"])
+
+    splits = load_dataset(cfg.data)
+    with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as out:
+        loaded = load_model_dir(ckpt_dir)
+        test_acc = accuracy(loaded, [e.text for e in splits.test], [e.label for e in splits.test])
+        loaded.metrics = {
+            **best,
+            "test_accuracy": test_acc,
+            "parameters": loaded.model.count_params(),
+            "size": cfg.size,
+            "data": dataclasses.asdict(cfg.data),
+            "examples": {"train": len(splits.train), "validation": len(splits.validation),
+                         "test": len(splits.test)},
+            "train_wall_s": time.time() - started,
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        save_model_dir(loaded, out)
+        version = store.publish(out)
+    return TrainOutcome(version, store.version_uri(version), loaded.metrics)
