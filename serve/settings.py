@@ -1,4 +1,14 @@
-"""Process-level settings of the Serve ingress, fixed when Ray starts."""
+"""Settings of the Serve application: validated once, in one place, unknown keys rejected.
+
+Ray Serve's own YAML (cluster/serve_*.yaml) is the deployment config; these are the two parts of
+it that belong to this application: the application `args` and the Classifier's `user_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # The fast ingress: throughput-optimised Serve with the HAProxy proxy. Measured here on 2 cores:
 # a no-op app went from ~400 req/s (defaults) to ~6,000 req/s, and a batched LSTM app that
@@ -8,3 +18,51 @@ FAST_INGRESS_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AppSettings(_Strict):
+    """`args:` of the application in the Serve config."""
+
+    model_store: str | None = Field(None, description="model store URI; default $TEXTSERVE_MODEL_STORE or ./artifacts/models")
+    max_body_bytes: int = Field(64 * 1024, ge=64, description="larger bodies get 413")
+    max_text_chars: int = Field(2000, ge=1, description="longer texts get 413 (the model reads 32 tokens anyway)")
+    max_texts: int = Field(64, ge=1, description="most texts in one request")
+    top_k: int = Field(3, ge=1, description="ranked labels returned when the request does not say")
+    tf_threads: int = Field(1, ge=1, le=64, description="TensorFlow threads per replica: replicas must not fight over cores")
+    model_poll_s: float = Field(2.0, gt=0, description="how often a replica with no model looks in the store")
+
+    @field_validator("model_store")
+    @classmethod
+    def _absolute(cls, uri: str | None) -> str | None:
+        # Resolved where the config is read (serve run's cwd), not in each replica's own cwd.
+        from train.store import default_store_uri
+
+        uri = uri or default_store_uri()
+        return uri if "://" in uri else str(Path(uri).resolve())
+
+
+class BatchSettings(_Strict):
+    """`user_config:` of the Classifier; changes live through `reconfigure`, no restart."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most texts per model call")
+    # Below one LSTM step: costs nothing at quiet hours, fills batches at peaks.
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="longest wait for a batch to fill")
+
+
+def parse_settings(cls: type[_Strict], data: dict | None, where: str):
+    """Validate `data` as `cls`; errors name the key, what was wrong and the keys allowed."""
+    data = dict(data or {})
+    try:
+        return cls(**data)
+    except ValidationError as err:
+        allowed = ", ".join(cls.model_fields)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top)'}: "
+            + ("unknown key (typo?)" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in err.errors()
+        )
+        raise ValueError(f"{where}: {problems}. Allowed keys: {allowed}") from None

@@ -1,0 +1,92 @@
+"""Parsing and checking /v1/predict bodies, and the one JSON error shape every 4xx/5xx uses.
+
+Bodies are checked by hand rather than by FastAPI's model binding: every bad input must get
+`{"error": {"code", "message"}}` with a status that says what was wrong, and the per-request
+Python cost is what bounds a replica's throughput.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+
+class RequestError(Exception):
+    """A bad request: HTTP status, a stable machine code, and a message that says how to fix it."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(err: RequestError) -> Response:
+    return json_response({"error": {"code": err.code, "message": err.message}}, err.status, err.headers)
+
+
+class PredictBody(BaseModel):
+    """The documented request schema (OpenAPI). Give exactly one of `text` or `texts`."""
+
+    text: str | None = Field(None, description="one text to classify", examples=["turn on the kitchen light"])
+    texts: list[str] | None = Field(None, description="several texts, answered in order")
+    top_k: int | None = Field(None, ge=1, description="how many ranked labels to return (default from config)")
+
+
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
+    }
+}
+
+
+def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
+    """Return (texts, was_a_list, top_k) or raise RequestError. `limits` is the app's settings."""
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(413, "body_too_large",
+                           f"request body is {len(body)} bytes; the limit is {limits.max_body_bytes}")
+    try:
+        decoded = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(400, "invalid_encoding", f"request body is not valid UTF-8 (byte {err.start})") from err
+    try:
+        payload = json.loads(decoded)
+    except json.JSONDecodeError as err:
+        raise RequestError(400, "malformed_json", f"request body is not JSON: {err.msg} at char {err.pos}") from err
+    if not isinstance(payload, dict):
+        raise RequestError(422, "invalid_request", 'send a JSON object: {"text": "..."} or {"texts": ["...", ...]}')
+    unknown = set(payload) - {"text", "texts", "top_k"}
+    if unknown:
+        raise RequestError(422, "invalid_request", f"unknown field(s) {sorted(unknown)}; allowed: text, texts, top_k")
+    has_text, has_texts = "text" in payload, "texts" in payload
+    if has_text == has_texts:
+        raise RequestError(422, "invalid_request", 'give exactly one of "text" (a string) or "texts" (a list of strings)')
+    if has_text:
+        texts, is_list = [payload["text"]], False
+        if not isinstance(texts[0], str):
+            raise RequestError(422, "invalid_type", f'"text" must be a string, got {type(texts[0]).__name__}')
+    else:
+        texts, is_list = payload["texts"], True
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise RequestError(422, "invalid_type", '"texts" must be a list of strings')
+        if not texts:
+            raise RequestError(422, "empty_text", '"texts" is empty; send at least one text')
+        if len(texts) > limits.max_texts:
+            raise RequestError(413, "too_many_texts", f"{len(texts)} texts; the limit is {limits.max_texts} per request")
+    for i, text in enumerate(texts):
+        where = f"texts[{i}]" if is_list else "text"
+        if not text.strip():
+            raise RequestError(422, "empty_text", f"{where} is empty or only whitespace")
+        if len(text) > limits.max_text_chars:
+            raise RequestError(413, "text_too_long",
+                               f"{where} has {len(text)} characters; the limit is {limits.max_text_chars}")
+    top_k = payload.get("top_k", limits.top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise RequestError(422, "invalid_type", '"top_k" must be a positive integer')
+    return texts, is_list, top_k
