@@ -28,3 +28,50 @@ def fast_serve_env() -> dict:
     from serve.settings import FAST_INGRESS_ENV
 
     return dict(FAST_INGRESS_ENV)
+
+
+def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
+    """Fit the small model in-process (no Ray Train: seconds) and publish it; returns the version."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from train.data import DataSpec, load_dataset
+    from train.model import compile_for_training, new_model, save_model_dir
+    from train.store import ModelStore
+
+    splits = load_dataset(DataSpec(langs=tuple(langs)))
+    index = {label: i for i, label in enumerate(splits.labels)}
+    loaded = new_model("small", splits.labels)
+    compile_for_training(loaded.model, 3e-3)
+    ds = tf.data.Dataset.from_tensor_slices(
+        ([e.text for e in splits.train], [index[e.label] for e in splits.train])).shuffle(10_000, seed=0).batch(64)
+    loaded.model.fit(ds, epochs=epochs, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(loaded, tmp)
+        return ModelStore(store_uri).publish(tmp)
+
+
+# Small thresholds so a test sees a scale-up within seconds of sustained load, and the scale-down after.
+AUTOSCALING = {
+    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+    "upscale_delay_s": 2, "downscale_delay_s": 6, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+}
+
+
+def deploy(store: str, *, name: str = "textserve", route_prefix: str = "/", **options) -> None:
+    """(Re)deploy the Classifier app with test-sized limits; same code path as the Serve config."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.classifier import Classifier
+    from serve.settings import AppSettings
+
+    options.setdefault("user_config", {"max_batch_size": 32, "batch_wait_timeout_s": 0.002})
+    options.setdefault("max_ongoing_requests", 128)
+    options.setdefault("autoscaling_config", AUTOSCALING)
+    options.setdefault("backpressure_config", {"status_code": 503, "retry_after_s": 1})  # as in the config
+    assert build_app({"model_store": store})  # the builder the Serve config names accepts these args
+    settings = AppSettings(model_store=store, max_texts=8, max_text_chars=200, max_body_bytes=4096)
+    app = Classifier.options(**options).bind(settings.model_dump())
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)

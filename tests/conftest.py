@@ -25,18 +25,51 @@ def ray_cluster():
 
     from tests._helpers import fast_serve_env
 
+    from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+
     os.environ.update(fast_serve_env())  # the Serve ingress mode is fixed when Ray starts
+    before = haproxy_pids()
     ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ctx
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    # ray.shutdown stops every Ray process this run started (Serve with them); a graceful
+    # serve.shutdown() first waits ~30 s here for the HAProxy manager, for nothing.
+    ray.shutdown()
+    stop_new_haproxy(before)  # Ray can leave the fast ingress's HAProxy running
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory):
+    from tests._helpers import train_quick_model
+
+    store = str(tmp_path_factory.mktemp("store"))
+    train_quick_model(store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def base_url(ray_cluster, trained_store):
+    """The app served once per test run on a free port of 127.0.0.1 (stopped with Ray)."""
+    import requests
+    from ray import serve
+
+    from tests._helpers import deploy, wait_until
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    url = f"http://127.0.0.1:{port}"
+    deploy(trained_store)
+
+    def ready():
+        try:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(ready, timeout=120, what="/healthz 200")
+    return url

@@ -1,0 +1,121 @@
+"""The Serve application over real HTTP on 127.0.0.1, on a real local Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+import requests
+
+from tests._helpers import wait_until
+
+from tests._helpers import AUTOSCALING, deploy
+
+
+def predict(url, payload, **kw):
+    return requests.post(f"{url}/v1/predict", json=payload, timeout=10, **kw)
+
+
+def test_predict_single_and_list(base_url):
+    r = predict(base_url, {"text": "turn on the kitchen light"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] == "HassTurnOn" and 0 < body["score"] <= 1
+    assert isinstance(body["model_version"], int) and body["model_version"] >= 1
+    assert len(body["top_k"]) == 3 and body["top_k"][0]["label"] == body["label"]
+    r = predict(base_url, {"texts": ["turn off the fan", "what time is it"], "top_k": 1})
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == ["HassTurnOff", "HassGetCurrentTime"]
+    assert all(len(p["top_k"]) == 1 and p["model_version"] == body["model_version"] for p in preds)
+
+
+def test_model_and_health_routes(base_url):
+    info = requests.get(f"{base_url}/v1/model", timeout=5).json()
+    assert info["model_version"] >= 1 and "HassTurnOn" in info["labels"]
+    assert info["batching"]["max_batch_size"] >= 1
+    health = requests.get(f"{base_url}/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    spec = requests.get(f"{base_url}/openapi.json", timeout=5).json()
+    assert "/v1/predict" in spec["paths"] and "/v1/model" in spec["paths"]
+
+
+BAD = [
+    (b'{"text": ', 400, "malformed_json"),
+    (b'{"text": "caf\xe9"}', 400, "invalid_encoding"),
+    (b'["just a list"]', 422, "invalid_request"),
+    (b"{}", 422, "invalid_request"),
+    (b'{"text": "a", "texts": ["b"]}', 422, "invalid_request"),
+    (b'{"txt": "typo"}', 422, "invalid_request"),
+    (b'{"text": ""}', 422, "empty_text"),
+    (b'{"text": "   "}', 422, "empty_text"),
+    (b'{"text": 42}', 422, "invalid_type"),
+    (b'{"texts": "not a list"}', 422, "invalid_type"),
+    (b'{"texts": ["ok", 3]}', 422, "invalid_type"),
+    (b'{"texts": []}', 422, "empty_text"),
+    (b'{"texts": ["ok", ""]}', 422, "empty_text"),
+    (b'{"text": "ok", "top_k": 0}', 422, "invalid_type"),
+    (json.dumps({"texts": ["a"] * 9}).encode(), 413, "too_many_texts"),
+    (json.dumps({"text": "a" * 201}).encode(), 413, "text_too_long"),
+    (json.dumps({"text": "a " * 3000}).encode(), 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("body, status, code", BAD, ids=[c for _, _, c in BAD])
+def test_bad_input_gets_clear_4xx_and_app_keeps_serving(base_url, body, status, code):
+    r = requests.post(f"{base_url}/v1/predict", data=body, timeout=10,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"]
+    assert predict(base_url, {"text": "turn on the light"}).status_code == 200
+
+
+def test_unknown_route_and_wrong_method(base_url):
+    r = requests.get(f"{base_url}/v2/nothing", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = requests.get(f"{base_url}/v1/predict", timeout=5)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+async def _burst(url: str, n: int, text="turn on the kitchen light") -> list[tuple[int, dict]]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def one(i):
+            async with session.post(f"{url}/v1/predict", json={"text": f"{text} {i}"}) as r:
+                return r.status, await r.json(content_type=None)
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_batching_forms_batches_under_concurrent_load(base_url):
+    results = asyncio.run(_burst(base_url, 128))
+    assert all(status == 200 for status, _ in results)
+    sizes = [body["batch_size"] for _, body in results]
+    assert max(sizes) > 1, f"no batch above 1 in {sorted(sizes)}"
+
+
+def replica_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "ServeReplica:textserve:Classifier"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+def test_reconfigure_changes_batching_without_restart(base_url, trained_store):
+    pids_before = replica_pids()
+    try:
+        deploy(trained_store, user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+
+        def applied():
+            info = requests.get(f"{base_url}/v1/model", timeout=5).json()
+            return info["batching"]["max_batch_size"] == 1 and info
+
+        info = wait_until(applied, timeout=60, what="max_batch_size 1 live")
+        # The same replica processes: reconfigured in place, not restarted.
+        assert info["pid"] in pids_before and replica_pids() <= pids_before
+        sizes = {body["batch_size"] for _, body in asyncio.run(_burst(base_url, 48))}
+        assert sizes == {1}
+    finally:
+        deploy(trained_store)
+        wait_until(lambda: requests.get(f"{base_url}/v1/model", timeout=5).json()["batching"]["max_batch_size"] == 32,
+                   timeout=60, what="batching restored")
