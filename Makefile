@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m demo
+	$(PY) demo.py
 
 test: install
 	$(PY) -m pytest -q

@@ -17,11 +17,13 @@ from tqdm import tqdm
 
 from bench.load import bench_texts, closed_loop
 from bench.stats import goodput
-from bench.systems import RunningServe, ServeVariant
+from bench.systems import ServeVariant, start_variant
 
 VARIANTS = {
     "fast-batched-1": ServeVariant("fast-batched-1"),
     "fast-batched-2": ServeVariant("fast-batched-2", replicas=2),
+    "fast-batched-wait2ms-1": ServeVariant("fast-batched-wait2ms-1", batch_wait_timeout_s=0.002),
+    "fast-batched-nowait-1": ServeVariant("fast-batched-nowait-1", batch_wait_timeout_s=0.0),
     "fast-unbatched-1": ServeVariant("fast-unbatched-1", max_batch_size=1),
     "default-batched-1": ServeVariant("default-batched-1", fast_ingress=False),
 }
@@ -32,7 +34,7 @@ def run(variants: list[str], users: list[int], duration_s: float, store: str, wa
     texts = bench_texts()
     report = {"command": "", "machine": f"{platform.node()} {platform.machine()}, 2 cores", "steps": {}}
     for name in variants:
-        with RunningServe(VARIANTS[name], store) as system:
+        with start_variant(VARIANTS[name], store) as system:
             url = f"{system.url}/v1/predict"
             asyncio.run(closed_loop(url, min(users), warmup_s, texts))  # trace + warm caches
             rows = []

@@ -1,0 +1,82 @@
+"""Run the Serve app from a config in its own `serve run` process (demo, benchmarks).
+
+The process gets its own local Ray, so the ingress mode (set through the environment when Ray
+starts) can differ between runs. Stopped with Ctrl-C semantics; the HAProxy it may leave is
+stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+from serve.settings import FAST_INGRESS_ENV
+
+LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve_local.yaml"
+
+
+def local_config(store: str | None = None, port: int | None = None) -> dict:
+    """The embedded-default Serve config, optionally pointed at another store or port."""
+    config = yaml.safe_load(LOCAL_CONFIG.read_text())
+    if port is not None:
+        config["http_options"]["port"] = port
+    if store is not None:
+        config["applications"][0]["args"]["model_store"] = store
+    return config
+
+
+class RunningServe:
+    def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve"):
+        self.config, self.fast_ingress, self.ready_timeout_s, self.name = config, fast_ingress, ready_timeout_s, name
+        http = config.get("http_options", {})
+        self.url = f"http://127.0.0.1:{http.get('port', 8000)}"
+        self.log_path = None
+
+    def __enter__(self):
+        self._haproxy_before = haproxy_pids()
+        fd, self._config_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(self.config, f)
+        env = {k: v for k, v in os.environ.items() if k not in FAST_INGRESS_ENV}
+        if self.fast_ingress:
+            env.update(FAST_INGRESS_ENV)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        fd, self.log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
+        self._log = os.fdopen(fd, "w")
+        serve_cli = str(Path(sys.executable).parent / "serve")
+        self.proc = subprocess.Popen([serve_cli, "run", self._config_path], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"{self.name} not ready within {self.ready_timeout_s} s; see {self.log_path}")
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        stop_new_haproxy(self._haproxy_before)
+        Path(self._config_path).unlink(missing_ok=True)
+        self._log.close()
