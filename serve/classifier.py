@@ -17,6 +17,7 @@ from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.feedback import RateLimiter, check_token, feedback_json_schema, parse_feedback
 from serve.requests import PREDICT_OPENAPI, RequestError, error_response, json_response, parse_predict
 from serve.settings import AppSettings, BatchSettings, parse_settings
 
@@ -38,8 +39,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class Classifier:
-    def __init__(self, settings: dict):
+    async def __init__(self, settings: dict, learner=None):
         self.settings: AppSettings = parse_settings(AppSettings, settings, "application args")
+        self._learner = learner  # a handle to the OnlineLearner deployment, or None
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_threads)
@@ -53,8 +55,14 @@ class Classifier:
         self._version_gauge = metrics.Gauge("textserve_model_version", "model version served", tag_keys=("replica",))
         self._errors = metrics.Counter("textserve_request_errors", "rejected requests by code", tag_keys=("code",))
         self._last_batch_size = 0
-        if not self._try_load():
-            self._poller = asyncio.get_event_loop().create_task(self._poll_store())
+        self._sync_error: str | None = None
+        learner_cfg = self.settings.learner
+        self._limiter = RateLimiter(learner_cfg.rate_limit_per_s, learner_cfg.rate_burst) if learner_cfg else None
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._pool, self._try_load):
+            if self._learner is not None:
+                await self._sync_with_learner()  # catch up before taking traffic
+        self._poller = loop.create_task(self._follow())
 
     # -- model ---------------------------------------------------------------------------
     def _try_load(self) -> bool:
@@ -72,11 +80,31 @@ class Classifier:
         self._version_gauge.set(served.version, tags={"replica": self._replica})
         logger.info("replica %s serves model version %s", self._replica, served.version)
 
-    async def _poll_store(self) -> None:
-        logger.warning("no model in %s yet; /healthz answers 503 until one is published", self.settings.model_store)
+    async def _follow(self) -> None:
+        """Until a model exists, look in the store; then pull new versions from the learner."""
+        if self._model is None:
+            logger.warning("no model in %s yet; /healthz answers 503 until one is published", self.settings.model_store)
         while self._model is None:
             await asyncio.sleep(self.settings.model_poll_s)
             await asyncio.get_running_loop().run_in_executor(self._pool, self._try_load)
+        while self._learner is not None:
+            await asyncio.sleep(self.settings.learner.replica_poll_s)
+            try:
+                await self._sync_with_learner()
+                self._sync_error = None
+            except Exception as err:  # the learner restarting: keep serving what we have
+                if self._sync_error is None:
+                    logger.warning("cannot reach the learner (%r); serving v%s meanwhile", err, self._model.version)
+                self._sync_error = repr(err)
+
+    async def _sync_with_learner(self) -> None:
+        served = self._model
+        reply = await self._learner.updates_since.remote(self._replica, served.version, served.log_offset)
+        if reply["kind"] == "none":
+            return
+        updates = list(await asyncio.gather(*reply["refs"]))  # fetched from this node's object store
+        await asyncio.get_running_loop().run_in_executor(self._pool, served.apply, updates)
+        self._version_gauge.set(served.version, tags={"replica": self._replica})
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = parse_settings(BatchSettings, user_config, "Classifier user_config")
@@ -90,13 +118,10 @@ class Classifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _classify(self, texts: list[str], top_ks: list[int]) -> list[dict]:
-        served = self._model  # one version for the whole batch: swaps happen between batches
-        answers = await asyncio.get_running_loop().run_in_executor(self._pool, served.classify, texts, top_ks)
+        # The model thread runs batches and updates one at a time: one version per batch.
+        answers = await asyncio.get_running_loop().run_in_executor(self._pool, self._model.classify, texts, top_ks)
         self._batch_sizes.observe(len(texts))
         self._last_batch_size = len(texts)
-        for answer in answers:
-            answer["model_version"] = served.version
-            answer["batch_size"] = len(texts)
         return answers
 
     # -- HTTP ----------------------------------------------------------------------------
@@ -123,11 +148,45 @@ class Classifier:
         answers = await asyncio.gather(*(self._classify(t, top_k) for t in texts))
         return json_response({"predictions": answers, "model_version": min(a["model_version"] for a in answers)})
 
-    @api.get("/v1/model", summary="The model version this replica serves, its labels and metrics")
+    @api.post("/v1/feedback", status_code=202, openapi_extra=feedback_json_schema(),
+              summary="Labelled feedback events; 202 once durable. Needs 'Authorization: Bearer <token>'")
+    async def feedback(self, request: Request):
+        cfg = self.settings.learner
+        try:
+            if cfg is None or self._learner is None:
+                raise RequestError(404, "not_found", "online learning is off in this application's config")
+            check_token(request.headers.get("authorization"), cfg.feedback_token_env)
+            client = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip() or \
+                (request.client.host if request.client else "unknown")
+            self._limiter.check(client)
+            if self._model is None:
+                raise RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"})
+            events = parse_feedback(await request.body(), self.settings, cfg, set(self._model.loaded.labels))
+        except RequestError as err:
+            return self._reject(err)
+        try:
+            results = await asyncio.wait_for(self._learner.submit.remote(events), timeout=10)
+        except Exception as err:  # learner restarting or unreachable: nothing was acknowledged
+            logger.warning("feedback not accepted, learner unavailable: %r", err)
+            return self._reject(RequestError(503, "learner_unavailable", "the learner is restarting; retry",
+                                             {"Retry-After": "2"}))
+        dups = sum(1 for _, dup in results if dup)
+        return json_response({"accepted": len(results) - dups, "duplicates": dups,
+                              "offsets": [off for off, _ in results]}, status=202)
+
+    @api.get("/v1/model", summary="Served version (this replica and all), learner version, staleness, publish history")
     async def model_info(self):
         served = self._model
         batch = self._classify
+        learner = None
+        if self._learner is not None:
+            try:
+                learner = await asyncio.wait_for(self._learner.status.remote(), timeout=5)
+            except Exception as err:  # report it; the replica's own part still answers
+                learner = {"error": repr(err)}
         return json_response({
+            "learner": learner,
+            "log_offset": served.log_offset if served else None,
             "replica": self._replica,
             "pid": os.getpid(),
             "model_version": served.version if served else None,

@@ -46,8 +46,8 @@ PREDICT_OPENAPI = {
 }
 
 
-def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
-    """Return (texts, was_a_list, top_k) or raise RequestError. `limits` is the app's settings."""
+def decode_json(body: bytes, limits):
+    """Size, UTF-8 and JSON checks shared by every route that takes a body."""
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, "body_too_large",
                            f"request body is {len(body)} bytes; the limit is {limits.max_body_bytes}")
@@ -59,6 +59,12 @@ def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
         payload = json.loads(decoded)
     except json.JSONDecodeError as err:
         raise RequestError(400, "malformed_json", f"request body is not JSON: {err.msg} at char {err.pos}") from err
+    return payload
+
+
+def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
+    """Return (texts, was_a_list, top_k) or raise RequestError. `limits` is the app's settings."""
+    payload = decode_json(body, limits)
     if not isinstance(payload, dict):
         raise RequestError(422, "invalid_request", 'send a JSON object: {"text": "..."} or {"texts": ["...", ...]}')
     unknown = set(payload) - {"text", "texts", "top_k"}

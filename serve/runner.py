@@ -1,4 +1,8 @@
-"""One served model version: the compiled model call and turning probabilities into answers."""
+"""One replica's model: the compiled call, answers from probabilities, and applying updates.
+
+Model calls and updates both run on the replica's single model thread, so an update always
+lands between two batches, never inside one, and each answer names the version that made it.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,33 @@ from train.model import LoadedModel
 
 
 class ServedModel:
-    """Immutable once built: a replica swaps whole ServedModels, so a batch sees one version."""
-
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.version = loaded.version
+        self.log_offset = loaded.metrics.get("log_offset", -1)  # newest feedback event included
         self.labels = np.array(loaded.labels, dtype=object)
         self._fn = loaded.predict_fn()
         self._fn(tf.constant(["warm up"]))  # trace now, not on the first request
 
     def classify(self, texts: list[str], top_ks: list[int]) -> list[dict]:
-        """Runs in a worker thread (off the replica's event loop); one model call per batch."""
+        """Runs on the model thread (off the replica's event loop); one model call per batch."""
+        version = self.version
         probs = self._fn(tf.constant(texts, dtype=tf.string)).numpy()
         k = min(max(top_ks), probs.shape[1])
         top = np.argsort(-probs, axis=1)[:, :k]
         answers = []
         for row, idx, want in zip(probs, top, top_ks):
             ranked = [{"label": self.labels[i], "score": float(row[i])} for i in idx[:want]]
-            answers.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked})
+            answers.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked,
+                            "model_version": version, "batch_size": len(texts)})
         return answers
+
+    def apply(self, updates: list[dict]) -> None:
+        """Runs on the model thread. Updates are in version order; stale ones are skipped."""
+        from online_learning.weights import apply_update
+
+        for update in updates:
+            if update["kind"] == "delta" and update["version"] <= self.version:
+                continue
+            apply_update(self.loaded.model, update)
+            self.version, self.log_offset = update["version"], update["log_offset"]

@@ -53,9 +53,13 @@ class ModelStore:
     def version_uri(self, version: int) -> str:
         return f"{self.uri.rstrip('/')}/v{version:06d}"
 
-    def publish(self, local_dir: str | Path) -> int:
-        """Copy a saved model folder in as the next version; returns its number."""
-        version = (self.latest() or 0) + 1
+    def publish(self, local_dir: str | Path, version: int | None = None) -> int:
+        """Copy a saved model folder in as `version` (default: the next); returns its number."""
+        latest = self.latest() or 0
+        if version is None:
+            version = latest + 1
+        elif version <= latest:
+            raise ValueError(f"version {version} is not above the newest in {self.uri} ({latest})")
         staging = f"{self._root}/.staging-{uuid.uuid4().hex}"
         self._fs.create_dir(staging, recursive=True)
         pafs.copy_files(str(local_dir), staging, destination_filesystem=self._fs)

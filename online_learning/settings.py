@@ -1,0 +1,42 @@
+"""Settings of online learning: the `learner:` block of the application args in the Serve config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class LearnerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dir: str = Field("artifacts/online", description="feedback log + learner state; shared storage on a cluster")
+    publish_interval_s: float = Field(1.0, gt=0, description="the learner publishes at most this often")
+    max_staleness_s: float = Field(10.0, gt=0, description="an acknowledged event is served by every replica within this")
+    replica_poll_s: float = Field(0.25, gt=0, description="how often a replica asks the learner for a newer version")
+    learning_rate: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    replay_events: int = Field(128, ge=0, description="earlier feedback re-trained with each round (learns in a few rounds)")
+    base_replay_events: int = Field(32, ge=0, description="base training examples per round, against forgetting")
+    holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
+    holdout_base_examples: int = Field(300, ge=0, description="base test examples in the gate's holdout")
+    gate_margin: float = Field(0.05, ge=0, le=1, description="hold back a candidate this much below the served accuracy")
+    retain_deltas: int = Field(50, ge=1, description="deltas kept for replicas that are a few versions behind")
+    snapshot_interval_s: float = Field(60.0, gt=0, description="full snapshot into the model store at most this often")
+    feedback_token_env: str = Field("TEXTSERVE_FEEDBACK_TOKEN", description="env var holding the feedback bearer token")
+    max_events: int = Field(256, ge=1, description="most events in one /v1/feedback request")
+    rate_limit_per_s: float = Field(200.0, gt=0, description="feedback requests per second per client and replica")
+    rate_burst: int = Field(400, ge=1)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        return str(Path(path).resolve())  # resolved where the config is read, not per replica
+
+    @model_validator(mode="after")
+    def _staleness_reachable(self):
+        floor = self.publish_interval_s + self.replica_poll_s
+        if self.max_staleness_s <= floor:
+            raise ValueError(f"max_staleness_s ({self.max_staleness_s}) must exceed publish_interval_s + "
+                             f"replica_poll_s ({floor}): a bound below one publish round cannot hold")
+        return self

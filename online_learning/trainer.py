@@ -1,0 +1,74 @@
+"""The learner's own training copy: mini-batch updates with a sparse (lazy) Adam on the embedding.
+
+Plain Adam keeps moving every embedding row that still has momentum, so after a while every row
+ever touched changes on every step and a "delta" would be most of the model. Lazy Adam updates
+only the rows in the current mini-batch (their moments included), so the rows touched since the
+last publish are exactly the rows that changed. Dense weights (LSTM, output) use ordinary Adam.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from online_learning.weights import dense_variables, embedding_variable
+from train.model import LoadedModel
+
+_B1, _B2, _EPS = 0.9, 0.999, 1e-7
+
+
+class OnlineTrainer:
+    def __init__(self, loaded: LoadedModel, learning_rate: float):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.index = {label: i for i, label in enumerate(loaded.labels)}
+        self._emb = embedding_variable(self.model)
+        self._dense = [v for v in dense_variables(self.model) if v.trainable]
+        self._opt = keras.optimizers.Adam(learning_rate)
+        self._opt.build(self._dense)
+        self._lr = learning_rate
+        self._m = tf.Variable(tf.zeros(self._emb.shape), trainable=False)
+        self._v = tf.Variable(tf.zeros(self._emb.shape), trainable=False)
+        self._t = tf.Variable(0.0, trainable=False)
+        self._loss = keras.losses.SparseCategoricalCrossentropy()
+        self.touched: set[int] = set()  # embedding rows changed since the last publish
+        self.steps = 0
+
+    @tf.function(reduce_retracing=True)
+    def _step(self, texts, labels):
+        with tf.GradientTape() as tape:
+            probs = self.model(texts, training=True)
+            loss = self._loss(labels, probs)
+        grads = tape.gradient(loss, [self._emb, *self._dense])
+        self._opt.apply_gradients(zip(grads[1:], self._dense))
+        g = grads[0]
+        if not isinstance(g, tf.IndexedSlices):  # dense gradient: keep the rows it touches
+            ids = tf.unique(tf.reshape(self.model.get_layer("tokens")(texts), [-1]))[0]
+            g = tf.IndexedSlices(tf.gather(g, ids), ids)
+        rows, segment = tf.unique(tf.cast(g.indices, tf.int64))
+        g_rows = tf.math.unsorted_segment_sum(g.values, segment, tf.shape(rows)[0])
+        t = self._t.assign_add(1.0)
+        lr_t = self._lr * tf.sqrt(1.0 - _B2**t) / (1.0 - _B1**t)
+        m_rows = _B1 * tf.gather(self._m, rows) + (1.0 - _B1) * g_rows
+        v_rows = _B2 * tf.gather(self._v, rows) + (1.0 - _B2) * tf.square(g_rows)
+        self._m.scatter_update(tf.IndexedSlices(m_rows, rows))
+        self._v.scatter_update(tf.IndexedSlices(v_rows, rows))
+        self._emb.value.scatter_sub(tf.IndexedSlices(lr_t * m_rows / (tf.sqrt(v_rows) + _EPS), rows))
+        return loss, rows
+
+    def train(self, texts: list[str], labels: list[str], batch_size: int) -> float:
+        """One pass over (texts, labels) in mini-batches; returns the mean loss."""
+        ids = np.array([self.index[label] for label in labels], dtype=np.int64)
+        losses = []
+        for start in range(0, len(texts), batch_size):
+            loss, rows = self._step(tf.constant(texts[start : start + batch_size]),
+                                    tf.constant(ids[start : start + batch_size]))
+            self.touched.update(rows.numpy().tolist())
+            losses.append(float(loss))
+            self.steps += 1
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def take_touched(self) -> set[int]:
+        touched, self.touched = self.touched, set()
+        return touched

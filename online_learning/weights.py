@@ -1,0 +1,64 @@
+"""What a publish carries, and how a model copy applies it.
+
+An update is either a delta (the embedding rows touched since the previous version, plus every
+dense weight: LSTM and output, ~0.6M values for `large`) or a full set of weights, for a replica
+that missed versions or has just started. Both are plain numpy in a dict, put once into Ray's
+object store and fetched by each node's replicas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def embedding_variable(model):
+    return model.get_layer("embedding").embeddings
+
+
+def dense_variables(model) -> list:
+    emb = embedding_variable(model)
+    return [v for v in model.weights if v is not emb]
+
+
+def make_delta(model, rows: np.ndarray, version: int, log_offset: int) -> dict:
+    rows = np.asarray(sorted(rows), dtype=np.int64)
+    emb = embedding_variable(model)
+    return {
+        "kind": "delta",
+        "version": version,
+        "log_offset": log_offset,
+        "rows": rows,
+        "row_values": tf.gather(emb.value, rows).numpy() if rows.size else np.zeros((0, emb.shape[1]), np.float32),
+        "dense": [v.numpy() for v in dense_variables(model)],
+    }
+
+
+def make_full(model, version: int, log_offset: int) -> dict:
+    return {
+        "kind": "full",
+        "version": version,
+        "log_offset": log_offset,
+        "embedding": embedding_variable(model).numpy(),
+        "dense": [v.numpy() for v in dense_variables(model)],
+    }
+
+
+def apply_update(model, update: dict) -> None:
+    """Write an update into a model's variables (caller makes sure no batch runs meanwhile)."""
+    emb = embedding_variable(model)
+    if update["kind"] == "full":
+        emb.assign(update["embedding"])
+    elif update["rows"].size:
+        emb.value.scatter_update(tf.IndexedSlices(update["row_values"], update["rows"]))
+    for var, value in zip(dense_variables(model), update["dense"]):
+        var.assign(value)
+
+
+def update_bytes(update: dict) -> int:
+    arrays = [update.get("rows"), update.get("row_values"), update.get("embedding"), *update["dense"]]
+    return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def model_bytes(model) -> int:
+    return int(sum(np.prod(v.shape) * 4 for v in model.weights))

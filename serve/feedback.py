@@ -1,0 +1,84 @@
+"""Checks for POST /v1/feedback: bearer token, per-client rate limit, and the events themselves."""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import time
+
+from serve.requests import RequestError, decode_json
+
+
+def check_token(authorization: str | None, token_env: str) -> None:
+    """401 without a bearer token, 403 with a wrong one (or when none is configured)."""
+    expected = os.environ.get(token_env, "")
+    if not expected:
+        raise RequestError(403, "feedback_disabled",
+                           f"feedback is disabled: no token configured (set {token_env} where Serve runs)")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise RequestError(401, "unauthorized", "send the feedback token as 'Authorization: Bearer <token>'",
+                           {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise RequestError(403, "forbidden", "the bearer token is not valid")
+
+
+class RateLimiter:
+    """A token bucket per client key: `rate` requests/s sustained, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000):
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(client, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise RequestError(429, "rate_limited", f"too many feedback requests; retry in {wait} s",
+                               {"Retry-After": str(wait)})
+        if len(self._buckets) >= self.max_clients and client not in self._buckets:
+            self._buckets.clear()  # bounded memory; forgets everyone's history at once, rarely
+        self._buckets[client] = (tokens - 1, now)
+
+
+def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]:
+    """Validate a feedback body: one event object or a list; every event checked before any is kept."""
+    payload = decode_json(body, limits)
+    events = payload if isinstance(payload, list) else [payload]
+    if not events:
+        raise RequestError(422, "empty_events", "the list of events is empty")
+    if len(events) > learner.max_events:
+        raise RequestError(413, "too_many_events", f"{len(events)} events; the limit is {learner.max_events} per request")
+    out = []
+    for i, ev in enumerate(events):
+        where = f"event[{i}]" if isinstance(payload, list) else "event"
+        if not isinstance(ev, dict):
+            raise RequestError(422, "invalid_request", f'{where}: expected an object {{"event_id", "text", "label"}}')
+        unknown = set(ev) - {"event_id", "text", "label"}
+        if unknown:
+            raise RequestError(422, "invalid_request", f"{where}: unknown field(s) {sorted(unknown)}")
+        for key in ("event_id", "text", "label"):
+            if not isinstance(ev.get(key), str):
+                raise RequestError(422, "invalid_type", f'{where}: "{key}" must be a string')
+        if not ev["event_id"].strip() or len(ev["event_id"]) > 200:
+            raise RequestError(422, "invalid_event_id", f"{where}: event_id must be 1-200 characters")
+        if not ev["text"].strip():
+            raise RequestError(422, "empty_text", f"{where}: text is empty or only whitespace")
+        if len(ev["text"]) > limits.max_text_chars:
+            raise RequestError(413, "text_too_long",
+                               f"{where}: text has {len(ev['text'])} characters; the limit is {limits.max_text_chars}")
+        if ev["label"] not in labels:
+            raise RequestError(422, "unknown_label",
+                               f"{where}: unknown label {ev['label'][:100]!r}; GET /v1/model lists the labels")
+        out.append({"event_id": ev["event_id"], "text": ev["text"].strip(), "label": ev["label"]})
+    return out
+
+
+def feedback_json_schema() -> dict:
+    event = {"type": "object", "required": ["event_id", "text", "label"],
+             "properties": {k: {"type": "string"} for k in ("event_id", "text", "label")}}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"oneOf": [event, {"type": "array", "items": event}]}}}}}
