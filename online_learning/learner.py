@@ -71,6 +71,7 @@ class OnlineLearner:
         self.history: deque = deque(maxlen=200)
         self.replicas: dict[str, dict] = {}
         self.held_back = 0
+        self._followups_left = 0
         self._last_snapshot = time.monotonic()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -115,8 +116,14 @@ class OnlineLearner:
             with self._lock:
                 batch, self._pending = self._pending, []
             if batch:
-                last_round = time.monotonic()
-                self._round(batch)
+                self._followups_left = self.s.followup_rounds
+            elif self._followups_left > 0:
+                self._followups_left -= 1  # replay-only: keep learning what just arrived
+            else:
+                self._maybe_snapshot()
+                continue
+            last_round = time.monotonic()
+            self._round(batch)
             self._maybe_snapshot()
 
     def _is_holdout(self, event_id: str) -> bool:
@@ -128,16 +135,19 @@ class OnlineLearner:
         started = time.time()
         train = [e for e in batch if not self._is_holdout(e.event_id)]
         self.feedback_holdout.extend(e for e in batch if self._is_holdout(e.event_id))
-        rng = random.Random(batch[-1].offset)
+        rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
+        n_replay = max(self.s.replay_events, self.s.replay_ratio * len(train))
+        n_base = max(self.s.base_replay_events, len(train) // 2)
         examples = [(e.text, e.label) for e in train]
-        examples += [(e.text, e.label) for e in rng.sample(earlier, min(self.s.replay_events, len(earlier)))]
-        examples += [(e.text, e.label) for e in rng.sample(self.base_train, min(self.s.base_replay_events, len(self.base_train)))]
+        examples += [(e.text, e.label) for e in rng.sample(earlier, min(n_replay, len(earlier)))]
+        examples += [(e.text, e.label) for e in rng.sample(self.base_train, min(n_base, len(self.base_train)))]
         rng.shuffle(examples)
         self.feedback_train.extend(train)
         loss = self.trainer.train([t for t, _ in examples], [y for _, y in examples], self.s.batch_size) if examples else float("nan")
-        self.applied_offset = batch[-1].offset
-        self.applied_count += len(batch)
+        if batch:
+            self.applied_offset = batch[-1].offset
+            self.applied_count += len(batch)
         holdout = self.base_holdout + list(self.feedback_holdout)
         texts, labels = [e.text for e in holdout], [e.label for e in holdout]
         candidate_acc = accuracy(self.trainer.loaded, texts, labels) if holdout else float("nan")
@@ -146,6 +156,8 @@ class OnlineLearner:
                  "holdout_accuracy": candidate_acc, "served_holdout_accuracy": served_acc, "holdout_size": len(holdout)}
         if holdout and candidate_acc < served_acc - self.s.gate_margin:
             self._hold_back(entry)
+            for _ in train:  # rejected: not replayed into later rounds either
+                self.feedback_train.pop()
         else:
             self._publish(entry)
         self.history.append(entry)

@@ -32,6 +32,7 @@ def fast_serve_env() -> dict:
 
 def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
     """Fit the small model in-process (no Ray Train: seconds) and publish it; returns the version."""
+    import dataclasses
     import tempfile
 
     import tensorflow as tf
@@ -47,6 +48,7 @@ def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
     ds = tf.data.Dataset.from_tensor_slices(
         ([e.text for e in splits.train], [index[e.label] for e in splits.train])).shuffle(10_000, seed=0).batch(64)
     loaded.model.fit(ds, epochs=epochs, verbose=0)
+    loaded.metrics = {"data": dataclasses.asdict(DataSpec(langs=tuple(langs)))}  # as python -m train records
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(loaded, tmp)
         return ModelStore(store_uri).publish(tmp)
@@ -75,3 +77,25 @@ def deploy(store: str, *, name: str = "textserve", route_prefix: str = "/", **op
     settings = AppSettings(model_store=store, max_texts=8, max_text_chars=200, max_body_bytes=4096)
     app = Classifier.options(**options).bind(settings.model_dump())
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+
+
+FEEDBACK_TOKEN = "test-feedback-token"  # put into the environment before Ray starts (conftest)
+
+
+def deploy_online(store: str, state_dir: str, *, name: str = "online", classifier_replicas: int = 2,
+                  **learner) -> None:
+    """The full app (Classifier + OnlineLearner) as build_app wires it, with test-sized settings."""
+    from ray import serve
+
+    from online_learning.learner import OnlineLearner
+    from serve.classifier import Classifier
+    from serve.settings import AppSettings
+
+    learner = {"state_dir": state_dir, "publish_interval_s": 0.5, "max_staleness_s": 5.0,
+               "snapshot_interval_s": 3.0, "rate_limit_per_s": 20, "rate_burst": 30, **learner}
+    settings = AppSettings(model_store=store, max_texts=256, learner=learner)
+    handle = OnlineLearner.options(ray_actor_options={"num_cpus": 0.25}).bind(
+        settings.model_store, settings.learner.model_dump(), 1)
+    app = Classifier.options(num_replicas=classifier_replicas, ray_actor_options={"num_cpus": 0.25},
+                             max_ongoing_requests=128).bind(settings.model_dump(), handle)
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)

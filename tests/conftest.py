@@ -27,7 +27,10 @@ def ray_cluster():
 
     from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
 
+    from tests._helpers import FEEDBACK_TOKEN
+
     os.environ.update(fast_serve_env())  # the Serve ingress mode is fixed when Ray starts
+    os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = FEEDBACK_TOKEN  # replicas inherit it from the raylet
     before = haproxy_pids()
     ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ctx

@@ -1,0 +1,109 @@
+"""python -m online_learning send: post feedback events to /v1/feedback.
+
+One event from flags, or a .jsonl/.csv file (text, label and optionally event_id per row)
+streamed in batches with a progress bar. 429 and 503 are retried after the server's Retry-After;
+a summary is printed at the end. Event ids default to a hash of the file name and row, so
+sending the same file again is acknowledged without being applied twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+RETRY_STATUSES = {429, 503}
+
+
+def read_events(path: str) -> list[dict]:
+    from train.data import read_user_file  # same checks (columns, empty text, UTF-8) as training data
+
+    rows = read_user_file(path)
+    ids = _explicit_ids(path)
+    name = Path(path).name
+    return [{"event_id": ids[i] if i < len(ids) and ids[i] else hashlib.sha1(f"{name}:{i}".encode()).hexdigest()[:20],
+             "text": ex.text, "label": ex.label} for i, ex in enumerate(rows)]
+
+
+def _explicit_ids(path: str) -> list[str | None]:
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if path.lower().endswith(".csv"):
+        return [row.get("event_id") for row in csv.DictReader(text.splitlines())]
+    return [json.loads(line).get("event_id") for line in text.splitlines() if line.strip()]
+
+
+def post_with_retries(session: requests.Session, url: str, events: list[dict], token: str,
+                      max_retries: int = 20) -> tuple[int, dict]:
+    for attempt in range(max_retries + 1):
+        try:
+            r = session.post(url, json=events, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        except requests.ConnectionError:
+            if attempt == max_retries:
+                raise
+            time.sleep(min(2**attempt, 10) * 0.25)
+            continue
+        if r.status_code not in RETRY_STATUSES or attempt == max_retries:
+            return r.status_code, r.json() if r.content else {}
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+    raise AssertionError("unreachable")
+
+
+def send(url: str, events: list[dict], token: str, batch: int = 64, progress: bool = True) -> dict:
+    summary = {"sent": 0, "accepted": 0, "duplicates": 0, "failed": 0, "errors": []}
+    endpoint = url.rstrip("/") + "/v1/feedback"
+    with requests.Session() as session, tqdm(total=len(events), unit="event", disable=not progress) as bar:
+        for start in range(0, len(events), batch):
+            chunk = events[start : start + batch]
+            status, body = post_with_retries(session, endpoint, chunk, token)
+            summary["sent"] += len(chunk)
+            if status == 202:
+                summary["accepted"] += body["accepted"]
+                summary["duplicates"] += body["duplicates"]
+            else:
+                summary["failed"] += len(chunk)
+                summary["errors"].append(f"events {start}-{start + len(chunk) - 1}: HTTP {status} {body.get('error')}")
+            bar.update(len(chunk))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m online_learning send", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the Serve app (default http://127.0.0.1:8000)")
+    p.add_argument("--token", help="bearer token (default: $TEXTSERVE_FEEDBACK_TOKEN)")
+    p.add_argument("--file", help=".jsonl or .csv with text, label (and event_id) per row")
+    p.add_argument("--text", help="one event's text")
+    p.add_argument("--label", help="one event's label")
+    p.add_argument("--event-id", help="one event's id (default: a hash of text and label)")
+    p.add_argument("--batch", type=int, default=64, help="events per request (default 64)")
+    a = p.parse_args(argv)
+    token = a.token or os.environ.get("TEXTSERVE_FEEDBACK_TOKEN")
+    if not token:
+        p.error("no token: pass --token or set TEXTSERVE_FEEDBACK_TOKEN")
+    if bool(a.file) == bool(a.text):
+        p.error("give either --file FILE or --text TEXT --label LABEL")
+    if a.file:
+        from train.data import DataFileError
+
+        try:
+            events = read_events(a.file)
+        except DataFileError as err:
+            p.error(str(err))
+    else:
+        if not a.label:
+            p.error("--text needs --label")
+        event_id = a.event_id or hashlib.sha1(f"{a.text}\t{a.label}".encode()).hexdigest()[:20]
+        events = [{"event_id": event_id, "text": a.text, "label": a.label}]
+    summary = send(a.url, events, token, a.batch, progress=len(events) > 1)
+    print(f"sent {summary['sent']}: accepted {summary['accepted']}, duplicates {summary['duplicates']}, "
+          f"failed {summary['failed']}")
+    for line in summary["errors"][:10]:
+        print("  " + line, file=sys.stderr)
+    return 1 if summary["failed"] else 0

@@ -1,0 +1,221 @@
+"""Online learning end to end: real Ray + Serve, feedback over HTTP, served answers changing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from online_learning.send import send
+from tests._helpers import FEEDBACK_TOKEN, deploy_online, wait_until
+from train.data import DataSpec, load_dataset
+
+AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def online(ray_cluster, base_url, trained_store, tmp_path_factory):
+    """An app whose base model knows English only, with its own store copy and feedback log."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("online")
+    store, state = str(root / "store"), str(root / "state")
+    shutil.copytree(trained_store, store)
+    for app in ("overload",):  # leave cores for this app's five processes
+        serve.delete(app)
+    deploy_online(store, state)
+    url = f"{base_url}/online"
+    wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).status_code == 200, timeout=180, what="online app")
+    yield {"url": url, "store": store, "state": state}
+    serve.delete("online")
+
+
+def learner_status(url) -> dict:
+    return requests.get(f"{url}/v1/model", timeout=10).json()["learner"]
+
+
+def served_accuracy(url, examples) -> tuple[float, set[int]]:
+    correct, versions = 0, set()
+    for start in range(0, len(examples), 200):
+        chunk = examples[start : start + 200]
+        r = requests.post(f"{url}/v1/predict", json={"texts": [e.text for e in chunk]}, timeout=30)
+        r.raise_for_status()
+        preds = r.json()["predictions"]
+        versions |= {p["model_version"] for p in preds}
+        correct += sum(p["label"] == e.label for p, e in zip(preds, chunk))
+    return correct / len(examples), versions
+
+
+def events_from(examples, prefix):
+    return [{"event_id": f"{prefix}-{i}", "text": e.text, "label": e.label} for i, e in enumerate(examples)]
+
+
+def test_feedback_auth_idempotency_and_bad_input(online):
+    url = online["url"] + "/v1/feedback"
+    event = {"event_id": "auth-1", "text": "turn on the porch light", "label": "HassTurnOn"}
+    assert requests.post(url, json=event, timeout=10).status_code == 401
+    r = requests.post(url, json=event, headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 403 and FEEDBACK_TOKEN not in r.text
+    first = requests.post(url, json=event, headers=AUTH, timeout=10)
+    assert first.status_code == 202 and first.json()["accepted"] == 1
+    again = requests.post(url, json=event, headers=AUTH, timeout=10)
+    assert again.status_code == 202 and again.json() == {"accepted": 0, "duplicates": 1,
+                                                          "offsets": first.json()["offsets"]}
+    length = learner_status(online["url"])["log_length"]
+    bad = [
+        ({**event, "event_id": "b1", "label": "NoSuchIntent"}, 422, "unknown_label"),
+        ({**event, "event_id": "b2", "text": " "}, 422, "empty_text"),
+        ({**event, "event_id": "b3", "text": "x" * 2001}, 413, "text_too_long"),
+        ({"event_id": "b4", "text": "hi"}, 422, "invalid_type"),
+        ([event] * 257, 413, "too_many_events"),
+        ([], 422, "empty_events"),
+        ([{**event, "event_id": "b5"}, {**event, "event_id": "b6", "label": "Nope"}], 422, "unknown_label"),
+    ]
+    for body, status, code in bad:
+        r = requests.post(url, json=body, headers=AUTH, timeout=10)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), body
+    r = requests.post(url, data=b"{not json", headers=AUTH, timeout=10)
+    assert r.json()["error"]["code"] == "malformed_json"
+    assert learner_status(online["url"])["log_length"] == length  # nothing written, not even b5
+
+
+def test_rate_limit_answers_429_with_retry_after(online):
+    url = online["url"] + "/v1/feedback"
+    statuses, retry_after = [], None
+    for i in range(400):  # 20/s, burst 30 per replica, 2 replicas: some of 400 quick requests are limited
+        r = requests.post(url, json={"event_id": "rl", "text": "stop the fan", "label": "HassTurnOff"},
+                          headers={**AUTH, "X-Forwarded-For": "203.0.113.9"}, timeout=10)
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            retry_after = r.headers.get("Retry-After")
+            break
+    assert 429 in statuses and retry_after and int(retry_after) >= 1
+
+
+def test_drift_korean_feedback_is_learned_and_served(online):
+    url = online["url"]
+    ko = load_dataset(DataSpec(langs=("ko",)))
+    before, _ = served_accuracy(url, ko.test)
+    assert before < 0.35, f"an English-only model should be near chance on Korean, got {before}"
+    summary = send(url, events_from(ko.train, "ko"), FEEDBACK_TOKEN, batch=128, progress=False)
+    last_ack = time.monotonic()
+    assert summary["accepted"] == len(ko.train) and summary["failed"] == 0
+
+    def learned():
+        acc, versions = served_accuracy(url, ko.test)
+        return acc >= 0.8 and (acc, versions)
+
+    acc, versions = wait_until(learned, timeout=240, interval=1.0, what="served Korean accuracy >= 0.8")
+    took = time.monotonic() - last_ack
+    print(f"\nKorean test accuracy served: {before:.3f} -> {acc:.3f}, {took:.1f} s after the last ack; versions {versions}")
+    assert min(versions) > 1  # every answer names its version; all came from learned versions
+
+
+def test_staleness_bound_holds_on_every_replica(online):
+    from ray import serve
+
+    url = online["url"]
+    max_staleness = learner_status(url)["max_staleness_s"]
+    for i in range(3):
+        r = requests.post(f"{url}/v1/feedback", headers=AUTH, timeout=10,
+                          json={"event_id": f"stale-{i}", "text": f"turn on the lamp number {i}", "label": "HassTurnOn"})
+        acked_at, offset = time.monotonic(), r.json()["offsets"][0]
+        replicas = serve.status().applications["online"].deployments["Classifier"].replica_states["RUNNING"]
+
+        def all_replicas_serve_it():
+            live = learner_status(url)["replicas"]
+            return len(live) == replicas and all(rep["log_offset"] >= offset for rep in live.values())
+
+        wait_until(all_replicas_serve_it, timeout=max_staleness + 30, interval=0.1, what=f"offset {offset} served")
+        lag = time.monotonic() - acked_at
+        assert lag <= max_staleness, f"event {offset} reached every replica after {lag:.2f} s"
+
+
+def test_poisoned_stream_is_held_back(online):
+    url = online["url"]
+    en = load_dataset(DataSpec(langs=("en",)))
+    status = learner_status(url)
+    held_before, version_before = status["held_back"], status["version"]
+    base_acc, _ = served_accuracy(url, en.test)
+    rng = random.Random(7)
+    labels = sorted({e.label for e in en.train})
+    poison = [{"event_id": f"poison-{i}", "text": e.text, "label": rng.choice(labels)}
+              for i, e in enumerate(rng.sample(en.train, 600))]
+    assert send(url, poison, FEEDBACK_TOKEN, batch=256, progress=False)["failed"] == 0
+    offset = learner_status(url)["log_length"] - 1
+    wait_until(lambda: (s := learner_status(url))["applied_offset"] >= offset and s["pending"] == 0,
+               timeout=120, what="poison processed")
+    time.sleep(0)  # no fixed waits: the follow-up rounds are covered by polling history below
+    try:
+        wait_until(lambda: learner_status(url)["held_back"] > held_before, timeout=60, what="a held-back candidate")
+    finally:
+        print(json.dumps(learner_status(url)["history"][-8:], indent=0))
+    after_acc, _ = served_accuracy(url, en.test)
+    margin = 0.05
+    assert after_acc >= base_acc - margin, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
+    history = learner_status(url)["history"]
+    assert any(not h["published"] for h in history)
+    assert all(h["holdout_accuracy"] >= h["served_holdout_accuracy"] - margin for h in history if h["published"])
+
+
+def learner_pid() -> int:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "ServeReplica:online:OnlineLearner"), ("state", "=", "ALIVE")])
+    assert len(actors) == 1, actors
+    return actors[0].pid
+
+
+def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
+    url = online["url"]
+    en = load_dataset(DataSpec(langs=("en",)))
+    events = events_from(en.train[:1200], "kill")
+    old_pid = learner_pid()
+    predictions: list[int] = []
+    stop = threading.Event()
+
+    def keep_predicting():
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            predictions.append(requests.post(f"{url}/v1/predict", json={"text": "pause the music"}, timeout=30).status_code)
+
+    reader = threading.Thread(target=keep_predicting, daemon=True)
+    reader.start()
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(send(url, events, FEEDBACK_TOKEN, batch=40, progress=False)))
+    sender.start()
+    wait_until(lambda: learner_status(url)["log_length"] > 0 and any(
+        e["event_id"].startswith("kill-") for e in _log_tail(online["state"])), timeout=60, what="stream started")
+    os.kill(old_pid, signal.SIGKILL)
+    sender.join(timeout=300)
+    assert result and result["failed"] == 0 and result["accepted"] + result["duplicates"] == len(events)
+    wait_until(lambda: learner_pid() != old_pid, timeout=120, what="learner restarted")
+
+    def settled():
+        s = learner_status(url)
+        return "error" not in s and s["pending"] == 0 and s["applied_offset"] == s["log_length"] - 1 and s
+    status = wait_until(settled, timeout=180, what="every logged event applied")
+    stop.set()
+    reader.join(timeout=60)
+    logged = [json.loads(line) for line in open(os.path.join(online["state"], "feedback.jsonl"), encoding="utf-8")]
+    ids = [r["event_id"] for r in logged]
+    assert len(ids) == len(set(ids))  # idempotent: retries after the kill wrote nothing twice
+    assert {f"kill-{i}" for i in range(len(events))} <= set(ids)  # every acknowledged event is there
+    assert [r["offset"] for r in logged] == list(range(len(logged)))
+    assert status["applied_count"] == len(logged)  # snapshot offset + replay: each event exactly once
+    assert predictions and set(predictions) == {200}
+
+
+def _log_tail(state_dir: str) -> list[dict]:
+    path = os.path.join(state_dir, "feedback.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f.readlines()[-5:] if line.endswith("\n")]
