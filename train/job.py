@@ -120,16 +120,27 @@ def _train_loop_per_worker(config: dict) -> None:
 def run_training(cfg: TrainConfig) -> TrainOutcome:
     """Train on a (local or connected) Ray cluster and publish the best epoch as a new version."""
     import ray
+
+    from train.store import ModelStore
+
+    store = ModelStore(cfg.store_uri)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init()  # with the dashboard: Train V2's clean-up watcher asks the state API
+    try:
+        return _fit_and_publish(cfg, store)
+    finally:
+        if started_ray:
+            ray.shutdown()  # a local Ray started here goes with it
+
+
+def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from train.data import load_dataset
     from train.model import accuracy, load_model_dir, save_model_dir
-    from train.store import ModelStore
 
-    store = ModelStore(cfg.store_uri)
-    if not ray.is_initialized():
-        ray.init()  # with the dashboard: Train V2's clean-up watcher asks the state API
     loop_config = {
         "size": cfg.size,
         "data": dataclasses.asdict(cfg.data),
