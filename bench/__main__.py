@@ -1,12 +1,13 @@
-"""python -m bench serving ...: see bench/serving.py."""
+"""python -m bench serving|freshness ...: see bench/serving.py and bench/freshness.py."""
 
 import sys
 
-from bench.serving import main
+COMMANDS = {"serving": "bench.serving", "freshness": "bench.freshness"}
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if not args or args[0] != "serving":
-        print("usage: python -m bench serving --store STORE [--variants ...] [--users 1,64,400]")
+    if not args or args[0] not in COMMANDS:
+        print(f"usage: python -m bench {{{','.join(COMMANDS)}}} --store STORE [options]; --help after the command")
         sys.exit(2)
-    sys.exit(main(args[1:]))
+    module = __import__(COMMANDS[args[0]], fromlist=["main"])
+    sys.exit(module.main(args[1:]))

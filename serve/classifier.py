@@ -42,6 +42,7 @@ class Classifier:
     async def __init__(self, settings: dict, learner=None):
         self.settings: AppSettings = parse_settings(AppSettings, settings, "application args")
         self._learner = learner  # a handle to the OnlineLearner deployment, or None
+        self._started_at = time.time()
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_threads)
@@ -189,6 +190,7 @@ class Classifier:
             "log_offset": served.log_offset if served else None,
             "replica": self._replica,
             "pid": os.getpid(),
+            "started_at": self._started_at,
             "model_version": served.version if served else None,
             "model_store": self.settings.model_store,
             "size": served.loaded.size_name if served else None,

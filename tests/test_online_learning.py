@@ -165,12 +165,12 @@ def test_poisoned_stream_is_held_back(online):
     assert all(h["holdout_accuracy"] >= h["served_holdout_accuracy"] - margin for h in history if h["published"])
 
 
-def learner_pid() -> int:
+def learner_pid() -> int | None:
+    """The live learner's PID; None while it is down or being replaced."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("class_name", "=", "ServeReplica:online:OnlineLearner"), ("state", "=", "ALIVE")])
-    assert len(actors) == 1, actors
-    return actors[0].pid
+    return actors[0].pid if len(actors) == 1 else None
 
 
 def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
@@ -178,13 +178,18 @@ def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
     en = load_dataset(DataSpec(langs=("en",)))
     events = events_from(en.train[:1200], "kill")
     old_pid = learner_pid()
+    assert old_pid
     predictions: list[int] = []
+    resets: list[float] = []
     stop = threading.Event()
 
     def keep_predicting():
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline:
-            predictions.append(requests.post(f"{url}/v1/predict", json={"text": "pause the music"}, timeout=30).status_code)
+            try:
+                predictions.append(requests.post(f"{url}/v1/predict", json={"text": "pause the music"}, timeout=30).status_code)
+            except requests.ConnectionError:  # Serve's HAProxy reloading its config: retry, as clients do
+                resets.append(time.monotonic())
 
     reader = threading.Thread(target=keep_predicting, daemon=True)
     reader.start()
@@ -196,7 +201,7 @@ def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
     os.kill(old_pid, signal.SIGKILL)
     sender.join(timeout=300)
     assert result and result["failed"] == 0 and result["accepted"] + result["duplicates"] == len(events)
-    wait_until(lambda: learner_pid() != old_pid, timeout=120, what="learner restarted")
+    wait_until(lambda: learner_pid() not in (None, old_pid), timeout=120, what="learner restarted")
 
     def settled():
         s = learner_status(url)
@@ -210,7 +215,9 @@ def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
     assert {f"kill-{i}" for i in range(len(events))} <= set(ids)  # every acknowledged event is there
     assert [r["offset"] for r in logged] == list(range(len(logged)))
     assert status["applied_count"] == len(logged)  # snapshot offset + replay: each event exactly once
-    assert predictions and set(predictions) == {200}
+    assert predictions and set(predictions) == {200}, set(predictions)
+    assert len(resets) <= 2, f"{len(resets)} connection resets in {len(predictions)} predictions"
+    print(f"\n{len(predictions)} predictions during the kill, all 200; {len(resets)} connection reset(s), retried")
 
 
 def _log_tail(state_dir: str) -> list[dict]:

@@ -1,0 +1,132 @@
+"""python -m bench freshness: what online learning costs the served path, and how fresh it is.
+
+Starts the app (fast ingress, online learner) on a model store, then in one run measures:
+p99 of /v1/predict under closed-loop load without feedback and while a feedback stream makes the
+learner publish; bytes per publish against the full weights; and the time from an event's
+acknowledgement until every replica serves a version that includes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bench.load import bench_texts, closed_loop
+from online_learning.send import send
+from serve.process import RunningServe, local_config
+from train.data import DataSpec, load_dataset
+
+
+def feedback_stream(url: str, token: str, stop: threading.Event, per_request: int = 32, every_s: float = 0.5) -> int:
+    examples = load_dataset(DataSpec(langs=("en",))).train
+    sent, i = 0, 0
+    while not stop.is_set():
+        chunk = examples[i % len(examples): i % len(examples) + per_request]
+        events = [{"event_id": f"fresh-{i + k}", "text": e.text, "label": e.label} for k, e in enumerate(chunk)]
+        sent += send(url, events, token, batch=per_request, progress=False)["accepted"]
+        i += per_request
+        stop.wait(every_s)
+    return sent
+
+
+def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[float]:
+    lags = []
+    for k in range(n):
+        event = {"event_id": f"probe-{k}-{secrets.token_hex(4)}", "text": f"turn on lamp {k}", "label": "HassTurnOn"}
+        r = requests.post(f"{url}/v1/feedback", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        acked, offset = time.monotonic(), r.json()["offsets"][0]
+        while time.monotonic() - acked < timeout_s:
+            live = requests.get(f"{url}/v1/model", timeout=10).json()["learner"]["replicas"]
+            if live and all(rep["log_offset"] >= offset for rep in live.values()):
+                lags.append(time.monotonic() - acked)
+                break
+            time.sleep(0.05)
+    return lags
+
+
+def run(store: str, users: int, duration_s: float, replicas: int) -> dict:
+    token = secrets.token_urlsafe(16)
+    os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = token
+    work = Path(tempfile.mkdtemp(prefix="freshness-"))
+    shutil.copytree(store, work / "store")  # the learner writes snapshots: keep the source clean
+    config = local_config(str(work / "store"))
+    app_cfg = config["applications"][0]
+    app_cfg["args"]["learner"]["state_dir"] = str(work / "state")
+    dep = app_cfg["deployments"][0]
+    dep.pop("autoscaling_config", None)
+    dep["num_replicas"] = replicas
+    texts = bench_texts()
+    report = {"users": users, "duration_s": duration_s, "replicas": replicas}
+    try:
+        with RunningServe(config, name="freshness") as app:
+            predict = f"{app.url}/v1/predict"
+            asyncio.run(closed_loop(predict, 8, 3, texts))
+            report["without_publishes"] = asyncio.run(closed_loop(predict, users, duration_s, texts)).summary()
+            stop = threading.Event()
+            sent = {}
+            streamer = threading.Thread(target=lambda: sent.update(n=feedback_stream(app.url, token, stop)))
+            streamer.start()
+            time.sleep(2)  # the first rounds are under way
+            report["during_publishes"] = asyncio.run(closed_loop(predict, users, duration_s, texts)).summary()
+            stop.set()
+            streamer.join()
+            report["feedback_events_sent"] = sent.get("n", 0)
+            learner = requests.get(f"{app.url}/v1/model", timeout=10).json()["learner"]
+            pubs = [h for h in learner["history"] if h["published"]]
+            report["publishes"] = len(pubs)
+            report["held_back"] = learner["held_back"]
+            report["bytes_per_publish"] = {"mean": sum(h["bytes"] for h in pubs) / max(1, len(pubs)),
+                                           "max": max((h["bytes"] for h in pubs), default=0)}
+            info = requests.get(f"{app.url}/v1/model", timeout=10).json()
+            report["parameters"] = info["metrics"].get("parameters")
+            report["full_weights_bytes"] = 4 * (report["parameters"] or 0)
+            report["ack_to_all_replicas_s"] = time_to_serve(app.url, token, 10)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def markdown(r: dict, command: str) -> str:
+    a, b = r["without_publishes"], r["during_publishes"]
+    lags = sorted(r["ack_to_all_replicas_s"])
+    return "\n".join([
+        f"Command: `{command}`  \nMachine: 2-core VM, client and server on it; {r['replicas']} Classifier replica(s), "
+        f"{r['users']} closed-loop users, {r['duration_s']:.0f} s per phase\n",
+        "| phase | req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|",
+        f"| no publishes | {a['tps']:.0f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['failed']} |",
+        f"| feedback stream, learner publishing | {b['tps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {b['failed']} |",
+        "",
+        f"Publishes: {r['publishes']} ({r['held_back']} held back) from {r['feedback_events_sent']} events; bytes per "
+        f"publish mean {r['bytes_per_publish']['mean'] / 1e6:.2f} MB, max {r['bytes_per_publish']['max'] / 1e6:.2f} MB, "
+        f"vs full weights {r['full_weights_bytes'] / 1e6:.1f} MB ({r['parameters']:,} parameters).",
+        "",
+        f"Acknowledged -> served by every replica (10 probes): min {lags[0]:.2f} s, median {lags[len(lags) // 2]:.2f} s, "
+        f"max {lags[-1]:.2f} s." if lags else "No probe was served in time.",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench freshness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="model store with the model to serve (copied; left unchanged)")
+    p.add_argument("--users", type=int, default=64)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--out", default="docs/FRESHNESS_BENCH")
+    a = p.parse_args(argv)
+    report = run(a.store, a.users, a.duration, a.replicas)
+    command = "python -m bench freshness " + " ".join(argv if argv is not None else [])
+    Path(a.out + ".json").write_text(json.dumps(report, indent=2))
+    Path(a.out + ".md").write_text(markdown(report, command))
+    print(Path(a.out + ".md").read_text())
+    return 0
