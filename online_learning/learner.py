@@ -73,6 +73,7 @@ class OnlineLearner:
         self.held_back = 0
         self._followups_left = 0
         self._last_snapshot = time.monotonic()
+        self._store_seen = self.store.latest()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
@@ -120,6 +121,7 @@ class OnlineLearner:
             elif self._followups_left > 0:
                 self._followups_left -= 1  # replay-only: keep learning what just arrived
             else:
+                self._maybe_rebase()
                 self._maybe_snapshot()
                 continue
             last_round = time.monotonic()
@@ -201,6 +203,32 @@ class OnlineLearner:
             self.store.publish(tmp, version=self.version)
         self._last_snapshot = time.monotonic()
         logger.info("snapshot v%s (log offset %s) written to %s", self.version, self.served_offset, self.store.uri)
+
+    def _maybe_rebase(self) -> None:
+        """Adopt a fine-tuned base (python -m train --fine-tune) and replay the log after it."""
+        from online_learning.trainer import OnlineTrainer
+
+        latest = self.store.latest()
+        if latest is None or latest <= (self._store_seen or 0):
+            return
+        self._store_seen = latest
+        metrics = self.store.metrics(latest)
+        if metrics.get("kind") != "fine-tune":
+            return  # our own snapshot
+        trainer, served = OnlineTrainer(self.store.load(latest), self.s.learning_rate), self.store.load(latest)
+        offset = metrics.get("log_offset", -1)
+        with self._lock:
+            self.trainer, self.served = trainer, served
+            self.version = max(self.version, latest) + 1  # replicas on the old chain get full weights
+            self.served.version = self.version
+            self.chain_base, self.deltas, self._full = self.version, {}, None
+            self.served_offset = self.applied_offset = offset
+            self.applied_count = offset + 1
+            self._pending = self.log.read_from(offset + 1)  # what the fine-tune did not see
+        self._write_state()
+        self.history.append({"time": time.time(), "rebased_on": latest, "version": self.version, "published": True,
+                             "log_offset": offset, "bytes": 0, "events": 0})
+        logger.info("rebased on fine-tuned v%s as v%s; replaying %s events", latest, self.version, len(self._pending))
 
     def _read_state(self) -> dict:
         path = Path(self.s.state_dir) / STATE_FILE

@@ -18,7 +18,7 @@ class LearnerSettings(BaseModel):
     batch_size: int = Field(32, ge=1)
     replay_events: int = Field(128, ge=0, description="earlier feedback re-trained with each round, at least")
     replay_ratio: int = Field(2, ge=0, description="...or this many times the round's new events, if more")
-    followup_rounds: int = Field(4, ge=0, description="replay-only rounds after new events: a burst is learned, not skimmed")
+    followup_rounds: int = Field(6, ge=0, description="replay-only rounds after new events: a burst is learned, not skimmed")
     base_replay_events: int = Field(32, ge=0, description="base training examples per round, against forgetting")
     holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
     holdout_base_examples: int = Field(300, ge=0, description="base test examples in the gate's holdout")

@@ -162,7 +162,7 @@ def test_poisoned_stream_is_held_back(online):
     assert after_acc >= base_acc - margin, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
     history = learner_status(url)["history"]
     assert any(not h["published"] for h in history)
-    assert all(h["holdout_accuracy"] >= h["served_holdout_accuracy"] - margin for h in history if h["published"])
+    assert all(h["holdout_accuracy"] >= h["served_holdout_accuracy"] - margin for h in history if h["published"] and "holdout_accuracy" in h)
 
 
 def learner_pid() -> int | None:
@@ -226,3 +226,29 @@ def _log_tail(state_dir: str) -> list[dict]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f.readlines()[-5:] if line.endswith("\n")]
+
+
+def test_fine_tune_publishes_a_new_base_and_the_learner_rebases(online):
+    from train.job import TrainConfig, run_training
+    from train.store import ModelStore
+
+    url = online["url"]
+    before = learner_status(url)
+    cfg = TrainConfig(size="small", data=DataSpec(langs=("en",)), epochs=2, fine_tune=True, cpus_per_worker=0.25,
+                      store_uri=online["store"], feedback_dir=online["state"], storage_path=online["state"] + "/runs")
+    outcome = run_training(cfg)
+    assert outcome.version > before["version"]  # above every version the learner published
+    metrics = ModelStore(online["store"]).metrics(outcome.version)
+    assert metrics["kind"] == "fine-tune" and metrics["log_offset"] == before["log_length"] - 1
+
+    def rebased():
+        s = learner_status(url)
+        rebase = [h for h in s["history"] if h.get("rebased_on") == outcome.version]
+        live = s["replicas"].values()
+        return rebase and live and all(r["version"] >= rebase[0]["version"] for r in live) and s
+    status = wait_until(rebased, timeout=120, what="learner rebased and replicas on the new base")
+    assert status["applied_count"] == status["log_length"]
+    ko = load_dataset(DataSpec(langs=("ko",)))
+    acc, versions = served_accuracy(url, ko.test)
+    assert acc >= 0.8, acc  # the fine-tune trained on the Korean feedback in the log
+    assert min(versions) > outcome.version

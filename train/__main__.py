@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--use-gpu", action="store_true", help="train on a GPU node (Ray schedules the worker there)")
     p.add_argument("--store", metavar="URI",
                    help="model store: a folder or s3://, gs://, ... (default: $TEXTSERVE_MODEL_STORE or ./artifacts/models)")
+    p.add_argument("--fine-tune", action="store_true",
+                   help="start from the newest version in the store and add the feedback log to the training data; "
+                        "the running online learner rebases on the result")
+    p.add_argument("--feedback-dir", default="artifacts/online",
+                   help="the learner's state_dir holding the feedback log (default: ./artifacts/online)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for the training worker")
     p.add_argument("--storage-path", default="artifacts/ray_results",
                    help="where Ray Train keeps checkpoints (default: ./artifacts/ray_results)")
     a = p.parse_args(argv)
@@ -39,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             size=a.size, data=DataSpec(langs=langs, path=a.data, seed=a.seed), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu, store_uri=a.store, storage_path=a.storage_path,
+            fine_tune=a.fine_tune, feedback_dir=a.feedback_dir, cpus_per_worker=a.cpus_per_worker,
         )
     except ValueError as err:
         p.error(str(err))

@@ -29,6 +29,9 @@ class TrainConfig:
     use_gpu: bool = False
     store_uri: str | None = None  # None: the default model store
     storage_path: str = "artifacts/ray_results"  # Ray Train's checkpoints and run state
+    cpus_per_worker: float = 1.0
+    fine_tune: bool = False  # start from the newest version and add the feedback log to the data
+    feedback_dir: str = "artifacts/online"  # the learner's state_dir (its feedback log)
 
     def __post_init__(self) -> None:
         from train.model import size_named
@@ -65,7 +68,18 @@ def _train_loop_per_worker(config: dict) -> None:
 
     spec = DataSpec(**{**config["data"], "langs": tuple(config["data"]["langs"])})
     splits = load_dataset(spec)
-    index = {label: i for i, label in enumerate(splits.labels)}
+    start = config.get("init_from")
+    labels = splits.labels
+    if start:  # fine-tune: the published model's labels and weights, base data + feedback
+        from train.data import Example
+        from train.store import ModelStore
+
+        base = ModelStore(start["store"]).load(start["version"])
+        labels = base.labels
+        feedback = [Example(t, y, "feedback") for t, y in config["feedback"]]
+        train = [e for e in splits.train + feedback if e.label in set(labels)]
+        splits = type(splits)(train, [e for e in splits.validation if e.label in set(labels)], splits.test, labels)
+    index = {label: i for i, label in enumerate(labels)}
 
     def dataset(examples, shuffle: bool):
         ds = tf.data.Dataset.from_tensor_slices(
@@ -79,7 +93,7 @@ def _train_loop_per_worker(config: dict) -> None:
     gpus = tf.config.list_physical_devices("GPU")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     with strategy.scope():
-        loaded = new_model(config["size"], splits.labels)
+        loaded = base if start else new_model(config["size"], labels)
         compile_for_training(loaded.model, config["learning_rate"])
     device = f"{len(gpus)} GPU" if gpus else "CPU"
     print(f"[train] {config['size']} model, {loaded.model.count_params():,} parameters, on {device}; "
@@ -134,6 +148,35 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             ray.shutdown()  # a local Ray started here goes with it
 
 
+def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
+    """(loop config additions, last log offset) for a fine-tune run."""
+    from online_learning.feedback_log import FeedbackLog
+
+    latest = store.latest()
+    if latest is None:
+        raise FileNotFoundError(f"--fine-tune needs a published model in {store.uri}; train one first")
+    events = FeedbackLog(cfg.feedback_dir).read_from(0)
+    extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events]}
+    print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir}")
+    return extra, events[-1].offset if events else -1
+
+
+def _publish_fine_tuned(cfg: TrainConfig, store, folder: str) -> int:
+    """Publish above every version in the store and every version the learner has published."""
+    import json
+
+    from online_learning.learner import STATE_FILE
+
+    state = Path(cfg.feedback_dir, STATE_FILE)
+    for _ in range(5):  # the learner may write a snapshot meanwhile: take the next number then
+        learner_version = json.loads(state.read_text())["version"] if state.exists() else 0
+        try:
+            return store.publish(folder, version=max(store.latest() or 0, learner_version) + 1)
+        except (ValueError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"could not find a free version in {store.uri} for the fine-tuned model")
+
+
 def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -141,6 +184,7 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
     from train.data import load_dataset
     from train.model import accuracy, load_model_dir, save_model_dir
 
+    extra, log_offset = _fine_tune_inputs(cfg, store) if cfg.fine_tune else ({}, None)
     loop_config = {
         "size": cfg.size,
         "data": dataclasses.asdict(cfg.data),
@@ -148,12 +192,14 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
         "batch_size": cfg.batch_size,
         "learning_rate": cfg.learning_rate,
         "steps_per_epoch": cfg.steps_per_epoch,
+        **extra,
     }
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     trainer = TensorflowTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=f"train-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
@@ -186,6 +232,8 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
             "train_wall_s": time.time() - started,
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if cfg.fine_tune:  # the online learner rebases on this version and replays after log_offset
+            loaded.metrics.update(kind="fine-tune", log_offset=log_offset, fine_tuned_from=extra["init_from"]["version"])
         save_model_dir(loaded, out)
-        version = store.publish(out)
+        version = _publish_fine_tuned(cfg, store, out) if cfg.fine_tune else store.publish(out)
     return TrainOutcome(version, store.version_uri(version), loaded.metrics)

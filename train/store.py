@@ -77,6 +77,13 @@ class ModelStore:
         pafs.copy_files(path, str(target), source_filesystem=self._fs)
         return target
 
+    def metrics(self, version: int) -> dict:
+        """A version's metrics.json alone (cheap: no weights)."""
+        import json
+
+        with self._fs.open_input_stream(f"{self._root}/v{version:06d}/metrics.json") as f:
+            return json.loads(f.read().decode("utf-8"))
+
     def load(self, version: int | None = None):
         """Load a version (the newest by default) as a LoadedModel with `.version` set."""
         from train.model import load_model_dir
