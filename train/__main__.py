@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from train.data import SUPPORTED_LANGS, DataFileError, DataSpec
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--feedback-dir", default="artifacts/online",
                    help="the learner's state_dir holding the feedback log (default: ./artifacts/online)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for the training worker")
+    p.add_argument("--worker-resources", type=json.loads, default={}, metavar="JSON",
+                   help='custom resources for the training worker, e.g. \'{"trainer": 1}\' to run on the training node')
     p.add_argument("--storage-path", default="artifacts/ray_results",
                    help="where Ray Train keeps checkpoints (default: ./artifacts/ray_results)")
     a = p.parse_args(argv)
@@ -46,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu, store_uri=a.store, storage_path=a.storage_path,
             fine_tune=a.fine_tune, feedback_dir=a.feedback_dir, cpus_per_worker=a.cpus_per_worker,
+            worker_resources=a.worker_resources,
         )
     except ValueError as err:
         p.error(str(err))

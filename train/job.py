@@ -30,6 +30,7 @@ class TrainConfig:
     store_uri: str | None = None  # None: the default model store
     storage_path: str = "artifacts/ray_results"  # Ray Train's checkpoints and run state
     cpus_per_worker: float = 1.0
+    worker_resources: dict = field(default_factory=dict)  # e.g. {"trainer": 1}: pin to the training node
     fine_tune: bool = False  # start from the newest version and add the feedback log to the data
     feedback_dir: str = "artifacts/online"  # the learner's state_dir (its feedback log)
 
@@ -199,7 +200,7 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
         _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources}),
         run_config=RunConfig(
             name=f"train-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
