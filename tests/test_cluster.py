@@ -1,0 +1,89 @@
+"""Cluster files pass Ray's own validation offline; Serve configs pass Serve's schema and ours;
+a multi-node Ray on this machine places each role on its nodes and keeps serving without one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.check import check_file, check_serve_config
+from tests._helpers import write_jsonl
+from tests.conftest import free_port
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+RAY_UP_FILES = ["aws.yaml", "onprem.yaml"]
+SERVE_FILES = ["serve_local.yaml", "serve_cluster.yaml", "kuberay.yaml"]
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_ray_up_files_pass_rays_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    broken = {**config, "max_worker": 3}  # a typo Ray's schema must reject
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(copy.deepcopy(broken)))
+
+
+def test_aws_roles_are_pinned_by_node_type():
+    types = yaml.safe_load((CLUSTER / "aws.yaml").read_text())["available_node_types"]
+    assert types["gpu_trainer"]["min_workers"] == 0 and types["gpu_trainer"]["resources"] == {"trainer": 1}
+    assert types["cpu_serving"]["min_workers"] >= 1 and types["cpu_serving"]["resources"] == {"serving": 1}
+    assert types["head"]["resources"] == {"learner": 1}
+
+
+@pytest.mark.parametrize("name", SERVE_FILES)
+def test_serve_configs_pass_serves_schema_and_ours(name):
+    assert check_file(CLUSTER / name) == []
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("applications", 0, "deployments", 0, "autoscaling_config", "max_replica"), 3, "autoscaling_config.max_replica: unknown key"),
+    (("applications", 0, "deployments", 0, "ray_actor_options", "num_cpu"), 1, "ray_actor_options.num_cpu: unknown key"),
+    (("applications", 0, "args", "max_text"), 9, "args: max_text: unknown key"),
+    (("applications", 0, "args", "learner", "publish_interval"), 1, "args: learner.publish_interval: unknown key"),
+    (("applications", 0, "deployments", 0, "user_config", "max_batchsize"), 8, "user_config: max_batchsize: unknown key"),
+    (("http_options", "prot"), 80, "http_options.prot: unknown key"),
+])
+def test_typos_that_serve_accepts_are_rejected_with_the_key_named(path, value, message):
+    config = yaml.safe_load((CLUSTER / "serve_local.yaml").read_text())
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    problems = check_serve_config(config, "serve_local.yaml")
+    assert any(message in p for p in problems), problems
+
+
+def test_multinode_roles_and_serving_without_a_node(trained_store, tmp_path):
+    rows = [{"text": f"please switch {w} lamp {i}", "label": w} for i in range(20) for w in ("on", "off")]
+    data = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    out = tmp_path / "report.json"
+    from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+
+    before = haproxy_pids()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("multinode_scenario.py")), trained_store,
+             str(tmp_path / "state"), str(data), str(free_port()), str(out)],
+            cwd=CLUSTER.parent, env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)},
+            capture_output=True, text=True, timeout=600)
+    finally:
+        stop_new_haproxy(before)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert proc.returncode == 0, (r, proc.stderr[-3000:])
+    assert len(r["replica_nodes"]) == 2 and set(r["replica_nodes"]) <= set(r["serving"])
+    assert r["learner_nodes"] == [r["head"]]
+    assert r["train_worker_nodes"] and set(r["train_worker_nodes"]) == {r["trainer"]}
+    statuses = r["statuses_after_removal"]
+    assert statuses.count(200) >= 0.9 * len(statuses) and statuses[-20:] == [200] * 20, statuses
+    assert set(r["replica_nodes_after"]) <= set(r["serving"]) - {r["removed"]}
