@@ -1,8 +1,8 @@
-"""python -m bench serving|freshness ...: see bench/serving.py and bench/freshness.py."""
+"""python -m bench compare|serving|freshness ...: see bench/compare.py, serving.py, freshness.py."""
 
 import sys
 
-COMMANDS = {"serving": "bench.serving", "freshness": "bench.freshness"}
+COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness"}
 
 if __name__ == "__main__":
     args = sys.argv[1:]

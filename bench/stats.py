@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,12 +17,15 @@ class StepResult:
     timeouts: int = 0
     connection_errors: int = 0
     bytes_received: int = 0
+    late: int = 0  # open loop: sent over 10 ms after the scheduled time
+    dropped: int = 0  # open loop: not sent, too many outstanding
+    offered_rate: float | None = None  # open loop: requests/s scheduled
 
     def summary(self) -> dict:
         lat = np.array(self.latencies_s) * 1000.0
         complete = int(sum(n for s, n in self.statuses.items() if 200 <= s < 300))
         non_2xx = {str(s): n for s, n in sorted(self.statuses.items()) if not 200 <= s < 300}
-        failed = sum(non_2xx.values()) + self.timeouts + self.connection_errors
+        failed = sum(non_2xx.values()) + self.timeouts + self.connection_errors + self.dropped
         pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
         return {
             "users": self.users,
@@ -33,9 +36,11 @@ class StepResult:
             "complete": complete,
             "failed": failed,
             "failed_by_kind": {"non_2xx": non_2xx, "timeouts": self.timeouts,
-                               "connection_errors": self.connection_errors},
+                               "connection_errors": self.connection_errors, "dropped": self.dropped},
             "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
             "max_ms": float(lat.max()) if lat.size else float("nan"),
+            **({"offered_rate": self.offered_rate, "late": self.late, "dropped": self.dropped}
+               if self.offered_rate is not None else {}),
         }
 
 
@@ -43,7 +48,3 @@ def goodput(summaries: list[dict], p99_limit_ms: float = 1000.0) -> dict | None:
     """The step with the highest TPS whose p99 is under the limit and that had no failures."""
     good = [s for s in summaries if s["failed"] == 0 and s["complete"] and s["p99_ms"] < p99_limit_ms]
     return max(good, key=lambda s: s["tps"]) if good else None
-
-
-def as_dict(result: StepResult) -> dict:
-    return asdict(result)

@@ -1,10 +1,15 @@
-"""The systems under test: this Serve app in chosen variants, each in its own process."""
+"""The systems under test, each in its own process: this Serve app in chosen variants, the 2017
+architecture, a tuned single process, and a no-op server for the client's own ceiling."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 
-from serve.process import RunningServe, local_config
+from serve.process import RunningServe, local_config, wait_healthy
 
 
 @dataclass(frozen=True)
@@ -17,9 +22,11 @@ class ServeVariant:
 
 
 def variant_config(variant: ServeVariant, store: str, port: int) -> dict:
-    """The local Serve config with the variant's replica count, batching and port."""
+    """The local Serve config with the variant's replica count, batching and port; no learner."""
     config = local_config(store, port)
-    dep = config["applications"][0]["deployments"][0]
+    app = config["applications"][0]
+    app["args"]["learner"] = None  # serving alone: online learning is measured by bench freshness
+    dep = app["deployments"][0]
     dep.pop("autoscaling_config", None)  # fixed replica counts make steps comparable
     dep["num_replicas"] = variant.replicas
     dep["user_config"]["max_batch_size"] = variant.max_batch_size
@@ -30,3 +37,44 @@ def variant_config(variant: ServeVariant, store: str, port: int) -> dict:
 
 def start_variant(variant: ServeVariant, store: str, port: int = 8000) -> RunningServe:
     return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name)
+
+
+class RunningProcess:
+    """`python -m MODULE ARGS` serving HTTP on 127.0.0.1:port; terminated on exit."""
+
+    def __init__(self, name: str, module: str, args: list[str], port: int, ready_timeout_s: float = 180):
+        self.name, self.module, self.args, self.port, self.ready_timeout_s = name, module, args, port, ready_timeout_s
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self):
+        fd, self.log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
+        self._log = os.fdopen(fd, "w")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(self.proc, self.url, self.ready_timeout_s, f"{self.name} (log: {self.log_path})")
+        except (RuntimeError, TimeoutError):
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_baseline(name: str, store: str) -> RunningProcess:
+    modules = {"flask-2017": ("bench.baselines.flask_2017", 8001), "tuned-single": ("bench.baselines.tuned_single", 8002)}
+    module, port = modules[name]
+    return RunningProcess(name, module, ["--store", store], port)
+
+
+def start_noop() -> RunningProcess:
+    return RunningProcess("noop", "bench.baselines.noop", [], 8003, ready_timeout_s=60)

@@ -34,6 +34,21 @@ def local_config(store: str | None = None, port: int | None = None) -> dict:
     return config
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, what: str) -> None:
+    """Poll GET {url}/healthz until 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready within {timeout_s} s")
+
+
 class RunningServe:
     def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve"):
         self.config, self.fast_ingress, self.ready_timeout_s, self.name = config, fast_ingress, ready_timeout_s, name
@@ -55,19 +70,12 @@ class RunningServe:
         serve_cli = str(Path(sys.executable).parent / "serve")
         self.proc = subprocess.Popen([serve_cli, "run", self._config_path], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.__exit__()
-                raise RuntimeError(f"serve run exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise TimeoutError(f"{self.name} not ready within {self.ready_timeout_s} s; see {self.log_path}")
+        try:
+            wait_healthy(self.proc, self.url, self.ready_timeout_s, f"{self.name} (log: {self.log_path})")
+        except (RuntimeError, TimeoutError):
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:

@@ -1,0 +1,175 @@
+"""python -m bench compare: the 2017 table, for this system and the architectures it replaces.
+
+Each system is started in turn on the same model-store version and gets the same steps:
+closed loop over a ramp of concurrent users (the 2017 study's 1, 11, ..., 91 and 300, 310, ...,
+400 by default), optionally open-loop fixed rates. The client's own ceiling is measured first
+against a no-op server. Writes OUT.json, OUT.md and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.load import bench_texts, closed_loop, open_loop
+from bench.stats import goodput
+from bench.systems import ServeVariant, start_baseline, start_noop, start_variant
+
+DEFAULT_USERS = [*range(1, 92, 10), *range(300, 401, 10)]
+SYSTEMS = {
+    "flask-2017": "Flask, threaded, model.predict per request (the 2017 architecture)",
+    "tuned-single": "one process: aiohttp + micro-batcher + compiled model, no Ray",
+    "textserve-batched-1": "this system: Ray Serve, fast ingress, batched, 1 replica",
+    "textserve-unbatched-1": "this system, max_batch_size 1, 1 replica",
+    "textserve-batched-2": "this system, batched, 2 replicas",
+}
+VARIANTS = {
+    "textserve-batched-1": ServeVariant("textserve-batched-1"),
+    "textserve-unbatched-1": ServeVariant("textserve-unbatched-1", max_batch_size=1),
+    "textserve-batched-2": ServeVariant("textserve-batched-2", replicas=2),
+}
+TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_kb_s", "KB/s"),
+         ("complete", "complete"), ("failed", "failed"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
+         ("p99_ms", "p99 ms"), ("max_ms", "max ms")]
+
+
+def start_system(name: str, store: str):
+    return start_variant(VARIANTS[name], store) if name in VARIANTS else start_baseline(name, store)
+
+
+def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
+        keepalive: bool) -> dict:
+    texts = bench_texts()
+    report = {"systems": {}, "users": users, "rates": rates, "duration_s": duration_s, "keepalive": keepalive}
+    with start_noop() as noop:
+        ceiling = asyncio.run(closed_loop(f"{noop.url}/v1/predict", max(users), duration_s, texts, keepalive))
+    report["client_ceiling"] = ceiling.summary()
+    tqdm.write(f"client ceiling (no-op server, {max(users)} users): {ceiling.summary()['tps']:.0f} req/s")
+    for name in systems:
+        rows, open_rows = [], []
+        with start_system(name, store) as system:
+            url = f"{system.url}/v1/predict"
+            asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
+            for n in tqdm(users, desc=name, unit="step", leave=False):
+                rows.append(asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary())
+                tqdm.write(_line(name, rows[-1]))
+            for rate in rates:
+                open_rows.append(asyncio.run(open_loop(url, rate, duration_s, texts)).summary())
+                tqdm.write(f"{name:>22} open loop {rate:7.0f}/s: p99 {open_rows[-1]['p99_ms']:8.1f} ms, "
+                           f"failed {open_rows[-1]['failed']}, late {open_rows[-1]['late']}")
+        report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows,
+                                   "goodput": goodput(rows)}
+    return report
+
+
+def _line(name: str, row: dict) -> str:
+    return (f"{name:>22} {row['users']:>4} users: {row['tps']:8.1f} req/s  mean {row['mean_ms']:8.1f} ms  "
+            f"p99 {row['p99_ms']:8.1f} ms  failed {row['failed']}")
+
+
+def _at(report: dict, name: str, users: int) -> dict | None:
+    rows = report["systems"].get(name, {}).get("closed_loop", [])
+    return next((r for r in rows if r["users"] == users), None)
+
+
+def summary_lines(report: dict) -> list[str]:
+    top = max(report["users"])
+    out = [f"| system | TPS at {top} users | p99 ms | failed | goodput (p99 < 1 s, 0 failed) |", "|---|---|---|---|---|"]
+    for name, data in report["systems"].items():
+        row, good = _at(report, name, top), data["goodput"]
+        out.append(f"| {name} | {row['tps']:.1f} | {row['p99_ms']:.1f} | {row['failed']} | "
+                   + (f"{good['tps']:.1f} req/s at {good['users']} users |" if good else "none |"))
+    ratios = [("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture"),
+              ("textserve-batched-2", "flask-2017", "this system (2 replicas) / the 2017 architecture"),
+              ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched"),
+              ("textserve-batched-2", "textserve-batched-1", "2 replicas / 1 replica"),
+              ("textserve-batched-1", "tuned-single", "this system (1 replica) / tuned single process")]
+    out.append("")
+    for a, b, label in ratios:
+        ra, rb = _at(report, a, top), _at(report, b, top)
+        if ra and rb and rb["tps"] > 0:
+            out.append(f"- {label}, TPS at {top} users: **{ra['tps'] / rb['tps']:.1f}x**")
+    return out
+
+
+def markdown(report: dict) -> str:
+    ceiling = report["client_ceiling"]["tps"]
+    out = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
+           f"Model: {report.get('model', '?')}  ",
+           f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
+           f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
+           "![TPS and p99 against users](BENCHMARKS.png)", "", "## Summary", "", *summary_lines(report)]
+    for name, data in report["systems"].items():
+        out += ["", f"## {name}", "", data["description"], "",
+                "| " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * len(TABLE)]
+        for row in data["closed_loop"]:
+            cells = [f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k, _ in TABLE]
+            flag = " *client-bound*" if row["tps"] > 0.8 * ceiling else ""
+            out.append("| " + " | ".join(cells) + f" |{flag}")
+        if data["open_loop"]:
+            out += ["", "Open loop (Poisson arrivals; latency from the scheduled time):", "",
+                    "| offered req/s | TPS | p50 ms | p99 ms | failed | late | dropped |", "|---|---|---|---|---|---|---|"]
+            out += [f"| {r['offered_rate']:.0f} | {r['tps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                    f"{r['failed']} | {r['late']} | {r['dropped']} |" for r in data["open_loop"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tps, ax_p99) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, data in report["systems"].items():
+        rows = data["closed_loop"]
+        ax_tps.plot([r["users"] for r in rows], [r["tps"] for r in rows], marker="o", label=name)
+        ax_p99.plot([r["users"] for r in rows], [r["p99_ms"] for r in rows], marker="o", label=name)
+    ax_tps.set(xlabel="concurrent users", ylabel="requests/s (TPS)", title="Throughput")
+    ax_p99.set(xlabel="concurrent users", ylabel="p99 latency (ms)", title="p99 latency", yscale="log")
+    ax_p99.axhline(1000, color="grey", linestyle="--", linewidth=1, label="1 s goal")
+    for ax in (ax_tps, ax_p99):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(report.get("model", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="model store; its newest version is served by every system")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
+    p.add_argument("--users", default=",".join(map(str, DEFAULT_USERS)), help="closed-loop steps (default: as in 2017)")
+    p.add_argument("--rates", default="", help="open-loop arrival rates, req/s (default: none)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
+    p.add_argument("--no-keepalive", action="store_true", help="a new connection per request, like ab without -k")
+    p.add_argument("--out", default="docs/BENCHMARKS", help="report path without extension")
+    a = p.parse_args(argv)
+    systems = [s for s in a.systems.split(",") if s]
+    if unknown := set(systems) - set(SYSTEMS):
+        p.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    users = [int(u) for u in a.users.split(",") if u]
+    rates = [float(r) for r in a.rates.split(",") if r]
+    from train.store import ModelStore
+
+    loaded_metrics = ModelStore(a.store).load().metrics
+    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive)
+    report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
+                  machine=f"{platform.machine()}, 2 cores, client and servers on the same machine",
+                  date=time.strftime("%Y-%m-%d"),
+                  model=f"{loaded_metrics.get('size', '?')} model, {loaded_metrics.get('parameters', 0):,} parameters")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(report, indent=2))
+    Path(a.out + ".md").write_text(markdown(report))
+    plot(report, a.out + ".png")
+    print("\n".join(summary_lines(report)))
+    print(f"\nwrote {a.out}.md, {a.out}.json, {a.out}.png")
+    return 0

@@ -1,0 +1,107 @@
+"""The benchmark's own machinery: statistics, failure classification, open-loop scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from bench.load import arrival_times, closed_loop, open_loop
+from bench.stats import StepResult, goodput
+from tests.conftest import free_port
+
+
+def test_summary_statistics_on_a_synthetic_latency_list():
+    lat = [i / 1000 for i in range(1, 1001)]  # 1..1000 ms
+    r = StepResult(users=10, duration_s=2.0, latencies_s=lat, statuses=Counter({200: 1000, 500: 3, 429: 2}),
+                   timeouts=4, connection_errors=1, bytes_received=2048 * 10)
+    s = r.summary()
+    assert s["complete"] == 1000 and s["tps"] == 500.0
+    assert s["failed"] == 3 + 2 + 4 + 1
+    assert s["failed_by_kind"] == {"non_2xx": {"429": 2, "500": 3}, "timeouts": 4, "connection_errors": 1, "dropped": 0}
+    assert s["p50_ms"] == pytest.approx(np.percentile(np.array(lat) * 1000, 50))
+    assert s["p99_ms"] == pytest.approx(990.01) and s["max_ms"] == pytest.approx(1000.0)
+    assert s["mean_ms"] == pytest.approx(500.5) and s["transfer_kb_s"] == pytest.approx(10.0)
+
+
+def test_goodput_is_the_fastest_step_with_p99_under_1s_and_no_failures():
+    rows = [{"users": 1, "tps": 100, "p99_ms": 10, "failed": 0, "complete": 1},
+            {"users": 64, "tps": 900, "p99_ms": 400, "failed": 0, "complete": 1},
+            {"users": 300, "tps": 950, "p99_ms": 1200, "failed": 0, "complete": 1},
+            {"users": 400, "tps": 990, "p99_ms": 800, "failed": 2, "complete": 1}]
+    assert goodput(rows)["users"] == 64
+    assert goodput([rows[2]]) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    """A local aiohttp server with routes that succeed, fail, stall and drop connections."""
+    async def ok(_r):
+        return web.json_response({"label": "x"})
+
+    async def err(_r):
+        return web.json_response({"error": {"code": "boom"}}, status=500)
+
+    async def busy(_r):
+        return web.Response(status=503, headers={"Retry-After": "1"})
+
+    async def stall(_r):
+        await asyncio.sleep(3)
+        return web.json_response({})
+
+    async def drop(request):
+        request.transport.close()
+        await asyncio.sleep(0.1)
+        return web.Response()
+
+    port, loop, ready = free_port(), asyncio.new_event_loop(), threading.Event()
+
+    async def start():
+        app = web.Application()
+        for path, handler in [("/ok", ok), ("/err", err), ("/busy", busy), ("/stall", stall), ("/drop", drop)]:
+            app.router.add_post(path, handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        return runner
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+@pytest.mark.parametrize("route, check", [
+    ("/ok", lambda s: s["complete"] > 0 and s["failed"] == 0),
+    ("/err", lambda s: s["complete"] == 0 and s["failed_by_kind"]["non_2xx"].get("500", 0) == s["failed"] > 0),
+    ("/busy", lambda s: s["failed_by_kind"]["non_2xx"].get("503", 0) > 0),
+    ("/stall", lambda s: s["failed_by_kind"]["timeouts"] == 4 and s["complete"] == 0),
+    ("/drop", lambda s: s["failed_by_kind"]["connection_errors"] > 0 and s["complete"] == 0),
+])
+def test_failures_are_classified(tiny_server, route, check):
+    summary = asyncio.run(closed_loop(tiny_server + route, users=4, duration_s=0.5, texts=["hi"], timeout_s=1.0)).summary()
+    assert check(summary), summary
+
+
+def test_arrival_schedules():
+    constant = arrival_times(50, 2.0, poisson=False)
+    assert len(constant) == 99 and np.allclose(np.diff(constant), 0.02)
+    poisson = arrival_times(200, 10.0, poisson=True, seed=3)
+    assert poisson == arrival_times(200, 10.0, poisson=True, seed=3)  # seeded
+    assert 1800 < len(poisson) < 2200 and np.std(np.diff(poisson)) > 0.002  # ~rate, not regular
+
+
+def test_open_loop_keeps_its_schedule_and_counts_what_it_cannot_send(tiny_server):
+    s = asyncio.run(open_loop(tiny_server + "/ok", rate=100, duration_s=1.0, texts=["hi"], poisson=False)).summary()
+    assert 95 <= s["complete"] <= 100 and s["dropped"] == 0 and s["offered_rate"] == 100
+    # A stalled server does not slow the sender down: slots keep coming, excess is dropped.
+    s = asyncio.run(open_loop(tiny_server + "/stall", rate=50, duration_s=1.0, texts=["hi"], poisson=False,
+                              timeout_s=5, max_in_flight=10)).summary()
+    assert s["dropped"] >= 30 and s["complete"] == 10
