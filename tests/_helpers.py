@@ -99,3 +99,13 @@ def deploy_online(store: str, state_dir: str, *, name: str = "online", classifie
     app = Classifier.options(num_replicas=classifier_replicas, ray_actor_options={"num_cpus": 0.25},
                              max_ongoing_requests=128).bind(settings.model_dump(), handle)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+
+
+def http_ok(url: str, timeout: float = 3.0) -> bool:
+    """GET url answers 200 (False while the app is still coming up or unreachable)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False

@@ -58,21 +58,14 @@ def trained_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def base_url(ray_cluster, trained_store):
     """The app served once per test run on a free port of 127.0.0.1 (stopped with Ray)."""
-    import requests
     from ray import serve
 
-    from tests._helpers import deploy, wait_until
+    from tests._helpers import deploy, http_ok, wait_until
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
     url = f"http://127.0.0.1:{port}"
     deploy(trained_store)
 
-    def ready():
-        try:
-            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(ready, timeout=120, what="/healthz 200")
+    wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="/healthz 200")
     return url

@@ -16,7 +16,6 @@ from pathlib import Path
 import ray
 import requests
 import yaml
-from ray import serve
 from ray.cluster_utils import Cluster
 from ray.serve._private import api as serve_api
 from ray.serve.schema import ServeDeploySchema

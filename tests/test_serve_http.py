@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import pytest
 import requests
 
-from tests._helpers import wait_until
-
-from tests._helpers import AUTOSCALING, deploy
+from tests._helpers import http_ok, wait_until
 
 
 def predict(url, payload, **kw):
@@ -95,22 +92,43 @@ def test_batching_forms_batches_under_concurrent_load(base_url):
     assert max(sizes) > 1, f"no batch above 1 in {sorted(sizes)}"
 
 
+def deploy_config(base_url: str, store: str, user_config: dict) -> None:
+    """Deploy cluster/serve_local.yaml as app "reconf" the declarative way (what serve deploy does)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.process import local_config
+
+    config = local_config(store, port=int(base_url.rsplit(":", 1)[1]))
+    app = config["applications"][0]
+    app.update(name="reconf", route_prefix="/reconf")
+    app["args"]["learner"] = None
+    dep = app["deployments"][0]
+    dep.pop("autoscaling_config")  # one fixed replica: autoscaling must not add one while we look
+    dep.update(num_replicas=1, user_config=user_config)
+    dep["ray_actor_options"]["num_cpus"] = 0.25
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+
+
 def test_reconfigure_changes_batching_without_restart(base_url, trained_store):
-    reconfigured_at = time.time()
+    from ray import serve
+
+    url = f"{base_url}/reconf"
+    deploy_config(base_url, trained_store, {"max_batch_size": 32, "batch_wait_timeout_s": 0.002})
     try:
-        deploy(trained_store, user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+        wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="reconf app")
+        before = requests.get(f"{url}/v1/model", timeout=5).json()
+        assert before["batching"]["max_batch_size"] == 32
+        deploy_config(base_url, trained_store, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
 
         def applied():
-            info = requests.get(f"{base_url}/v1/model", timeout=5).json()
+            info = requests.get(f"{url}/v1/model", timeout=5).json()
             return info["batching"]["max_batch_size"] == 1 and info
 
         info = wait_until(applied, timeout=60, what="max_batch_size 1 live")
-        # A replica that was running before the change now batches differently: reconfigured
-        # in place, not restarted.
-        assert info["started_at"] < reconfigured_at
-        sizes = {body["batch_size"] for _, body in asyncio.run(_burst(base_url, 48))}
+        # The same replica process, same start time: reconfigured in place, not restarted.
+        assert (info["pid"], info["started_at"]) == (before["pid"], before["started_at"])
+        sizes = {body["batch_size"] for _, body in asyncio.run(_burst(url, 48))}
         assert sizes == {1}
     finally:
-        deploy(trained_store)
-        wait_until(lambda: requests.get(f"{base_url}/v1/model", timeout=5).json()["batching"]["max_batch_size"] == 32,
-                   timeout=60, what="batching restored")
+        serve.delete("reconf")

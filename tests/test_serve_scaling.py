@@ -7,9 +7,8 @@ import threading
 import time
 
 import aiohttp
-import requests
 
-from tests._helpers import deploy, wait_until
+from tests._helpers import deploy, http_ok, wait_until
 
 
 def running_replicas(app: str = "textserve") -> int:
@@ -66,7 +65,7 @@ def test_overload_beyond_queue_limit_gets_503_not_a_hang(base_url, trained_store
            user_config={"max_batch_size": 64, "batch_wait_timeout_s": 0.5})
     url = f"{base_url}/overload"
     try:
-        wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).status_code == 200,
+        wait_until(lambda: http_ok(f"{url}/healthz"),
                    timeout=120, what="overload app ready")
 
         async def burst(n):
