@@ -21,6 +21,21 @@ def bench_texts(seed: int = 0, limit: int = 2000) -> list[str]:
     return texts[:limit]
 
 
+async def _request(session: aiohttp.ClientSession, url: str, text: str, since: float, result: StepResult) -> None:
+    """One POST; its outcome is counted into `result`, latency measured from `since`."""
+    try:
+        async with session.post(url, json={"text": text}) as resp:
+            body = await resp.read()
+            result.bytes_received += len(body)
+            result.statuses[resp.status] += 1
+            if 200 <= resp.status < 300:
+                result.latencies_s.append(time.perf_counter() - since)
+    except asyncio.TimeoutError:
+        result.timeouts += 1
+    except aiohttp.ClientError:
+        result.connection_errors += 1
+
+
 async def closed_loop(url: str, users: int, duration_s: float, texts: list[str],
                       keepalive: bool = True, timeout_s: float = 30.0) -> StepResult:
     """`users` concurrent clients for `duration_s`; only requests started in the window count."""
@@ -34,18 +49,7 @@ async def closed_loop(url: str, users: int, duration_s: float, texts: list[str],
 
         async def user():
             while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(url, json={"text": next(bodies)}) as resp:
-                        body = await resp.read()
-                        result.bytes_received += len(body)
-                        result.statuses[resp.status] += 1
-                        if 200 <= resp.status < 300:
-                            result.latencies_s.append(time.perf_counter() - t0)
-                except asyncio.TimeoutError:
-                    result.timeouts += 1
-                except aiohttp.ClientError:
-                    result.connection_errors += 1
+                await _request(session, url, next(bodies), time.perf_counter(), result)
 
         await asyncio.gather(*(user() for _ in range(users)))
         result.duration_s = time.perf_counter() - start
@@ -80,19 +84,6 @@ async def open_loop(url: str, rate: float, duration_s: float, texts: list[str], 
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         start = time.perf_counter()
 
-        async def one(scheduled: float, text: str):
-            try:
-                async with session.post(url, json={"text": text}) as resp:
-                    body = await resp.read()
-                    result.bytes_received += len(body)
-                    result.statuses[resp.status] += 1
-                    if 200 <= resp.status < 300:
-                        result.latencies_s.append(time.perf_counter() - scheduled)
-            except asyncio.TimeoutError:
-                result.timeouts += 1
-            except aiohttp.ClientError:
-                result.connection_errors += 1
-
         for at in schedule:
             delay = start + at - time.perf_counter()
             if delay > 0:
@@ -102,7 +93,7 @@ async def open_loop(url: str, rate: float, duration_s: float, texts: list[str], 
             if len(in_flight) >= max_in_flight:
                 result.dropped += 1
                 continue
-            task = asyncio.ensure_future(one(start + at, next(bodies)))
+            task = asyncio.ensure_future(_request(session, url, next(bodies), start + at, result))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:

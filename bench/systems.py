@@ -3,13 +3,10 @@ architecture, a tuned single process, and a no-op server for the client's own ce
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 
-from serve.process import RunningServe, local_config, wait_healthy
+from serve.process import RunningServe, ServerProcess, local_config
 
 
 @dataclass(frozen=True)
@@ -39,35 +36,15 @@ def start_variant(variant: ServeVariant, store: str, port: int = 8000) -> Runnin
     return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name)
 
 
-class RunningProcess:
-    """`python -m MODULE ARGS` serving HTTP on 127.0.0.1:port; terminated on exit."""
+class RunningProcess(ServerProcess):
+    """`python -m MODULE ARGS --port PORT` serving HTTP on 127.0.0.1."""
 
     def __init__(self, name: str, module: str, args: list[str], port: int, ready_timeout_s: float = 180):
-        self.name, self.module, self.args, self.port, self.ready_timeout_s = name, module, args, port, ready_timeout_s
-        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(name, port, ready_timeout_s)
+        self.module, self.args = module, args
 
-    def __enter__(self):
-        fd, self.log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
-        self._log = os.fdopen(fd, "w")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args, "--port", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_healthy(self.proc, self.url, self.ready_timeout_s, f"{self.name} (log: {self.log_path})")
-        except (RuntimeError, TimeoutError):
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.args, "--port", str(self.port)]
 
 
 def start_baseline(name: str, store: str) -> RunningProcess:

@@ -49,27 +49,30 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, what: str) 
     raise TimeoutError(f"{what} not ready within {timeout_s} s")
 
 
-class RunningServe:
-    def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve"):
-        self.config, self.fast_ingress, self.ready_timeout_s, self.name = config, fast_ingress, ready_timeout_s, name
-        http = config.get("http_options", {})
-        self.url = f"http://127.0.0.1:{http.get('port', 8000)}"
+class ServerProcess:
+    """A command serving HTTP on 127.0.0.1:`port`, logging to a temp file; stopped on exit."""
+
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, name: str, port: int, ready_timeout_s: float):
+        self.name, self.port, self.ready_timeout_s = name, port, ready_timeout_s
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict:
+        return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+
+    def cleanup(self) -> None:
+        """What to tidy after the process has stopped."""
+
     def __enter__(self):
-        self._haproxy_before = haproxy_pids()
-        fd, self._config_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".yaml")
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(self.config, f)
-        env = {k: v for k, v in os.environ.items() if k not in FAST_INGRESS_ENV}
-        if self.fast_ingress:
-            env.update(FAST_INGRESS_ENV)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         fd, self.log_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
         self._log = os.fdopen(fd, "w")
-        serve_cli = str(Path(sys.executable).parent / "serve")
-        self.proc = subprocess.Popen([serve_cli, "run", self._config_path], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_healthy(self.proc, self.url, self.ready_timeout_s, f"{self.name} (log: {self.log_path})")
         except (RuntimeError, TimeoutError):
@@ -79,12 +82,36 @@ class RunningServe:
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.cleanup()
+        self._log.close()
+
+
+class RunningServe(ServerProcess):
+    """`serve run` of a config in its own local Ray; the fast ingress on unless told otherwise."""
+
+    stop_signal = signal.SIGINT  # serve run shuts Serve and its Ray down on Ctrl-C
+
+    def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve"):
+        super().__init__(name, config.get("http_options", {}).get("port", 8000), ready_timeout_s)
+        self.config, self.fast_ingress = config, fast_ingress
+
+    def command(self) -> list[str]:
+        self._haproxy_before = haproxy_pids()
+        fd, self._config_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(self.config, f)
+        return [str(Path(sys.executable).parent / "serve"), "run", self._config_path]
+
+    def environment(self) -> dict:
+        env = {k: v for k, v in super().environment().items() if k not in FAST_INGRESS_ENV}
+        return {**env, **(FAST_INGRESS_ENV if self.fast_ingress else {})}
+
+    def cleanup(self) -> None:
         stop_new_haproxy(self._haproxy_before)
         Path(self._config_path).unlink(missing_ok=True)
-        self._log.close()
