@@ -48,7 +48,7 @@ class Classifier:
         tf.config.threading.set_intra_op_parallelism_threads(self.settings.tf_threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._model = None  # a ServedModel; replaced whole, never changed in place
+        self._model = None  # a ServedModel once loaded; updates land in it on the model thread
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._batch_sizes = metrics.Histogram(
             "textserve_batch_size", "texts per model call",
@@ -60,9 +60,12 @@ class Classifier:
         learner_cfg = self.settings.learner
         self._limiter = RateLimiter(learner_cfg.rate_limit_per_s, learner_cfg.rate_burst) if learner_cfg else None
         loop = asyncio.get_running_loop()
-        if await loop.run_in_executor(self._pool, self._try_load):
-            if self._learner is not None:
-                await self._sync_with_learner()  # catch up before taking traffic
+        if await loop.run_in_executor(self._pool, self._try_load) and self._learner is not None:
+            try:  # catch up with the learner before taking traffic
+                await asyncio.wait_for(self._sync_with_learner(), timeout=60)
+            except Exception as err:  # learner down: serve the store's version rather than nothing
+                self._sync_error = repr(err)
+                logger.warning("started on v%s without the learner (%r)", self._model.version, err)
         self._poller = loop.create_task(self._follow())
 
     # -- model ---------------------------------------------------------------------------
@@ -162,7 +165,7 @@ class Classifier:
             self._limiter.check(client)
             if self._model is None:
                 raise RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"})
-            events = parse_feedback(await request.body(), self.settings, cfg, set(self._model.loaded.labels))
+            events = parse_feedback(await request.body(), self.settings, cfg, self._model.label_set)
         except RequestError as err:
             return self._reject(err)
         try:
@@ -188,6 +191,7 @@ class Classifier:
         return json_response({
             "learner": learner,
             "log_offset": served.log_offset if served else None,
+            "learner_sync_error": self._sync_error,
             "replica": self._replica,
             "pid": os.getpid(),
             "started_at": self._started_at,

@@ -18,6 +18,7 @@ class ServedModel:
         self.version = loaded.version
         self.log_offset = loaded.metrics.get("log_offset", -1)  # newest feedback event included
         self.labels = np.array(loaded.labels, dtype=object)
+        self.label_set = frozenset(loaded.labels)  # feedback labels are checked against it
         self._fn = loaded.predict_fn()
         self._fn(tf.constant(["warm up"]))  # trace now, not on the first request
 
