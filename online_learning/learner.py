@@ -61,7 +61,9 @@ class OnlineLearner:
         self._lock = threading.Lock()
         self._pending: list[LoggedEvent] = self.log.read_from(self.applied_offset + 1)
         self.replayed = len(self._pending)
-        self._ack_ts = {e.offset: e.ts for e in self._pending}
+        self._acked: deque = deque((e.offset, e.ts) for e in self._pending)  # not yet on every replica
+        self._holdout_seen = 0  # feedback events ever put in the holdout: keys the served score
+        self._served_score: tuple[tuple, float] | None = None
         base = self._base_data(snapshot.metrics.get("data"), DataSpec, load_dataset)
         rng = random.Random(0)
         self.base_train = base.train if base else []
@@ -101,7 +103,7 @@ class OnlineLearner:
         fresh = [LoggedEvent(off, ev.event_id, ev.text, ev.label, now) for ev, (off, dup) in zip(evs, results) if not dup]
         with self._lock:
             self._pending.extend(fresh)
-            self._ack_ts.update((e.offset, now) for e in fresh)
+            self._acked.extend((e.offset, now) for e in fresh)
         self._wake.set()
         return results
 
@@ -136,7 +138,9 @@ class OnlineLearner:
 
         started = time.time()
         train = [e for e in batch if not self._is_holdout(e.event_id)]
-        self.feedback_holdout.extend(e for e in batch if self._is_holdout(e.event_id))
+        held_out = [e for e in batch if self._is_holdout(e.event_id)]
+        self.feedback_holdout.extend(held_out)
+        self._holdout_seen += len(held_out)
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
         n_replay = max(self.s.replay_events, self.s.replay_ratio * len(train))
@@ -153,7 +157,7 @@ class OnlineLearner:
         holdout = self.base_holdout + list(self.feedback_holdout)
         texts, labels = [e.text for e in holdout], [e.label for e in holdout]
         candidate_acc = accuracy(self.trainer.loaded, texts, labels) if holdout else float("nan")
-        served_acc = accuracy(self.served, texts, labels) if holdout else float("nan")
+        served_acc = self._served_accuracy(texts, labels) if holdout else float("nan")
         entry = {"time": started, "events": len(batch), "log_offset": self.applied_offset, "loss": loss,
                  "holdout_accuracy": candidate_acc, "served_holdout_accuracy": served_acc, "holdout_size": len(holdout)}
         if holdout and candidate_acc < served_acc - self.s.gate_margin:
@@ -163,6 +167,23 @@ class OnlineLearner:
         else:
             self._publish(entry)
         self.history.append(entry)
+
+    def _served_accuracy(self, texts: list[str], labels: list[str]) -> float:
+        """The served version's holdout score; recomputed only when the version or holdout changed."""
+        from train.model import accuracy
+
+        key = (self.version, self._holdout_seen)
+        if self._served_score is None or self._served_score[0] != key:
+            self._served_score = (key, accuracy(self.served, texts, labels))
+        return self._served_score[1]
+
+    def _prune_acked(self) -> None:
+        """Forget ack times of events every live replica serves (call with the lock held)."""
+        now = time.time()
+        live = [v["log_offset"] for v in self.replicas.values() if now - v["reported_at"] < 30]
+        lowest = min(live, default=self.served_offset)
+        while self._acked and self._acked[0][0] <= lowest:
+            self._acked.popleft()
 
     def _hold_back(self, entry: dict) -> None:
         self.held_back += 1
@@ -247,6 +268,7 @@ class OnlineLearner:
 
         with self._lock:
             self.replicas[replica] = {"version": version, "log_offset": log_offset, "reported_at": time.time()}
+            self._prune_acked()
             current = self.version
             if version == current:
                 return {"kind": "none", "version": current}
@@ -261,10 +283,8 @@ class OnlineLearner:
         now = time.time()
         with self._lock:
             live = {r: v for r, v in self.replicas.items() if now - v["reported_at"] < 30}
-            lowest = min((v["log_offset"] for v in live.values()), default=self.served_offset)
-            for offset in [o for o in self._ack_ts if o <= lowest]:
-                del self._ack_ts[offset]
-            oldest_unserved = min(self._ack_ts.values(), default=None)
+            self._prune_acked()
+            oldest_unserved = self._acked[0][1] if self._acked else None
             return {
                 "version": self.version, "applied_offset": self.applied_offset, "applied_count": self.applied_count,
                 "served_offset": self.served_offset, "log_length": len(self.log), "replayed_on_start": self.replayed,

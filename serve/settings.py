@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from online_learning.settings import LearnerSettings
 
-# The fast ingress: throughput-optimised Serve with the HAProxy proxy. Measured here on 2 cores:
-# a no-op app went from ~400 req/s (defaults) to ~6,000 req/s, and a batched LSTM app that
-# collapsed at 400 clients with the defaults served them with p99 < 1 s. These must be in the
+# The fast ingress: throughput-optimised Serve with the HAProxy proxy. With the large model on
+# 2 cores (docs/SERVING_BENCH.md) it served 400 clients at 1,486 req/s, p99 366 ms, where Serve's
+# defaults collapsed (51 req/s, p99 21.7 s). These must be in the
 # environment of the process that starts Ray (serve run, ray start), not in a runtime_env.
 FAST_INGRESS_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
