@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(1)
         ask(app.url, "  the same questions now:", queries)
-        learner = requests.get(f"{app.url}/v1/model", timeout=10).json()["learner"]
+        learner = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]
         pub = [h for h in learner["history"] if h["published"]]
         print(f"\n  learner v{learner['version']}: {len(pub)} publishes, {learner['held_back']} held back, "
               f"largest publish {max((h['bytes'] for h in pub), default=0) / 1e3:.0f} kB, staleness {learner['staleness_s']:.1f} s")

@@ -46,7 +46,7 @@ def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[f
         r = requests.post(f"{url}/v1/feedback", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=10)
         acked, offset = time.monotonic(), r.json()["offsets"][0]
         while time.monotonic() - acked < timeout_s:
-            live = requests.get(f"{url}/v1/model", timeout=10).json()["learner"]["replicas"]
+            live = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]["replicas"]
             if live and all(rep["log_offset"] >= offset for rep in live.values()):
                 lags.append(time.monotonic() - acked)
                 break
@@ -81,13 +81,13 @@ def run(store: str, users: int, duration_s: float, replicas: int) -> dict:
             stop.set()
             streamer.join()
             report["feedback_events_sent"] = sent.get("n", 0)
-            learner = requests.get(f"{app.url}/v1/model", timeout=10).json()["learner"]
+            learner = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]
             pubs = [h for h in learner["history"] if h["published"]]
             report["publishes"] = len(pubs)
             report["held_back"] = learner["held_back"]
             report["bytes_per_publish"] = {"mean": sum(h["bytes"] for h in pubs) / max(1, len(pubs)),
                                            "max": max((h["bytes"] for h in pubs), default=0)}
-            info = requests.get(f"{app.url}/v1/model", timeout=10).json()
+            info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
             report["parameters"] = info["metrics"].get("parameters")
             report["full_weights_bytes"] = 4 * (report["parameters"] or 0)
             report["ack_to_all_replicas_s"] = time_to_serve(app.url, token, 10)

@@ -24,6 +24,7 @@ import ray
 from ray import serve
 
 from online_learning.feedback_log import FeedbackEvent, FeedbackLog, LoggedEvent
+from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 
 logger = logging.getLogger("ray.serve")
@@ -76,6 +77,8 @@ class OnlineLearner:
         self._followups_left = 0
         self._last_snapshot = time.monotonic()
         self._store_seen = self.store.latest()
+        self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
+                                        self.s.auth_fail_burst, self.s.rate_limit_clients)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
@@ -95,6 +98,10 @@ class OnlineLearner:
             return None
 
     # -- feedback --------------------------------------------------------------------------
+    async def admit(self, client: str, auth_ok: bool) -> int:
+        """One app-wide rate budget per client (every replica asks here): 0, or Retry-After seconds."""
+        return self._limiter.admit(client, auth_ok)
+
     async def submit(self, events: list[dict]) -> list[tuple[int, bool]]:
         """Append to the durable log (fsync), queue for training; returns (offset, duplicate)."""
         evs = [FeedbackEvent(e["event_id"], e["text"], e["label"]) for e in events]

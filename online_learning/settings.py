@@ -27,8 +27,11 @@ class LearnerSettings(BaseModel):
     snapshot_interval_s: float = Field(60.0, gt=0, description="full snapshot into the model store at most this often")
     feedback_token_env: str = Field("TEXTSERVE_FEEDBACK_TOKEN", description="env var holding the feedback bearer token")
     max_events: int = Field(256, ge=1, description="most events in one /v1/feedback request")
-    rate_limit_per_s: float = Field(200.0, gt=0, description="feedback requests per second per client and replica")
-    rate_burst: int = Field(400, ge=1)
+    rate_limit_per_s: float = Field(200.0, gt=0, description="feedback requests per second per client, app-wide")
+    rate_burst: int = Field(400, ge=1, description="feedback requests a client may send at once")
+    auth_fail_rate_per_s: float = Field(0.2, gt=0, description="failed authentications per second per client")
+    auth_fail_burst: int = Field(10, ge=1, description="failed authentications at once, then 429")
+    rate_limit_clients: int = Field(10_000, ge=1, description="clients remembered; the least recent is forgotten")
 
     @field_validator("state_dir")
     @classmethod

@@ -1,8 +1,13 @@
-"""python -m serve run [CONFIG]: `serve run` with the fast ingress switched on.
+"""python -m serve run [CONFIG]: `serve run` with the hardened fast ingress switched on.
 
 The fast ingress (throughput-optimised Serve + HAProxy) must be in the environment of the
-process that starts Ray; this sets it (unless you set those variables yourself) and hands over
-to Ray's own `serve run` (stopping the HAProxy it may leave behind on exit), so every `serve run` option works after the config.
+process that starts Ray; this sets it, hardened (serve/ingress.py: request timeouts, per-client
+connection cap, loopback-only admin listeners, a private folder for HAProxy's files), and hands
+over to Ray's own `serve run`, so every `serve run` option works after the config. On exit it
+stops the HAProxy that Ray may leave behind and removes HAProxy's folder.
+
+python -m serve env [DIR]: print those variables as `export` lines, for a plain `serve run` or
+`ray start` in a shell (HAProxy's files then go to DIR, default /tmp/textserve-ingress).
 """
 
 from __future__ import annotations
@@ -13,32 +18,33 @@ import signal
 import subprocess
 import sys
 
-from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
-from serve.settings import FAST_INGRESS_ENV
+import shlex
+
+from serve.ingress import HardenedIngress, fast_ingress_env
 
 DEFAULT_CONFIG = "cluster/serve_local.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "env":
+        env = fast_ingress_env(argv[1] if len(argv) > 1 else "/tmp/textserve-ingress")
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] != "run":
-        print(__doc__.strip() + f"\n\nusage: python -m serve run [CONFIG (default {DEFAULT_CONFIG})] [serve run options]")
+        print(__doc__.strip() + f"\n\nusage: python -m serve run [CONFIG (default {DEFAULT_CONFIG})] [serve run options]"
+              "\n       python -m serve env [DIR]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     rest = argv[1:]
     if not rest or rest[0].startswith("-"):
         rest = [DEFAULT_CONFIG, *rest]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow C++ start-up chatter
-    for key, value in FAST_INGRESS_ENV.items():
-        os.environ.setdefault(key, value)
     serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
-    before = haproxy_pids()
-    child = subprocess.Popen([serve_cli, "run", *rest])
-    for sig in (signal.SIGINT, signal.SIGTERM):  # pass Ctrl-C / kill on to serve run
-        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-    try:
+    with HardenedIngress() as ingress_env:
+        child = subprocess.Popen([serve_cli, "run", *rest], env={**os.environ, **ingress_env})
+        for sig in (signal.SIGINT, signal.SIGTERM):  # pass Ctrl-C / kill on to serve run
+            signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
         return child.wait()
-    finally:
-        stop_new_haproxy(before)
 
 
 if __name__ == "__main__":

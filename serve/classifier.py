@@ -17,8 +17,9 @@ from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.feedback import RateLimiter, check_token, feedback_json_schema, parse_feedback
-from serve.requests import PREDICT_OPENAPI, RequestError, error_response, json_response, parse_predict
+from serve.feedback import check_token, client_key, feedback_json_schema, parse_feedback, token_ok
+from serve.ingress import trusted_client_header
+from serve.requests import PREDICT_OPENAPI, RequestError, error_response, json_response, parse_predict, read_body
 from serve.settings import AppSettings, BatchSettings, parse_settings
 
 logger = logging.getLogger("ray.serve")
@@ -34,6 +35,17 @@ api = FastAPI(
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(RequestError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+@api.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception):
+    # A 500 is a bug, but even a bug answers the JSON error shape, never a plain-text trace.
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(RequestError(500, "internal_error", f"internal error ({type(exc).__name__}); it is logged"))
+
+
+class _ModelError(Exception):
+    """One text the model call failed on; the other texts of its batch were answered."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -57,8 +69,7 @@ class Classifier:
         self._errors = metrics.Counter("textserve_request_errors", "rejected requests by code", tag_keys=("code",))
         self._last_batch_size = 0
         self._sync_error: str | None = None
-        learner_cfg = self.settings.learner
-        self._limiter = RateLimiter(learner_cfg.rate_limit_per_s, learner_cfg.rate_burst) if learner_cfg else None
+        self._client_header = trusted_client_header()  # set by our HAProxy, or None: use the peer
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pool, self._try_load) and self._learner is not None:
             try:  # catch up with the learner before taking traffic
@@ -121,12 +132,31 @@ class Classifier:
             raise RuntimeError(f"model store polling failed: {poller.exception()!r}")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _classify(self, texts: list[str], top_ks: list[int]) -> list[dict]:
+    async def _classify(self, texts: list[str], top_ks: list[int]) -> list:
         # The model thread runs batches and updates one at a time: one version per batch.
-        answers = await asyncio.get_running_loop().run_in_executor(self._pool, self._model.classify, texts, top_ks)
+        loop = asyncio.get_running_loop()
         self._batch_sizes.observe(len(texts))
         self._last_batch_size = len(texts)
+        try:
+            return await loop.run_in_executor(self._pool, self._model.classify, texts, top_ks)
+        except Exception as err:  # one bad text must not fail its neighbours: answer each alone
+            if len(texts) == 1:
+                logger.warning("model call failed for one text: %r", err)
+                return [_ModelError(repr(err))]
+        answers = []
+        for text, top_k in zip(texts, top_ks):
+            try:
+                answers.extend(await loop.run_in_executor(self._pool, self._model.classify, [text], [top_k]))
+            except Exception as err:
+                logger.warning("model call failed for one text of a batch of %s: %r", len(texts), err)
+                answers.append(_ModelError(repr(err)))
         return answers
+
+    async def _answer(self, text: str, top_k: int) -> dict:
+        answer = await self._classify(text, top_k)
+        if isinstance(answer, _ModelError):
+            raise RequestError(500, "model_error", "the model could not classify this text; the error is logged")
+        return answer
 
     # -- HTTP ----------------------------------------------------------------------------
     def _reject(self, err: RequestError):
@@ -136,20 +166,15 @@ class Classifier:
     @api.post("/v1/predict", openapi_extra=PREDICT_OPENAPI,
               summary="Classify one text or a list; answers label, score, top-k and model_version")
     async def predict(self, request: Request):
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            return self._reject(RequestError(413, "body_too_large",
-                                             f"request body is {declared} bytes; the limit is {self.settings.max_body_bytes}"))
         try:
-            texts, is_list, top_k = parse_predict(await request.body(), self.settings)
+            texts, is_list, top_k = parse_predict(await read_body(request, self.settings.max_body_bytes), self.settings)
+            if self._model is None:
+                raise RequestError(503, "no_model", "no model loaded yet; train one: python -m train", {"Retry-After": "5"})
+            if not is_list:
+                return json_response(await self._answer(texts[0], top_k))
+            answers = await asyncio.gather(*(self._answer(t, top_k) for t in texts))
         except RequestError as err:
             return self._reject(err)
-        if self._model is None:
-            return self._reject(RequestError(503, "no_model", "no model loaded yet; train one: python -m train",
-                                             {"Retry-After": "5"}))
-        if not is_list:
-            return json_response(await self._classify(texts[0], top_k))
-        answers = await asyncio.gather(*(self._classify(t, top_k) for t in texts))
         return json_response({"predictions": answers, "model_version": min(a["model_version"] for a in answers)})
 
     @api.post("/v1/feedback", status_code=202, openapi_extra=feedback_json_schema(),
@@ -159,13 +184,13 @@ class Classifier:
         try:
             if cfg is None or self._learner is None:
                 raise RequestError(404, "not_found", "online learning is off in this application's config")
-            check_token(request.headers.get("authorization"), cfg.feedback_token_env)
-            client = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip() or \
-                (request.client.host if request.client else "unknown")
-            self._limiter.check(client)
+            authorization = request.headers.get("authorization")
+            await self._admit(request, token_ok(authorization, cfg.feedback_token_env))
+            check_token(authorization, cfg.feedback_token_env)
             if self._model is None:
                 raise RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"})
-            events = parse_feedback(await request.body(), self.settings, cfg, self._model.label_set)
+            body = await read_body(request, self.settings.max_body_bytes)
+            events = parse_feedback(body, self.settings, cfg, self._model.label_set)
         except RequestError as err:
             return self._reject(err)
         try:
@@ -178,9 +203,26 @@ class Classifier:
         return json_response({"accepted": len(results) - dups, "duplicates": dups,
                               "offsets": [off for off, _ in results]}, status=202)
 
-    @api.get("/v1/model", summary="Served version (this replica and all), learner version, staleness, publish history")
-    async def model_info(self):
+    async def _admit(self, request: Request, auth_ok: bool) -> None:
+        """The app-wide rate limit, kept by the learner; failed authentications count double."""
+        client = client_key(request, self._client_header)
+        try:
+            wait = await asyncio.wait_for(self._learner.admit.remote(client, auth_ok), timeout=2)
+        except Exception as err:  # learner down: nothing can be accepted anyway
+            raise RequestError(503, "learner_unavailable", f"the learner is not reachable ({type(err).__name__}); retry",
+                               {"Retry-After": "2"}) from err
+        if wait:
+            raise RequestError(429, "rate_limited", f"too many feedback requests from {client}; retry in {wait} s",
+                               {"Retry-After": str(wait)})
+
+    @api.get("/v1/model", summary="Served versions; with the operator (feedback) token also replicas, learner, "
+                                  "staleness and publish history")
+    async def model_info(self, request: Request):
         served = self._model
+        public = {"model_version": served.version if served else None,
+                  "labels": served.loaded.labels if served else []}
+        if not token_ok(request.headers.get("authorization"), self.settings.operator_token_env):
+            return json_response(public)  # operator details (PIDs, paths, learner state) need the token
         batch = self._classify
         learner = None
         if self._learner is not None:

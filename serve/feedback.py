@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hmac
-import math
 import os
-import time
 
-from serve.requests import RequestError, decode_json
+from serve.requests import RequestError, check_text, decode_json
 
 
 def check_token(authorization: str | None, token_env: str) -> None:
@@ -24,24 +22,27 @@ def check_token(authorization: str | None, token_env: str) -> None:
         raise RequestError(403, "forbidden", "the bearer token is not valid")
 
 
-class RateLimiter:
-    """A token bucket per client key: `rate` requests/s sustained, `burst` at once."""
+def token_ok(authorization: str | None, token_env: str) -> bool:
+    """Whether the request carries the configured bearer token (False when none is configured)."""
+    try:
+        check_token(authorization, token_env)
+    except RequestError:
+        return False
+    return True
 
-    def __init__(self, rate: float, burst: int, max_clients: int = 10_000):
-        self.rate, self.burst, self.max_clients = rate, burst, max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
 
-    def check(self, client: str) -> None:
-        now = time.monotonic()
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            wait = math.ceil((1 - tokens) / self.rate)
-            raise RequestError(429, "rate_limited", f"too many feedback requests; retry in {wait} s",
-                               {"Retry-After": str(wait)})
-        if len(self._buckets) >= self.max_clients and client not in self._buckets:
-            self._buckets.clear()  # bounded memory; forgets everyone's history at once, rarely
-        self._buckets[client] = (tokens - 1, now)
+def client_key(request, trusted_header: str | None) -> str:
+    """Who is asking, from what our own ingress says, never from what the client says.
+
+    Behind the hardened HAProxy ingress, `trusted_header` is set by HAProxy to the peer address
+    and overwrites any value the client sent. Without it (Serve's own proxy) the peer address is
+    the key: X-Forwarded-For is client-controlled and never read.
+    """
+    if trusted_header:
+        value = request.headers.get(trusted_header)
+        if value:
+            return value
+    return request.client.host if request.client else "unknown"
 
 
 def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]:
@@ -63,13 +64,9 @@ def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]
         for key in ("event_id", "text", "label"):
             if not isinstance(ev.get(key), str):
                 raise RequestError(422, "invalid_type", f'{where}: "{key}" must be a string')
-        if not ev["event_id"].strip() or len(ev["event_id"]) > 200:
-            raise RequestError(422, "invalid_event_id", f"{where}: event_id must be 1-200 characters")
-        if not ev["text"].strip():
-            raise RequestError(422, "empty_text", f"{where}: text is empty or only whitespace")
-        if len(ev["text"]) > limits.max_text_chars:
-            raise RequestError(413, "text_too_long",
-                               f"{where}: text has {len(ev['text'])} characters; the limit is {limits.max_text_chars}")
+        if not ev["event_id"].strip() or len(ev["event_id"]) > 200 or not ev["event_id"].isprintable():
+            raise RequestError(422, "invalid_event_id", f"{where}: event_id must be 1-200 printable characters")
+        check_text(ev["text"], f"{where}: text", limits.max_text_chars)
         if ev["label"] not in labels:
             raise RequestError(422, "unknown_label",
                                f"{where}: unknown label {ev['label'][:100]!r}; GET /v1/model lists the labels")

@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+from serve.ingress import HardenedIngress
 from serve.settings import FAST_INGRESS_ENV
 
 LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve_local.yaml"
@@ -102,7 +102,8 @@ class RunningServe(ServerProcess):
         self.config, self.fast_ingress = config, fast_ingress
 
     def command(self) -> list[str]:
-        self._haproxy_before = haproxy_pids()
+        self._ingress = HardenedIngress()
+        self._ingress_env = self._ingress.__enter__()
         fd, self._config_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(self.config, f)
@@ -110,8 +111,8 @@ class RunningServe(ServerProcess):
 
     def environment(self) -> dict:
         env = {k: v for k, v in super().environment().items() if k not in FAST_INGRESS_ENV}
-        return {**env, **(FAST_INGRESS_ENV if self.fast_ingress else {})}
+        return {**env, **(self._ingress_env if self.fast_ingress else {})}
 
     def cleanup(self) -> None:
-        stop_new_haproxy(self._haproxy_before)
+        self._ingress.__exit__(None, None, None)
         Path(self._config_path).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ Python cost is what bounds a replica's throughput.
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel, Field
 from starlette.responses import Response
@@ -30,12 +31,15 @@ def error_response(err: RequestError) -> Response:
     return json_response({"error": {"code": err.code, "message": err.message}}, err.status, err.headers)
 
 
+MAX_TOP_K = 1000  # more ranked labels than any model here has; bounds the answer's size
+
+
 class PredictBody(BaseModel):
     """The documented request schema (OpenAPI). Give exactly one of `text` or `texts`."""
 
     text: str | None = Field(None, description="one text to classify", examples=["turn on the kitchen light"])
     texts: list[str] | None = Field(None, description="several texts, answered in order")
-    top_k: int | None = Field(None, ge=1, description="how many ranked labels to return (default from config)")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="how many ranked labels to return (default from config)")
 
 
 PREDICT_OPENAPI = {
@@ -44,6 +48,29 @@ PREDICT_OPENAPI = {
         "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
     }
 }
+
+
+# The model keeps letters and digits (regex [\p{L}\p{N}]) and drops everything else, so a text
+# with neither has no tokens at all; Python's \w without "_" is the same set of characters.
+_TOKEN_CHAR = re.compile(r"[^\W_]")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, read as a stream and cut at `limit` bytes (chunked bodies included).
+
+    The declared Content-Length is checked first; the stream is counted as it arrives, so a body
+    that lies about its size or has none is never held in memory beyond the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def decode_json(body: bytes, limits):
@@ -59,7 +86,25 @@ def decode_json(body: bytes, limits):
         payload = json.loads(decoded)
     except json.JSONDecodeError as err:
         raise RequestError(400, "malformed_json", f"request body is not JSON: {err.msg} at char {err.pos}") from err
+    except RecursionError as err:
+        raise RequestError(400, "json_too_deep", "request body nests arrays or objects too deeply") from err
+    except ValueError as err:  # an integer literal of thousands of digits
+        raise RequestError(400, "number_too_large", f"request body has a number too large to read: {err}") from err
     return payload
+
+
+def check_text(text: str, where: str, max_chars: int) -> None:
+    """A text the model can read: encodable, within the length limit, with at least one token."""
+    if len(text) > max_chars:
+        raise RequestError(413, "text_too_long", f"{where} has {len(text)} characters; the limit is {max_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(422, "invalid_text",
+                           f"{where} has a character that is not valid Unicode text (a lone surrogate at "
+                           f"position {err.start}); send UTF-8 text") from err
+    if _TOKEN_CHAR.search(text) is None:
+        raise RequestError(422, "empty_text", f"{where} has no letters or digits, so nothing to classify")
 
 
 def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
@@ -86,13 +131,8 @@ def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
         if len(texts) > limits.max_texts:
             raise RequestError(413, "too_many_texts", f"{len(texts)} texts; the limit is {limits.max_texts} per request")
     for i, text in enumerate(texts):
-        where = f"texts[{i}]" if is_list else "text"
-        if not text.strip():
-            raise RequestError(422, "empty_text", f"{where} is empty or only whitespace")
-        if len(text) > limits.max_text_chars:
-            raise RequestError(413, "text_too_long",
-                               f"{where} has {len(text)} characters; the limit is {limits.max_text_chars}")
+        check_text(text, f"texts[{i}]" if is_list else "text", limits.max_text_chars)
     top_k = payload.get("top_k", limits.top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise RequestError(422, "invalid_type", '"top_k" must be a positive integer')
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+        raise RequestError(422, "invalid_type", f'"top_k" must be an integer from 1 to {MAX_TOP_K}')
     return texts, is_list, top_k

@@ -35,6 +35,8 @@ class AppSettings(_Strict):
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     top_k: int = Field(3, ge=1, description="ranked labels returned when the request does not say")
     tf_threads: int = Field(1, ge=1, le=64, description="TensorFlow threads per replica: replicas must not fight over cores")
+    operator_token_env: str = Field("TEXTSERVE_FEEDBACK_TOKEN",
+                                    description="env var of the bearer token that shows operator details in /v1/model")
     model_poll_s: float = Field(2.0, gt=0, description="how often a replica with no model looks in the store")
     learner: LearnerSettings | None = Field(default_factory=LearnerSettings,
                                             description="online learning; null turns it (and /v1/feedback) off")

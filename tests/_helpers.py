@@ -24,12 +24,6 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def fast_serve_env() -> dict:
-    from serve.settings import FAST_INGRESS_ENV
-
-    return dict(FAST_INGRESS_ENV)
-
-
 def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
     """Fit the small model in-process (no Ray Train: seconds) and publish it; returns the version."""
     import dataclasses

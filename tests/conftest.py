@@ -23,21 +23,17 @@ def ray_cluster():
     """A real local Ray instance for the whole run; shut down (its processes with it) at the end."""
     import ray
 
-    from tests._helpers import fast_serve_env
-
-    from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
-
+    from serve.ingress import HardenedIngress
     from tests._helpers import FEEDBACK_TOKEN
 
-    os.environ.update(fast_serve_env())  # the Serve ingress mode is fixed when Ray starts
-    os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = FEEDBACK_TOKEN  # replicas inherit it from the raylet
-    before = haproxy_pids()
-    ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    yield ctx
-    # ray.shutdown stops every Ray process this run started (Serve with them); a graceful
-    # serve.shutdown() first waits ~30 s here for the HAProxy manager, for nothing.
-    ray.shutdown()
-    stop_new_haproxy(before)  # Ray can leave the fast ingress's HAProxy running
+    with HardenedIngress() as ingress_env:  # HAProxy stopped and its folder removed at the end
+        os.environ.update(ingress_env)  # the Serve ingress mode is fixed when Ray starts
+        os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = FEEDBACK_TOKEN  # replicas inherit it from the raylet
+        ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+        yield ctx
+        # ray.shutdown stops every Ray process this run started (Serve with them); a graceful
+        # serve.shutdown() first waits ~30 s here for the HAProxy manager, for nothing.
+        ray.shutdown()
 
 
 def free_port() -> int:
@@ -69,3 +65,23 @@ def base_url(ray_cluster, trained_store):
 
     wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="/healthz 200")
     return url
+
+
+@pytest.fixture(scope="session")
+def hostile_app(ray_cluster, base_url, trained_store, tmp_path_factory):
+    """An app with online learning of its own for the security tests (fuzzed feedback must not
+    reach the learning tests' model): 2 Classifier replicas, its own store copy and feedback log."""
+    import shutil
+
+    from ray import serve
+
+    from tests._helpers import deploy_online, http_ok, wait_until
+
+    root = tmp_path_factory.mktemp("hostile")
+    store, state = str(root / "store"), str(root / "state")
+    shutil.copytree(trained_store, store)
+    deploy_online(store, state, name="hostile")
+    url = f"{base_url}/hostile"
+    wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="hostile app")
+    yield url
+    serve.delete("hostile")

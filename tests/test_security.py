@@ -1,0 +1,287 @@
+"""Hostile and unlucky traffic, one test per way it used to hurt other clients (docs/SECURITY.md).
+
+Real Ray + Serve behind the hardened HAProxy ingress, real sockets on 127.0.0.1; attackers use
+their own loopback source addresses (127.0.0.2...) so the ingress sees them as other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import stat
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import psutil
+import pytest
+
+from serve.haproxy_cleanup import haproxy_pids
+from tests._clients import AUTH, error_code, replica_pids, request_from, stalled_connection
+from tests._helpers import http_ok, wait_until
+
+GOOD = "turn on the kitchen light"
+POISON = ["\ud800", "!!!???", "\u00a0\u200b", "\u0000"]  # lone surrogate; three texts with no tokens
+
+
+async def _post_json(session, url, payload):
+    async with session.post(url, data=json.dumps(payload), headers={"Content-Type": "application/json"}) as r:
+        return r.status, await r.read()
+
+
+def test_poisoned_texts_in_a_concurrent_load_hurt_no_one_else(hostile_app):
+    """Row 1 + 9: bad texts mixed into batches; every good request is answered, and right."""
+    async def rounds():
+        out = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                         connector=aiohttp.TCPConnector(limit=0)) as s:
+            for r in range(10):
+                payloads = [{"text": GOOD} for _ in range(40)] + [{"text": POISON[r % len(POISON)]}]
+                out += zip(payloads, await asyncio.gather(*(_post_json(s, f"{hostile_app}/v1/predict", p)
+                                                            for p in payloads)))
+        return out
+
+    good = bad = 0
+    for payload, (status, body) in asyncio.run(rounds()):
+        if payload["text"] in POISON:
+            bad += 1
+            assert status == 422 and error_code(body) in ("invalid_text", "empty_text"), (payload, status, body)
+        else:
+            good += 1
+            assert status == 200 and json.loads(body)["label"] == "HassTurnOn", (payload, status, body)
+    assert (good, bad) == (400, 10)
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/feedback"])
+@pytest.mark.parametrize("body, code", [
+    (b"[" * 20_000 + b"]" * 20_000, "json_too_deep"),
+    (b'{"text": "hi", "top_k": ' + b"9" * 5000 + b"}", "number_too_large"),
+], ids=["deep", "huge_int"])
+def test_hostile_json_gets_400_with_a_code(hostile_app, path, body, code):
+    """Row 7: a 20,000-deep body or a 5,000-digit number is a 400 JSON error, not a 500."""
+    status, _, answer = request_from("127.0.0.1", hostile_app + path, "POST", body, AUTH)
+    assert (status, error_code(answer)) == (400, code), answer[:200]
+    assert request_from("127.0.0.1", f"{hostile_app}/v1/predict", "POST", json.dumps({"text": GOOD}).encode())[0] == 200
+
+
+def test_texts_the_model_cannot_read_get_422(hostile_app):
+    """Row 9 + a lone surrogate in feedback: 422 with a code, nothing written to the log."""
+    for text in POISON:
+        status, _, body = request_from("127.0.0.1", f"{hostile_app}/v1/predict", "POST",
+                                       json.dumps({"texts": [GOOD, text]}).encode())
+        assert status == 422 and error_code(body) in ("invalid_text", "empty_text"), (text, body)
+    event = {"event_id": "surrogate-1", "text": "\ud800", "label": "HassTurnOn"}
+    status, _, body = request_from("127.0.0.1", f"{hostile_app}/v1/feedback", "POST", json.dumps(event).encode(), AUTH)
+    assert (status, error_code(body)) == (422, "invalid_text"), body
+
+
+def _rss(pids) -> dict[int, int]:
+    return {pid: psutil.Process(pid).memory_info().rss for pid in pids}
+
+
+def test_chunked_uploads_are_cut_at_the_limit_and_memory_stays_flat(hostile_app):
+    """Row 2: 4 clients each push 400 MB chunked; every replica stays within 100 MB of idle."""
+    pids = replica_pids(hostile_app, expected=2)
+    idle = _rss(pids)
+    peak = dict(idle)
+    chunk = b"x" * (1 << 20)
+
+    async def upload():
+        async def body():
+            for _ in range(400):
+                yield chunk
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+                async with s.post(f"{hostile_app}/v1/predict", data=body(),
+                                  headers={"Content-Type": "application/json"}) as r:
+                    return r.status, error_code(await r.read())
+        except aiohttp.ClientError as err:  # the server may close while we still send
+            return type(err).__name__, None
+
+    async def main():
+        tasks = [asyncio.create_task(upload()) for _ in range(4)]
+        while not all(t.done() for t in tasks):
+            for pid, rss in _rss(pids).items():
+                peak[pid] = max(peak[pid], rss)
+            await asyncio.sleep(0.1)
+        return [t.result() for t in tasks]
+
+    started = time.monotonic()
+    results = asyncio.run(main())
+    assert time.monotonic() - started < 60
+    assert all(r == (413, "body_too_large") or r[1] is None for r in results), results
+    assert any(r == (413, "body_too_large") for r in results), results
+    grew = {pid: (peak[pid] - idle[pid]) / 2**20 for pid in pids}
+    assert max(grew.values()) < 100, f"replica RSS grew by {grew} MB"
+
+
+def test_stalled_clients_hold_no_replica_and_are_cut(hostile_app):
+    """Rows 3 + 4: 1,100 connections from one address that stall in the headers or the body.
+
+    Past the per-client cap the rest are refused; the others wait at the ingress, not in a
+    replica, and are cut with a 408 after the request timeout; a normal client is served at once."""
+    parts = urlsplit(hostile_app)
+    host, port, path = parts.hostname, parts.port, parts.path
+    body_stall = (f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 100\r\n\r\n{\"text\": \"tu").encode()
+    header_stall = f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\n".encode()
+    timeout_s = int(os.environ.get("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "10"))
+
+    async def main():
+        attack = [asyncio.create_task(stalled_connection(host, port, "127.0.0.2", body_stall if i < 300 else header_stall,
+                                                         hold_s=timeout_s + 10)) for i in range(1100)]
+        await asyncio.sleep(2)  # all sent and stalled
+        latencies = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            for i in range(30):
+                t = time.monotonic()
+                status, body = await _post_json(s, f"{hostile_app}/v1/predict", {"text": f"{GOOD} {i}"})
+                assert status == 200, body
+                latencies.append(time.monotonic() - t)
+        return latencies, await asyncio.gather(*attack)
+
+    started = time.monotonic()
+    latencies, attack = asyncio.run(main())
+    assert max(latencies) < 2, f"a normal client waited {max(latencies):.1f} s during the attack"
+    cut = [(t, data) for t, data in attack if data.startswith(b"HTTP/1.1 408")]
+    refused = len(attack) - len(cut)
+    assert 1100 - 1024 <= refused <= 1100 - 1000, f"{refused} refused of 1100 (cap 1024 per client)"
+    assert all(timeout_s - 1 < t < timeout_s + 5 for t, _ in cut), sorted(t for t, _ in cut)[::100]
+    assert error_code(cut[0][1].split(b"\r\n\r\n", 1)[1]) == "request_timeout"
+    assert time.monotonic() - started < timeout_s + 20
+
+
+def _load_with_kill(url: str, victim: int, clients: int, seconds: float, kill_at: float):
+    """Closed-loop load; kill -9 `victim` at `kill_at` s. Returns (kill time, [(start, took, status)])."""
+    out, killed = [], []
+
+    async def main():
+        deadline = time.monotonic() + seconds
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                         connector=aiohttp.TCPConnector(limit=0)) as s:
+            async def client(i):
+                while time.monotonic() < deadline:
+                    start = time.monotonic()
+                    try:
+                        status, body = await _post_json(s, f"{url}/v1/predict", {"text": f"{GOOD} {i}"})
+                        status = status if status == 200 else (status, error_code(body))
+                    except aiohttp.ClientError as err:
+                        status = type(err).__name__
+                    out.append((start, time.monotonic() - start, status))
+
+            async def killer():
+                await asyncio.sleep(kill_at)
+                killed.append(time.monotonic())
+                os.kill(victim, signal.SIGKILL)
+            await asyncio.gather(killer(), *(client(i) for i in range(clients)))
+    asyncio.run(main())
+    return killed[0], out
+
+
+@pytest.fixture
+def kill_app(ray_cluster, base_url, trained_store, request):
+    from ray import serve
+
+    from tests._helpers import deploy
+
+    name, replicas = f"kill{request.param}", request.param
+    deploy(trained_store, name=name, route_prefix=f"/{name}", num_replicas=replicas, autoscaling_config=None,
+           ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    url = f"{base_url}/{name}"
+    wait_until(lambda: http_ok(f"{url}/healthz") and len(replica_pids(url, replicas, tries=10)) == replicas,
+               timeout=180, what=f"{name} with {replicas} replicas")
+    yield url, replicas
+    serve.delete(name)
+
+
+@pytest.mark.parametrize("kill_app", [2, 1], indirect=True, ids=["two_replicas", "only_replica"])
+def test_replica_kill_under_load_fails_only_in_flight_and_never_stalls(kill_app):
+    """Row 5: kill -9 of a replica under 200 clients (2 replicas) or 50 (the only one)."""
+    url, replicas = kill_app
+    victim = min(replica_pids(url, replicas))
+    clients = 200 if replicas == 2 else 50
+    killed, results = _load_with_kill(url, victim, clients, seconds=8, kill_at=3)
+    worst = max(took for _, took, _ in results)
+    assert worst < 2, f"a request waited {worst:.1f} s for an answer or a 503"
+    failed = [(start - killed, status) for start, _, status in results if status != 200]
+    if replicas == 2:
+        # Only requests already on their way when the replica died fail; the rest go to the other.
+        assert failed and all(start < 0.5 for start, _ in failed), failed[:10]
+        assert len(failed) <= clients, Counter(s for _, s in failed)
+        assert any(status == 200 and start > killed + 0.5 for start, _, status in results)
+    else:
+        # No replica left: an immediate JSON 503 (Retry-After) until the replacement is up.
+        late = Counter(status for start, status in failed if start >= 0.5)
+        assert set(late) <= {(503, "no_replica")}, late
+        status, headers, _ = request_from("127.0.0.1", f"{url}/v1/predict", "POST", json.dumps({"text": GOOD}).encode())
+        assert status == 200 or (status == 503 and headers.get("retry-after") == "1")
+        wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="a replacement replica")
+
+
+def test_rate_limit_ignores_client_headers_and_is_app_wide(hostile_app):
+    """Row 6: forged X-Forwarded-For / X-Textserve-Client do not mint new budgets, the budget is
+    one for the app (2 replicas here, 20/s burst 30), and wrong tokens are limited too."""
+    started, outcomes = time.monotonic(), Counter()
+    for i in range(120):
+        event = {"event_id": f"forged-{i}", "text": GOOD, "label": "HassTurnOn"}
+        forged = {**AUTH, "X-Forwarded-For": f"198.51.100.{i % 250}", "X-Textserve-Client": f"192.0.2.{i % 250}"}
+        outcomes[request_from("127.0.0.8", f"{hostile_app}/v1/feedback", "POST", json.dumps(event).encode(), forged)[0]] += 1
+    elapsed = time.monotonic() - started
+    assert outcomes[429] > 0, outcomes
+    assert outcomes[202] <= 30 + 20 * elapsed + 2, (outcomes, elapsed)  # one budget, not one per replica
+    wrong = Counter()
+    for i in range(40):
+        status, headers, _ = request_from("127.0.0.9", f"{hostile_app}/v1/feedback", "POST", b"{}",
+                                          {"Authorization": f"Bearer guess-{i}"})
+        wrong[status] += 1
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+    assert wrong[429] >= 40 - 10 - 2 and wrong[403] <= 12, wrong  # 10 failures at once, then 0.2/s
+    status, _, _ = request_from("127.0.0.10", f"{hostile_app}/v1/feedback", "POST",
+                                json.dumps({"event_id": "other-client", "text": GOOD, "label": "HassTurnOn"}).encode(), AUTH)
+    assert status == 202  # another client has its own budget
+
+
+def test_model_details_need_the_operator_token(hostile_app):
+    """Row 10: without a token /v1/model shows versions and labels only."""
+    status, _, body = request_from("127.0.0.1", f"{hostile_app}/v1/model")
+    assert status == 200 and set(json.loads(body)) == {"model_version", "labels"}
+    status, _, body = request_from("127.0.0.1", f"{hostile_app}/v1/model", headers={"Authorization": "Bearer nope"})
+    assert set(json.loads(body)) == {"model_version", "labels"}
+    status, _, body = request_from("127.0.0.1", f"{hostile_app}/v1/model", headers=AUTH)
+    details = json.loads(body)
+    assert {"pid", "learner", "model_store"} <= set(details) and details["learner"]["version"] >= 1
+
+
+def test_nothing_of_the_app_listens_beyond_loopback(hostile_app):
+    """Row 8: HAProxy (HTTP, stats, Prometheus) and the replicas' HTTP ports on 127.0.0.1 only;
+    HAProxy's admin socket 0600 in a 0700 folder. (Ray's own token-authenticated gRPC ports
+    listen on all addresses: docs/SECURITY.md says how to firewall them.)"""
+    import re
+
+    run_dir = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    config = "\n".join(p.read_text() for p in run_dir.glob("*/haproxy.cfg.hardened"))
+    replica_ports = {int(port) for host, port in re.findall(r"server SERVE_REPLICA\S+ (\S+):(\d+)", config)}
+    assert replica_ports, config[-2000:]
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                 and (c.pid in haproxy_pids() or c.laddr.port in replica_ports)]
+    assert len({c.laddr.port for c in listening}) >= 3 + len(replica_ports), listening  # HTTP, stats, metrics
+    exposed = [c for c in listening if not ipaddress.ip_address(c.laddr.ip).is_loopback]
+    assert not exposed, exposed
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    sockets = list(run_dir.glob("*/admin.sock"))
+    assert sockets and all(stat.S_IMODE(s.stat().st_mode) == 0o600 for s in sockets)
+
+
+def test_hardened_ingress_folder_is_removed_on_exit(tmp_path):
+    from serve.ingress import HardenedIngress
+
+    with HardenedIngress() as env:
+        run_dir = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+        assert run_dir.is_dir() and os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    assert not run_dir.exists()
