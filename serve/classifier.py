@@ -8,6 +8,7 @@ a blocked loop cannot answer the router's queue-length probes and the proxy then
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +18,12 @@ from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.feedback import check_token, client_key, feedback_json_schema, parse_feedback, token_ok
+from online_learning.rate_limit import TokenBuckets
+from serve.feedback import (check_token, client_key, feedback_json_schema, parse_feedback, token_configured,
+                            token_ok)
 from serve.ingress import trusted_client_header
-from serve.requests import PREDICT_OPENAPI, RequestError, error_response, json_response, parse_predict, read_body
+from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, error_response, json_response, parse_predict,
+                            read_body)
 from serve.settings import AppSettings, BatchSettings, parse_settings
 
 logger = logging.getLogger("ray.serve")
@@ -44,10 +48,6 @@ async def _bug(request: Request, exc: Exception):
     return error_response(RequestError(500, "internal_error", f"internal error ({type(exc).__name__}); it is logged"))
 
 
-class _ModelError(Exception):
-    """One text the model call failed on; the other texts of its batch were answered."""
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class Classifier:
@@ -70,6 +70,7 @@ class Classifier:
         self._last_batch_size = 0
         self._sync_error: str | None = None
         self._client_header = trusted_client_header()  # set by our HAProxy, or None: use the peer
+        self._auth_failures = TokenBuckets(0.2, 10)  # for /v1/model when there is no learner to ask
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pool, self._try_load) and self._learner is not None:
             try:  # catch up with the learner before taking traffic
@@ -133,28 +134,18 @@ class Classifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _classify(self, texts: list[str], top_ks: list[int]) -> list:
-        # The model thread runs batches and updates one at a time: one version per batch.
-        loop = asyncio.get_running_loop()
+        # The model thread runs batches and updates one at a time: one version per batch. A text
+        # the model fails on gets a ModelError; its neighbours in the batch get their answers.
+        answers = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._model.classify_isolated, texts, top_ks)
         self._batch_sizes.observe(len(texts))
         self._last_batch_size = len(texts)
-        try:
-            return await loop.run_in_executor(self._pool, self._model.classify, texts, top_ks)
-        except Exception as err:  # one bad text must not fail its neighbours: answer each alone
-            if len(texts) == 1:
-                logger.warning("model call failed for one text: %r", err)
-                return [_ModelError(repr(err))]
-        answers = []
-        for text, top_k in zip(texts, top_ks):
-            try:
-                answers.extend(await loop.run_in_executor(self._pool, self._model.classify, [text], [top_k]))
-            except Exception as err:
-                logger.warning("model call failed for one text of a batch of %s: %r", len(texts), err)
-                answers.append(_ModelError(repr(err)))
         return answers
 
     async def _answer(self, text: str, top_k: int) -> dict:
         answer = await self._classify(text, top_k)
-        if isinstance(answer, _ModelError):
+        if isinstance(answer, ModelError):
+            logger.warning("model call failed for one text: %s", answer)
             raise RequestError(500, "model_error", "the model could not classify this text; the error is logged")
         return answer
 
@@ -184,6 +175,7 @@ class Classifier:
         try:
             if cfg is None or self._learner is None:
                 raise RequestError(404, "not_found", "online learning is off in this application's config")
+            token_configured(cfg.feedback_token_env)
             authorization = request.headers.get("authorization")
             await self._admit(request, token_ok(authorization, cfg.feedback_token_env))
             check_token(authorization, cfg.feedback_token_env)
@@ -203,11 +195,22 @@ class Classifier:
         return json_response({"accepted": len(results) - dups, "duplicates": dups,
                               "offsets": [off for off, _ in results]}, status=202)
 
+    async def _admit_auth_failure(self, request: Request) -> None:
+        """A wrong token outside /v1/feedback: the app-wide budget when there is a learner, else
+        this replica's own (guessing the token is then at most 0.2/s per client and replica)."""
+        if self._learner is not None:
+            return await self._admit(request, False)
+        wait = self._auth_failures.take(client_key(request, self._client_header))
+        if wait:
+            wait = max(1, math.ceil(wait))
+            raise RequestError(429, "rate_limited", f"too many failed authentications; retry in {wait} s",
+                               {"Retry-After": str(wait)})
+
     async def _admit(self, request: Request, auth_ok: bool) -> None:
         """The app-wide rate limit, kept by the learner; failed authentications count double."""
         client = client_key(request, self._client_header)
         try:
-            wait = await asyncio.wait_for(self._learner.admit.remote(client, auth_ok), timeout=2)
+            wait = await asyncio.wait_for(self._learner.admit.remote(client, auth_ok), timeout=5)
         except Exception as err:  # learner down: nothing can be accepted anyway
             raise RequestError(503, "learner_unavailable", f"the learner is not reachable ({type(err).__name__}); retry",
                                {"Retry-After": "2"}) from err
@@ -221,7 +224,13 @@ class Classifier:
         served = self._model
         public = {"model_version": served.version if served else None,
                   "labels": served.loaded.labels if served else []}
-        if not token_ok(request.headers.get("authorization"), self.settings.operator_token_env):
+        authorization = request.headers.get("authorization")
+        if not token_ok(authorization, self.settings.operator_token_env):
+            if authorization is not None:  # a wrong token: spends from the failed-auth budget
+                try:
+                    await self._admit_auth_failure(request)
+                except RequestError as err:
+                    return self._reject(err)
             return json_response(public)  # operator details (PIDs, paths, learner state) need the token
         batch = self._classify
         learner = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
+from serve.ingress import from_our_ingress
 from serve.requests import RequestError, check_text, decode_json
 
 
@@ -22,6 +23,13 @@ def check_token(authorization: str | None, token_env: str) -> None:
         raise RequestError(403, "forbidden", "the bearer token is not valid")
 
 
+def token_configured(token_env: str) -> None:
+    """403 `feedback_disabled` when no token is configured: not a failed authentication."""
+    if not os.environ.get(token_env, ""):
+        raise RequestError(403, "feedback_disabled",
+                           f"feedback is disabled: no token configured (set {token_env} where Serve runs)")
+
+
 def token_ok(authorization: str | None, token_env: str) -> bool:
     """Whether the request carries the configured bearer token (False when none is configured)."""
     try:
@@ -35,13 +43,14 @@ def client_key(request, trusted_header: str | None) -> str:
     """Who is asking, from what our own ingress says, never from what the client says.
 
     Behind the hardened HAProxy ingress, `trusted_header` is set by HAProxy to the peer address
-    and overwrites any value the client sent. Without it (Serve's own proxy) the peer address is
-    the key: X-Forwarded-For is client-controlled and never read.
+    (overwriting any value the client sent) next to this run's ingress secret; a request that
+    reached the replica some other way has no secret, and its peer address is the key.
+    X-Forwarded-For is client-controlled and never read.
     """
-    if trusted_header:
+    if trusted_header and from_our_ingress(request.headers):
         value = request.headers.get(trusted_header)
         if value:
-            return value
+            return value[:64]
     return request.client.host if request.client else "unknown"
 
 

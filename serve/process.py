@@ -97,12 +97,13 @@ class RunningServe(ServerProcess):
 
     stop_signal = signal.SIGINT  # serve run shuts Serve and its Ray down on Ctrl-C
 
-    def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve"):
+    def __init__(self, config: dict, fast_ingress: bool = True, ready_timeout_s: float = 300, name: str = "serve",
+                 ingress_settings: dict[str, str] | None = None):
         super().__init__(name, config.get("http_options", {}).get("port", 8000), ready_timeout_s)
-        self.config, self.fast_ingress = config, fast_ingress
+        self.config, self.fast_ingress, self.ingress_settings = config, fast_ingress, ingress_settings
 
     def command(self) -> list[str]:
-        self._ingress = HardenedIngress()
+        self._ingress = HardenedIngress(overrides=self.ingress_settings)
         self._ingress_env = self._ingress.__enter__()
         fd, self._config_path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".yaml")
         with os.fdopen(fd, "w") as f:

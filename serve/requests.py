@@ -11,6 +11,7 @@ import json
 import re
 
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 
@@ -20,6 +21,10 @@ class RequestError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class ModelError(Exception):
+    """The model call failed for this one text; the other texts of its batch were answered."""
 
 
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -65,11 +70,14 @@ async def read_body(request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as err:  # the client left mid-body: nobody to answer, nothing to log
+        raise RequestError(400, "client_disconnected", "the client closed the connection mid-body") from err
     return b"".join(chunks)
 
 

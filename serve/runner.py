@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from serve.requests import ModelError
 from train.model import LoadedModel
 
 
@@ -33,6 +34,23 @@ class ServedModel:
             ranked = [{"label": self.labels[i], "score": float(row[i])} for i in idx[:want]]
             answers.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked,
                             "model_version": version, "batch_size": len(texts)})
+        return answers
+
+    def classify_isolated(self, texts: list[str], top_ks: list[int]) -> list:
+        """`classify`, but a text the model fails on gets a ModelError and its neighbours their
+        answers: the batch is retried one text at a time (texts are validated before they join a
+        batch, so this is the last line of defence, not a path taken in normal operation)."""
+        try:
+            return self.classify(texts, top_ks)
+        except Exception as err:  # noqa: BLE001 - any model failure must stay with its own text
+            if len(texts) == 1:
+                return [ModelError(repr(err))]
+        answers = []
+        for text, top_k in zip(texts, top_ks):
+            try:
+                answers.extend(self.classify([text], [top_k]))
+            except Exception as err:  # noqa: BLE001
+                answers.append(ModelError(repr(err)))
         return answers
 
     def apply(self, updates: list[dict]) -> None:

@@ -29,6 +29,9 @@ def ray_cluster():
     with HardenedIngress() as ingress_env:  # HAProxy stopped and its folder removed at the end
         os.environ.update(ingress_env)  # the Serve ingress mode is fixed when Ray starts
         os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = FEEDBACK_TOKEN  # replicas inherit it from the raylet
+        # A deleted replica keeps answering 30 s by default so that HAProxy notices it going; the
+        # tests delete apps often, and connection failures are retried on another replica anyway.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
         ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
         yield ctx
         # ray.shutdown stops every Ray process this run started (Serve with them); a graceful
@@ -67,10 +70,11 @@ def base_url(ray_cluster, trained_store):
     return url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hostile_app(ray_cluster, base_url, trained_store, tmp_path_factory):
     """An app with online learning of its own for the security tests (fuzzed feedback must not
-    reach the learning tests' model): 2 Classifier replicas, its own store copy and feedback log."""
+    reach the learning tests' model): 2 Classifier replicas, its own store copy and feedback log.
+    Per module, so its CPUs are free again for the Ray Train tests that follow."""
     import shutil
 
     from ray import serve

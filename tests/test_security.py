@@ -114,27 +114,32 @@ def test_chunked_uploads_are_cut_at_the_limit_and_memory_stays_flat(hostile_app)
     started = time.monotonic()
     results = asyncio.run(main())
     assert time.monotonic() - started < 60
-    assert all(r == (413, "body_too_large") or r[1] is None for r in results), results
+    # Each upload gets its 413, or is cut while still sending (the server closed after answering).
+    assert all(r == (413, "body_too_large") or (isinstance(r[0], str) and r[1] is None) for r in results), results
     assert any(r == (413, "body_too_large") for r in results), results
     grew = {pid: (peak[pid] - idle[pid]) / 2**20 for pid in pids}
     assert max(grew.values()) < 100, f"replica RSS grew by {grew} MB"
 
 
 def test_stalled_clients_hold_no_replica_and_are_cut(hostile_app):
-    """Rows 3 + 4: 1,100 connections from one address that stall in the headers or the body.
+    """Rows 3 + 4: 400 connections from one address that stall in the headers or the body (a
+    short one, and 40 KB of a declared 60 KB: past HAProxy's default 16 KB buffer).
 
     Past the per-client cap the rest are refused; the others wait at the ingress, not in a
     replica, and are cut with a 408 after the request timeout; a normal client is served at once."""
     parts = urlsplit(hostile_app)
     host, port, path = parts.hostname, parts.port, parts.path
-    body_stall = (f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  "Content-Length: 100\r\n\r\n{\"text\": \"tu").encode()
-    header_stall = f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\n".encode()
+    head = f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stalls = [(head + "Content-Length: 100\r\n\r\n{\"text\": \"tu").encode(),
+              (head + "Content-Length: 60000\r\n\r\n{\"text\": \"" + "a" * 40_000).encode(),
+              f"POST {path}/v1/predict HTTP/1.1\r\nHost: x\r\n".encode()]
     timeout_s = int(os.environ.get("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "10"))
+    cap = int(os.environ.get("TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT", "256"))
+    n = cap + 144
 
     async def main():
-        attack = [asyncio.create_task(stalled_connection(host, port, "127.0.0.2", body_stall if i < 300 else header_stall,
-                                                         hold_s=timeout_s + 10)) for i in range(1100)]
+        attack = [asyncio.create_task(stalled_connection(host, port, "127.0.0.2", stalls[i % 3], hold_s=timeout_s + 10))
+                  for i in range(n)]
         await asyncio.sleep(2)  # all sent and stalled
         latencies = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
@@ -148,11 +153,14 @@ def test_stalled_clients_hold_no_replica_and_are_cut(hostile_app):
     started = time.monotonic()
     latencies, attack = asyncio.run(main())
     assert max(latencies) < 2, f"a normal client waited {max(latencies):.1f} s during the attack"
-    cut = [(t, data) for t, data in attack if data.startswith(b"HTTP/1.1 408")]
+    cut = [(t, data, i % 3) for i, (t, data) in enumerate(attack) if data.startswith(b"HTTP/1.1 408")]
     refused = len(attack) - len(cut)
-    assert 1100 - 1024 <= refused <= 1100 - 1000, f"{refused} refused of 1100 (cap 1024 per client)"
-    assert all(timeout_s - 1 < t < timeout_s + 5 for t, _ in cut), sorted(t for t, _ in cut)[::100]
-    assert error_code(cut[0][1].split(b"\r\n\r\n", 1)[1]) == "request_timeout"
+    assert n - cap <= refused <= n - cap + 10, f"{refused} refused of {n} (cap {cap} per client)"
+    assert all(timeout_s - 1 < t < timeout_s + 5 for t, _, _ in cut), sorted(t for t, _, _ in cut)[::50]
+    # Bodies that stalled are cut with the JSON 408. (Unfinished headers get HAProxy's built-in
+    # page: its HTTP/1 layer answers those before a request exists to apply an errorfile to.)
+    odd = [data for _, data, kind in cut if kind < 2 and error_code(data.split(b"\r\n\r\n", 1)[1]) != "request_timeout"]
+    assert not odd, odd[:3]
     assert time.monotonic() - started < timeout_s + 20
 
 
@@ -206,7 +214,8 @@ def test_replica_kill_under_load_fails_only_in_flight_and_never_stalls(kill_app)
     victim = min(replica_pids(url, replicas))
     clients = 200 if replicas == 2 else 50
     killed, results = _load_with_kill(url, victim, clients, seconds=8, kill_at=3)
-    worst = max(took for _, took, _ in results)
+    # Every request sent around the kill (from 1 s before to the end) got an answer or a 503 fast.
+    worst = max(took for start, took, _ in results if start > killed - 1)
     assert worst < 2, f"a request waited {worst:.1f} s for an answer or a 503"
     failed = [(start - killed, status) for start, _, status in results if status != 200]
     if replicas == 2:
@@ -223,17 +232,30 @@ def test_replica_kill_under_load_fails_only_in_flight_and_never_stalls(kill_app)
         wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="a replacement replica")
 
 
+async def _feedback_burst(url: str, source: str, n: int, headers) -> tuple[Counter, float]:
+    """`n` feedback requests at once from `source`, each with `headers(i)`: (statuses, seconds)."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                     connector=aiohttp.TCPConnector(limit=0, local_addr=(source, 0))) as s:
+        async def one(i):
+            event = {"event_id": f"{source}-{i}-{time.time()}", "text": GOOD, "label": "HassTurnOn"}
+            async with s.post(f"{url}/v1/feedback", json=event, headers=headers(i)) as r:
+                await r.read()
+                return r.status
+        statuses = Counter(await asyncio.gather(*(one(i) for i in range(n))))
+    return statuses, time.monotonic() - started
+
+
+def _forged(i: int) -> dict:
+    return {**AUTH, "X-Forwarded-For": f"198.51.100.{i % 250}", "X-Textserve-Client": f"192.0.2.{i % 250}",
+            "X-Textserve-Ingress": "guessed-secret"}
+
+
 def test_rate_limit_ignores_client_headers_and_is_app_wide(hostile_app):
     """Row 6: forged X-Forwarded-For / X-Textserve-Client do not mint new budgets, the budget is
     one for the app (2 replicas here, 20/s burst 30), and wrong tokens are limited too."""
-    started, outcomes = time.monotonic(), Counter()
-    for i in range(120):
-        event = {"event_id": f"forged-{i}", "text": GOOD, "label": "HassTurnOn"}
-        forged = {**AUTH, "X-Forwarded-For": f"198.51.100.{i % 250}", "X-Textserve-Client": f"192.0.2.{i % 250}"}
-        outcomes[request_from("127.0.0.8", f"{hostile_app}/v1/feedback", "POST", json.dumps(event).encode(), forged)[0]] += 1
-    elapsed = time.monotonic() - started
-    assert outcomes[429] > 0, outcomes
-    assert outcomes[202] <= 30 + 20 * elapsed + 2, (outcomes, elapsed)  # one budget, not one per replica
+    outcomes, elapsed = asyncio.run(_feedback_burst(hostile_app, "127.0.0.8", 120, _forged))
+    assert outcomes[202] <= 30 + 20 * elapsed + 2 and outcomes[429] > 0, (outcomes, elapsed)  # one budget, not 2
     wrong = Counter()
     for i in range(40):
         status, headers, _ = request_from("127.0.0.9", f"{hostile_app}/v1/feedback", "POST", b"{}",
@@ -242,9 +264,19 @@ def test_rate_limit_ignores_client_headers_and_is_app_wide(hostile_app):
         if status == 429:
             assert int(headers["retry-after"]) >= 1
     assert wrong[429] >= 40 - 10 - 2 and wrong[403] <= 12, wrong  # 10 failures at once, then 0.2/s
+    status, _, _ = request_from("127.0.0.9", f"{hostile_app}/v1/model", headers={"Authorization": "Bearer guess"})
+    assert status == 429  # guessing through /v1/model spends from the same failed-auth budget
     status, _, _ = request_from("127.0.0.10", f"{hostile_app}/v1/feedback", "POST",
                                 json.dumps({"event_id": "other-client", "text": GOOD, "label": "HassTurnOn"}).encode(), AUTH)
     assert status == 202  # another client has its own budget
+
+
+def test_client_header_is_not_trusted_around_the_ingress(hostile_app):
+    """A client that reaches a replica's own port directly cannot pick its identity either:
+    without the ingress's secret the peer address is the key."""
+    replica = next(iter(_hardened_servers("hostile")))
+    outcomes, elapsed = asyncio.run(_feedback_burst(f"http://127.0.0.1:{replica}/hostile", "127.0.0.11", 120, _forged))
+    assert outcomes[202] <= 30 + 20 * elapsed + 2 and outcomes[429] > 0, (outcomes, elapsed)
 
 
 def test_model_details_need_the_operator_token(hostile_app):
@@ -258,16 +290,31 @@ def test_model_details_need_the_operator_token(hostile_app):
     assert {"pid", "learner", "model_store"} <= set(details) and details["learner"]["version"] >= 1
 
 
+def _hardened_servers(app: str | None = None) -> set[int]:
+    """Ports of the servers (replicas; Serve's proxy where Ray adds it) HAProxy routes to, for
+    one app's backend or all, read from the running (hardened) config."""
+    import re
+
+    run_dir = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    config = "\n".join(p.read_text() for p in run_dir.glob("*/haproxy.cfg"))
+    assert "textserve-hardened" in config
+    ports, backend = set(), None
+    for line in config.splitlines():
+        if line and not line[0].isspace():
+            backend = line.split()[1] if line.startswith("backend ") else None
+        match = re.match(r"\s+server \S+ [\d.]+:(\d+)", line)
+        if match and backend and (app is None or backend == f"http-{app}"):
+            ports.add(int(match.group(1)))
+    assert ports, config[-2000:]
+    return ports
+
+
 def test_nothing_of_the_app_listens_beyond_loopback(hostile_app):
     """Row 8: HAProxy (HTTP, stats, Prometheus) and the replicas' HTTP ports on 127.0.0.1 only;
     HAProxy's admin socket 0600 in a 0700 folder. (Ray's own token-authenticated gRPC ports
     listen on all addresses: docs/SECURITY.md says how to firewall them.)"""
-    import re
-
     run_dir = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
-    config = "\n".join(p.read_text() for p in run_dir.glob("*/haproxy.cfg.hardened"))
-    replica_ports = {int(port) for host, port in re.findall(r"server SERVE_REPLICA\S+ (\S+):(\d+)", config)}
-    assert replica_ports, config[-2000:]
+    replica_ports = _hardened_servers()  # replicas' HTTP ports and Serve's own proxy
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
                  and (c.pid in haproxy_pids() or c.laddr.port in replica_ports)]
     assert len({c.laddr.port for c in listening}) >= 3 + len(replica_ports), listening  # HTTP, stats, metrics
@@ -285,3 +332,27 @@ def test_hardened_ingress_folder_is_removed_on_exit(tmp_path):
         run_dir = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
         assert run_dir.is_dir() and os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
     assert not run_dir.exists()
+
+
+def test_a_text_the_model_fails_on_fails_alone(trained_store):
+    """Batch isolation behind validation: if the model call still fails on one text of a batch,
+    its neighbours get their answers and it gets a ModelError (-> 500 model_error) of its own."""
+    import tensorflow as tf
+
+    from serve.requests import ModelError
+    from serve.runner import ServedModel
+    from train.store import ModelStore
+
+    served = ServedModel(ModelStore(trained_store).load())
+    model_fn = served._fn
+
+    def failing_on_marker(texts):
+        if b"MARKER" in texts.numpy():
+            raise tf.errors.InvalidArgumentError(None, None, "a text the model cannot take")
+        return model_fn(texts)
+
+    served._fn = failing_on_marker
+    answers = served.classify_isolated([GOOD, "MARKER", "turn off the fan"], [1, 1, 1])
+    assert answers[0]["label"] == "HassTurnOn" and answers[2]["label"] == "HassTurnOff"
+    assert isinstance(answers[1], ModelError)
+    assert served.classify_isolated(["MARKER"], [1])[0].__class__ is ModelError

@@ -1,0 +1,95 @@
+"""The HAProxy hardening on a config shaped like Ray 2.60's, checked by HAProxy itself (`-c`)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from pathlib import Path
+
+from serve.haproxy_hardening import CLIENT_HEADER, DEFAULTS, SECRET_HEADER, harden, harden_in_place
+from serve.ingress import real_haproxy_binary
+from online_learning.rate_limit import TokenBuckets
+
+def ray_config(folder: Path, router: bool = False) -> Path:
+    """The config Ray 2.60's own HAProxyApi renders for one app with a replica and the fallback proxy."""
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+    from ray.serve.config import HTTPOptions
+
+    replica = ServerConfig(name="SERVE_REPLICA_a", host="127.0.0.1", port=30000, replica_id="a")
+    backend = BackendConfig(name="http-app", path_prefix="/", app_name="app", servers=[replica],
+                            fallback_server=ServerConfig(name="SERVE_PROXY", host="127.0.0.1", port=8500),
+                            ingress_request_router_servers=[replica] if router else [])
+    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=18080), socket_path=str(folder / "admin.sock"),
+                        server_state_base=str(folder), server_state_file=str(folder / "server-state"),
+                        metrics_socket_path=str(folder / "metrics.sock"), error_file_path=str(folder / "500.http"))
+    (folder / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    api = HAProxyApi(cfg=cfg, backend_configs={"app": backend}, config_file_path=str(folder / "haproxy.cfg"))
+    api._generate_config_file_internal()
+    return folder / "haproxy.cfg"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TEXTSERVE_INGRESS_SECRET", "s3cret")
+
+
+def haproxy_check(path: Path) -> None:
+    check = subprocess.run([real_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_hardened_config_is_valid_and_closes_each_gap(tmp_path, clean_env):
+    path = ray_config(tmp_path)
+    original = path.read_text()
+    assert "mode 666" in original and "bind *:8404" in original and " backup" in original  # the gaps
+    harden_in_place(["-db", "-f", str(path)])  # the path HAProxy (and Ray's process checks) see stays
+    text = path.read_text()
+    haproxy_check(path)
+    assert "mode 600 level admin" in text and "mode 666" not in text
+    assert "bind 127.0.0.1:9101" in text and "bind 127.0.0.1:8404" in text and "bind *" not in text
+    frontend = text[text.index("frontend http_frontend"):text.index("backend default_backend")]
+    for rule in ("timeout http-request 10s", "option http-buffer-request", "timeout client 30s",
+                 "sc0_conn_cur gt 256", f"set-header {CLIENT_HEADER} %[src]", f"set-header {SECRET_HEADER} s3cret",
+                 "http-response return status 503"):
+        assert rule in frontend, rule
+    assert "check backup disabled" in text and f"{tmp_path}/500.http" not in text
+    assert (tmp_path / "textserve-503.http").read_bytes().startswith(b"HTTP/1.1 503")
+    assert harden(text, str(tmp_path)) == text  # idempotent
+
+
+def test_ingress_request_router_config_stays_valid(tmp_path, clean_env):
+    path = ray_config(tmp_path, router=True)
+    assert "use-server SERVE_PROXY" in path.read_text()  # a rule that names the fallback server
+    harden_in_place(["-f", str(path)])
+    haproxy_check(path)
+
+
+def test_fallback_server_kept_when_asked(tmp_path, clean_env, monkeypatch):
+    monkeypatch.setenv("TEXTSERVE_INGRESS_FALLBACK", "1")
+    path = ray_config(tmp_path)
+    harden_in_place(["-f", str(path)])
+    assert "check backup\n" in path.read_text()
+
+
+def test_bad_settings_fail_early(tmp_path, clean_env, monkeypatch):
+    from serve.ingress import fast_ingress_env
+
+    monkeypatch.setenv("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "10s")
+    with pytest.raises(ValueError, match="whole number"):
+        fast_ingress_env(tmp_path / "ts")
+
+
+def test_token_buckets_bound_memory_and_keep_active_clients_limited():
+    buckets = TokenBuckets(rate=1.0, burst=2, max_clients=100)
+    now = 1000.0
+    assert [buckets.take("hammer", now) for _ in range(3)][:2] == [0.0, 0.0]
+    for i in range(10_000):  # an attacker cycling fresh keys, while the hammering client keeps going
+        buckets.take(f"key-{i}", now)
+        if i % 50 == 0:
+            assert buckets.take("hammer", now) > 0  # still limited: recent keys are never evicted
+    assert len(buckets) <= 100
+    assert buckets.take("hammer", now + 5) == 0.0  # refills with time
