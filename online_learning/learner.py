@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from online_learning.feedback_log import FeedbackEvent, FeedbackLog, LoggedEvent
+from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 
@@ -102,17 +102,23 @@ class OnlineLearner:
         """One app-wide rate budget per client (every replica asks here): 0, or Retry-After seconds."""
         return self._limiter.admit(client, auth_ok)
 
-    async def submit(self, events: list[dict]) -> list[tuple[int, bool]]:
-        """Append to the durable log (fsync), queue for training; returns (offset, duplicate)."""
+    async def submit(self, events: list[dict]) -> dict:
+        """Append to the durable log (fsync), queue for training.
+
+        {"results": [(offset, duplicate), ...]}, or {"conflict": {"event_id", "offset"}} when an
+        id already names another event (then nothing of the batch was written)."""
         evs = [FeedbackEvent(e["event_id"], e["text"], e["label"]) for e in events]
-        results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, evs)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, evs)
+        except EventIdConflict as err:
+            return {"conflict": {"event_id": err.event_id, "offset": err.offset}}
         now = time.time()
         fresh = [LoggedEvent(off, ev.event_id, ev.text, ev.label, now) for ev, (off, dup) in zip(evs, results) if not dup]
         with self._lock:
             self._pending.extend(fresh)
             self._acked.extend((e.offset, now) for e in fresh)
         self._wake.set()
-        return results
+        return {"results": results}
 
     # -- the training thread ---------------------------------------------------------------
     def _run(self) -> None:

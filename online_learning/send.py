@@ -2,8 +2,10 @@
 
 One event from flags, or a .jsonl/.csv file (text, label and optionally event_id per row)
 streamed in batches with a progress bar. 429 and 503 are retried after the server's Retry-After;
-a summary is printed at the end. Event ids default to a hash of the file name and row, so
-sending the same file again is acknowledged without being applied twice.
+a summary is printed at the end (accepted, duplicates, conflicts, failed), and the exit status is
+1 when anything was refused. Event ids default to a hash of the event's content (text, label): the
+same event sent again is acknowledged as a duplicate without being applied twice, and a
+different file with the same name is learned all the same.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from tqdm import tqdm
 RETRY_STATUSES = {429, 503}
 
 
+def content_id(text: str, label: str) -> str:
+    """The default event id: a hash of what the event says, so only a true resend is a duplicate."""
+    return hashlib.sha256(f"{text}\t{label}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def read_events(path: str) -> list[dict]:
     from train.data import read_user_file  # same checks (columns, empty text, UTF-8) as training data
 
     rows = read_user_file(path)
     ids = _explicit_ids(path)
-    name = Path(path).name
-    return [{"event_id": ids[i] if i < len(ids) and ids[i] else hashlib.sha1(f"{name}:{i}".encode()).hexdigest()[:20],
+    return [{"event_id": ids[i] if i < len(ids) and ids[i] else content_id(ex.text, ex.label),
              "text": ex.text, "label": ex.label} for i, ex in enumerate(rows)]
 
 
@@ -57,20 +63,32 @@ def post_with_retries(session: requests.Session, url: str, events: list[dict], t
 
 
 def send(url: str, events: list[dict], token: str, batch: int = 64, progress: bool = True) -> dict:
-    summary = {"sent": 0, "accepted": 0, "duplicates": 0, "failed": 0, "errors": []}
+    """Post `events` in batches; a batch refused for an event_id conflict is resent without the
+    conflicting event (the server names it), so one clash does not cost its neighbours."""
+    summary = {"sent": 0, "accepted": 0, "duplicates": 0, "conflicts": 0, "failed": 0, "errors": []}
     endpoint = url.rstrip("/") + "/v1/feedback"
     with requests.Session() as session, tqdm(total=len(events), unit="event", disable=not progress) as bar:
         for start in range(0, len(events), batch):
             chunk = events[start : start + batch]
-            status, body = post_with_retries(session, endpoint, chunk, token)
             summary["sent"] += len(chunk)
-            if status == 202:
-                summary["accepted"] += body["accepted"]
-                summary["duplicates"] += body["duplicates"]
-            else:
-                summary["failed"] += len(chunk)
-                summary["errors"].append(f"events {start}-{start + len(chunk) - 1}: HTTP {status} {body.get('error')}")
-            bar.update(len(chunk))
+            while chunk:
+                status, body = post_with_retries(session, endpoint, chunk, token)
+                clash = (body.get("error") or {}).get("event_id") if status == 409 else None
+                refused = [e for e in chunk if e["event_id"] == clash]
+                if status == 202:
+                    summary["accepted"] += body["accepted"]
+                    summary["duplicates"] += body["duplicates"]
+                elif refused:
+                    summary["conflicts"] += len(refused)
+                    summary["failed"] += len(refused)
+                    summary["errors"].append(f"event_id {clash!r}: HTTP 409 {body['error']['message']}")
+                    chunk = [e for e in chunk if e["event_id"] != clash]
+                    continue
+                else:
+                    summary["failed"] += len(chunk)
+                    summary["errors"].append(f"events {start}-{start + len(chunk) - 1}: HTTP {status} {body.get('error')}")
+                break
+            bar.update(min(batch, len(events) - start))
     return summary
 
 
@@ -99,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not a.label:
             p.error("--text needs --label")
-        event_id = a.event_id or hashlib.sha1(f"{a.text}\t{a.label}".encode()).hexdigest()[:20]
+        event_id = a.event_id or content_id(a.text, a.label)
         events = [{"event_id": event_id, "text": a.text, "label": a.label}]
     summary = send(a.url, events, token, a.batch, progress=len(events) > 1)
     print(f"sent {summary['sent']}: accepted {summary['accepted']}, duplicates {summary['duplicates']}, "
-          f"failed {summary['failed']}")
+          f"refused {summary['failed']} (of them event_id conflicts: {summary['conflicts']})")
     for line in summary["errors"][:10]:
         print("  " + line, file=sys.stderr)
     return 1 if summary["failed"] else 0

@@ -186,11 +186,18 @@ class Classifier:
         except RequestError as err:
             return self._reject(err)
         try:
-            results = await asyncio.wait_for(self._learner.submit.remote(events), timeout=10)
+            reply = await asyncio.wait_for(self._learner.submit.remote(events), timeout=10)
         except Exception as err:  # learner restarting or unreachable: nothing was acknowledged
             logger.warning("feedback not accepted, learner unavailable: %r", err)
             return self._reject(RequestError(503, "learner_unavailable", "the learner is restarting; retry",
                                              {"Retry-After": "2"}))
+        if "conflict" in reply:
+            clash = reply["conflict"]
+            return self._reject(RequestError(
+                409, "event_id_conflict", f"event_id {clash['event_id'][:200]!r} already names another event (offset "
+                f"{clash['offset']}) with a different text or label; nothing in this request was written. "
+                "Use a new event_id for a new event", detail={"event_id": clash["event_id"]}))
+        results = reply["results"]
         dups = sum(1 for _, dup in results if dup)
         return json_response({"accepted": len(results) - dups, "duplicates": dups,
                               "offsets": [off for off, _ in results]}, status=202)

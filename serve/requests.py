@@ -18,9 +18,10 @@ from starlette.responses import Response
 class RequestError(Exception):
     """A bad request: HTTP status, a stable machine code, and a message that says how to fix it."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, detail: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.detail = detail or {}  # machine-readable extras next to code and message
 
 
 class ModelError(Exception):
@@ -33,7 +34,7 @@ def json_response(payload, status: int = 200, headers: dict | None = None) -> Re
 
 
 def error_response(err: RequestError) -> Response:
-    return json_response({"error": {"code": err.code, "message": err.message}}, err.status, err.headers)
+    return json_response({"error": {"code": err.code, "message": err.message, **err.detail}}, err.status, err.headers)
 
 
 MAX_TOP_K = 1000  # more ranked labels than any model here has; bounds the answer's size

@@ -86,6 +86,37 @@ def test_feedback_auth_idempotency_and_bad_input(online):
     assert learner_status(online["url"])["log_length"] == length  # nothing written, not even b5
 
 
+def test_conflicting_event_id_is_409_and_the_cli_loses_nothing(online, tmp_path, capsys):
+    from online_learning.send import main as send_cli
+    from tests._helpers import write_jsonl
+
+    url = online["url"]
+    first = {"event_id": "clash-1", "text": "turn on the porch light", "label": "HassTurnOn"}
+    assert requests.post(f"{url}/v1/feedback", json=first, headers=AUTH, timeout=10).status_code == 202
+    length = learner_status(url)["log_length"]
+    other = {"event_id": "clash-2", "text": "stop the fan", "label": "HassTurnOff"}
+    r = requests.post(f"{url}/v1/feedback", json=[other, {**first, "label": "HassTurnOff"}], headers=AUTH, timeout=10)
+    assert r.status_code == 409 and r.json()["error"] == {**r.json()["error"], "code": "event_id_conflict",
+                                                          "event_id": "clash-1"}
+    assert learner_status(url)["log_length"] == length  # not even clash-2 was written
+    # Two files with the same name on two days: both learned (ids follow the content).
+    for day, rows in (("day1", [{"text": "dim the hallway lamp please", "label": "HassLightSet"}]),
+                      ("day2", [{"text": "switch the attic fan off", "label": "HassTurnOff"},
+                                {"text": "dim the hallway lamp please", "label": "HassLightSet"}])):
+        (tmp_path / day).mkdir()
+        path = write_jsonl(tmp_path / day / "feedback.jsonl", rows)
+        assert send_cli(["--url", url, "--token", FEEDBACK_TOKEN, "--file", str(path)]) == 0
+    assert learner_status(url)["log_length"] == length + 2  # 1 + 1 new; day 2's repeat is a duplicate
+    out = capsys.readouterr().out
+    assert "accepted 1, duplicates 0" in out and "accepted 1, duplicates 1" in out
+    # A file whose explicit id clashes: that event is refused (exit 1), its neighbour still sent.
+    path = write_jsonl(tmp_path / "clash.jsonl", [{**first, "label": "HassTurnOff"},
+                                                  {"event_id": "clash-3", "text": "open the blinds", "label": "HassTurnOn"}])
+    assert send_cli(["--url", url, "--token", FEEDBACK_TOKEN, "--file", str(path)]) == 1
+    assert "refused 1 (of them event_id conflicts: 1)" in capsys.readouterr().out
+    assert learner_status(url)["log_length"] == length + 3
+
+
 def test_rate_limit_answers_429_with_retry_after(online):
     url = online["url"] + "/v1/feedback"
     statuses, retry_after = [], None

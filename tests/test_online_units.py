@@ -8,6 +8,7 @@ import pytest
 from online_learning.feedback_log import LOG_FILE, FeedbackEvent, FeedbackLog
 from online_learning.settings import LearnerSettings
 from online_learning.trainer import OnlineTrainer
+from tests._helpers import write_jsonl
 from online_learning.weights import apply_update, embedding_variable, make_delta, make_full, update_bytes
 from train.model import load_model_dir, new_model, save_model_dir
 
@@ -65,3 +66,33 @@ def test_learner_settings_reject_unreachable_staleness_and_typos():
 
     with pytest.raises(ValueError, match=r"learner\.publish_interval: unknown key \(typo\?\)"):
         parse_settings(AppSettings, {"learner": {"publish_interval": 1}}, "application args")
+
+
+def test_same_id_with_another_payload_is_a_conflict_and_writes_nothing(tmp_path):
+    from online_learning.feedback_log import EventIdConflict
+
+    log = FeedbackLog(tmp_path)
+    log.append([FeedbackEvent("a", "turn on the light", "HassTurnOn")])
+    with pytest.raises(EventIdConflict, match="'a'"):  # a resend with another label
+        log.append([FeedbackEvent("b", "stop", "HassTurnOff"), FeedbackEvent("a", "turn on the light", "HassTurnOff")])
+    with pytest.raises(EventIdConflict, match="'c'"):  # the same id twice in one batch, two labels
+        log.append([FeedbackEvent("c", "x", "HassTurnOn"), FeedbackEvent("c", "x", "HassTurnOff")])
+    assert len(log) == 1 and [e.event_id for e in log.read_from(0)] == ["a"]  # nothing of either batch
+    assert log.append([FeedbackEvent("a", "turn on the light", "HassTurnOn")]) == [(0, True)]  # a true resend
+    log.close()
+    with pytest.raises(EventIdConflict):  # the payloads are known again after a restart
+        FeedbackLog(tmp_path).append([FeedbackEvent("a", "other text", "HassTurnOn")])
+
+
+def test_cli_default_ids_follow_the_content_not_the_file_name(tmp_path):
+    from online_learning.send import read_events
+
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day2").mkdir()
+    write_jsonl(tmp_path / "day1" / "feedback.jsonl", [{"text": "turn on the light", "label": "HassTurnOn"}])
+    write_jsonl(tmp_path / "day2" / "feedback.jsonl", [{"text": "stop the fan", "label": "HassTurnOff"},
+                                                        {"text": "turn on the light", "label": "HassTurnOn"}])
+    day1 = read_events(str(tmp_path / "day1" / "feedback.jsonl"))
+    day2 = read_events(str(tmp_path / "day2" / "feedback.jsonl"))
+    assert day1[0]["event_id"] != day2[0]["event_id"]  # same file name and row, another event
+    assert day1[0]["event_id"] == day2[1]["event_id"]  # the same event is the same id wherever it is
