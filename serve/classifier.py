@@ -32,6 +32,7 @@ api = FastAPI(
     title="textserve",
     version="1",
     description="Text classification served by Ray Serve; every answer names the model version.",
+    redirect_slashes=False,  # a slash redirect would echo the client's Host header back to it
 )
 
 

@@ -50,6 +50,7 @@ _INT_SETTINGS = ("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "TEXTSERVE_INGRESS_CLIEN
 # HAProxy's own answers (errorfile), and plain-text answers from Serve turned into JSON (http-response).
 _ERRORS = {
     400: ("Bad Request", "bad_request", "the request is not valid HTTP/1.1", None),
+    405: ("Method Not Allowed", "method_not_allowed", "the API uses GET and POST", None),
     408: ("Request Timeout", "request_timeout", "the request did not arrive complete in time", None),
     500: ("Internal Server Error", "internal_error", "internal error in the serving system; it is logged", None),
     502: ("Bad Gateway", "replica_failed", "the replica failed while answering; retry", "1"),
@@ -90,6 +91,7 @@ def write_error_pages(folder: Path) -> None:
     pages = {f"textserve-{status}.http": error_page(status) for status in _ERRORS}
     pages.update({f"textserve-serve-{status}.json": _json_error(code, message)
                   for status, (code, message, _) in _SERVE_TEXT.items()})
+    pages["textserve-414.json"] = _json_error("uri_too_long", "the request target is longer than 8192 bytes")
     for name, content in pages.items():
         tmp = folder / f".{name}.{os.getpid()}"
         tmp.write_bytes(content)
@@ -123,6 +125,9 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
                 and not keep_fallback:
             # Kept (routing rules may name it) but never used: with no replica, 503 at once.
             line = line + " disabled"
+        elif section == "frontend http_frontend" and stripped.startswith("bind ") and " proto " not in line:
+            # HTTP/1 only: h2c would carry ~100 requests per connection past the per-client cap.
+            line = line + " proto h1"
         out.append(line)
         if stripped == "defaults":
             out += [f"    errorfile {status} {folder / f'textserve-{status}.http'}" for status in _ERRORS]
@@ -136,6 +141,12 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
                     # Control characters in a header value (RFC 9110 forbids them; HAProxy lets
                     # some through) would make the replica's HTTP parser answer plain text.
                     r"    http-request deny deny_status 400 if { req.hdrs -m reg [\x01-\x08\x0b\x0c\x0e-\x1f\x7f] }",
+                    # What the replicas' HTTP server would refuse in plain text: other methods,
+                    # protocol upgrades (WebSocket), very long request targets.
+                    "    http-request deny deny_status 405 unless { method GET HEAD POST PUT DELETE OPTIONS PATCH }",
+                    "    http-request deny deny_status 400 if { req.hdr(upgrade) -m found }",
+                    f"    http-request return status 414 content-type application/json file {folder / 'textserve-414.json'}"
+                    " if { url_len gt 8192 }",
                     f"    http-request set-header {CLIENT_HEADER} %[src]",
                     f"    http-request set-header {SECRET_HEADER} {secret}" if secret else
                     f"    http-request del-header {SECRET_HEADER}"]

@@ -82,6 +82,9 @@ def fast_ingress_env(run_dir: str | Path, overrides: dict[str, str] | None = Non
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "metrics.sock"),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": source.get("RAY_SERVE_HAPROXY_TUNE_BUFSIZE", BUFSIZE),
         TRUSTED_HEADER_ENV: CLIENT_HEADER,
+        # The replicas' uvicorn would otherwise believe X-Forwarded-For/-Proto from any peer on
+        # 127.0.0.1 and rewrite the client address with it; "none" matches no peer.
+        "FORWARDED_ALLOW_IPS": source.get("FORWARDED_ALLOW_IPS", "none"),
         # One secret per run (on a cluster, set the same value on every node before `serve env`).
         SECRET_ENV: source.get(SECRET_ENV) or secrets.token_hex(16),
     }

@@ -15,6 +15,12 @@ from tests._helpers import FEEDBACK_TOKEN
 AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 
+async def post_json(session, url: str, payload) -> tuple[int, bytes]:
+    """POST `payload` as JSON with an aiohttp session: (status, body)."""
+    async with session.post(url, data=json.dumps(payload), headers={"Content-Type": "application/json"}) as r:
+        return r.status, await r.read()
+
+
 def request_from(source: str, url: str, method: str = "GET", body: bytes | None = None,
                  headers: dict | None = None, timeout: float = 10) -> tuple[int, dict, bytes]:
     """One HTTP request from `source` (a 127.x.y.z address): (status, headers, body)."""
