@@ -8,7 +8,6 @@ a blocked loop cannot answer the router's queue-length probes and the proxy then
 
 import asyncio
 import logging
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,9 +17,9 @@ from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from online_learning.rate_limit import TokenBuckets
-from serve.feedback import (check_token, client_key, feedback_json_schema, parse_feedback, token_configured,
-                            token_ok)
+from online_learning.rate_limit import FeedbackLimiter
+from online_learning.settings import LearnerSettings
+from serve.feedback import check_token, client_key, feedback_json_schema, parse_feedback, token_ok
 from serve.ingress import trusted_client_header
 from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, error_response, json_response, parse_predict,
                             read_body)
@@ -71,7 +70,9 @@ class Classifier:
         self._last_batch_size = 0
         self._sync_error: str | None = None
         self._client_header = trusted_client_header()  # set by our HAProxy, or None: use the peer
-        self._auth_failures = TokenBuckets(0.2, 10)  # for /v1/model when there is no learner to ask
+        limits = self.settings.learner or LearnerSettings()  # for /v1/model when there is no learner to ask
+        self._local_limiter = FeedbackLimiter(limits.rate_limit_per_s, limits.rate_burst, limits.auth_fail_rate_per_s,
+                                              limits.auth_fail_burst, limits.rate_limit_clients)
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pool, self._try_load) and self._learner is not None:
             try:  # catch up with the learner before taking traffic
@@ -176,10 +177,16 @@ class Classifier:
         try:
             if cfg is None or self._learner is None:
                 raise RequestError(404, "not_found", "online learning is off in this application's config")
-            token_configured(cfg.feedback_token_env)
-            authorization = request.headers.get("authorization")
-            await self._admit(request, token_ok(authorization, cfg.feedback_token_env))
-            check_token(authorization, cfg.feedback_token_env)
+            try:
+                check_token(request.headers.get("authorization"), cfg.feedback_token_env)
+                auth_error = None
+            except RequestError as err:
+                auth_error = err
+            if auth_error is not None and auth_error.code == "feedback_disabled":
+                raise auth_error  # no token configured: not a failed authentication
+            await self._admit(request, auth_error is None)  # failed authentications spend too
+            if auth_error is not None:
+                raise auth_error
             if self._model is None:
                 raise RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"})
             body = await read_body(request, self.settings.max_body_bytes)
@@ -203,27 +210,20 @@ class Classifier:
         return json_response({"accepted": len(results) - dups, "duplicates": dups,
                               "offsets": [off for off, _ in results]}, status=202)
 
-    async def _admit_auth_failure(self, request: Request) -> None:
-        """A wrong token outside /v1/feedback: the app-wide budget when there is a learner, else
-        this replica's own (guessing the token is then at most 0.2/s per client and replica)."""
-        if self._learner is not None:
-            return await self._admit(request, False)
-        wait = self._auth_failures.take(client_key(request, self._client_header))
-        if wait:
-            wait = max(1, math.ceil(wait))
-            raise RequestError(429, "rate_limited", f"too many failed authentications; retry in {wait} s",
-                               {"Retry-After": str(wait)})
-
     async def _admit(self, request: Request, auth_ok: bool) -> None:
-        """The app-wide rate limit, kept by the learner; failed authentications count double."""
+        """The rate limit for feedback and failed authentications: app-wide, kept by the learner;
+        without one (learner off) this replica's own, so guessing the token stays slow."""
         client = client_key(request, self._client_header)
-        try:
-            wait = await asyncio.wait_for(self._learner.admit.remote(client, auth_ok), timeout=5)
-        except Exception as err:  # learner down: nothing can be accepted anyway
-            raise RequestError(503, "learner_unavailable", f"the learner is not reachable ({type(err).__name__}); retry",
-                               {"Retry-After": "2"}) from err
+        if self._learner is None:
+            wait = self._local_limiter.admit(client, auth_ok)
+        else:
+            try:
+                wait = await asyncio.wait_for(self._learner.admit.remote(client, auth_ok), timeout=5)
+            except Exception as err:  # learner down: nothing can be accepted anyway
+                raise RequestError(503, "learner_unavailable",
+                                   f"the learner is not reachable ({type(err).__name__}); retry", {"Retry-After": "2"}) from err
         if wait:
-            raise RequestError(429, "rate_limited", f"too many feedback requests from {client}; retry in {wait} s",
+            raise RequestError(429, "rate_limited", f"too many requests from {client}; retry in {wait} s",
                                {"Retry-After": str(wait)})
 
     @api.get("/v1/model", summary="Served versions; with the operator (feedback) token also replicas, learner, "
@@ -236,7 +236,7 @@ class Classifier:
         if not token_ok(authorization, self.settings.operator_token_env):
             if authorization is not None:  # a wrong token: spends from the failed-auth budget
                 try:
-                    await self._admit_auth_failure(request)
+                    await self._admit(request, False)
                 except RequestError as err:
                     return self._reject(err)
             return json_response(public)  # operator details (PIDs, paths, learner state) need the token

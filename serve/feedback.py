@@ -23,13 +23,6 @@ def check_token(authorization: str | None, token_env: str) -> None:
         raise RequestError(403, "forbidden", "the bearer token is not valid")
 
 
-def token_configured(token_env: str) -> None:
-    """403 `feedback_disabled` when no token is configured: not a failed authentication."""
-    if not os.environ.get(token_env, ""):
-        raise RequestError(403, "feedback_disabled",
-                           f"feedback is disabled: no token configured (set {token_env} where Serve runs)")
-
-
 def token_ok(authorization: str | None, token_env: str) -> bool:
     """Whether the request carries the configured bearer token (False when none is configured)."""
     try:
