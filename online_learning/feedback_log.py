@@ -1,27 +1,65 @@
-"""The durable feedback log: append-only JSON lines, fsynced before an event is acknowledged.
+"""The durable feedback log: append-only JSON lines in segment files, fsynced before an event is
+acknowledged.
 
-Each accepted event gets the next offset (0, 1, 2, ...). The log is the source of truth: the
-learner's state is "snapshot at offset X + replay of every event after X". Appending is
-idempotent on `event_id`: a resend of the same event returns the offset it already has and
-writes nothing; the same id with another text or label is a conflict (EventIdConflict), never
-silently dropped, and nothing of its batch is written.
+Each accepted event gets the next offset (0, 1, 2, ...), dense across segments. The log is the
+source of truth: the learner's state is "snapshot at offset X + replay of every event after X".
+Appending is idempotent on `event_id`: a resend of the same event returns the offset it already
+has and writes nothing; the same id with another text or label is a conflict (EventIdConflict),
+never silently dropped, and nothing of its batch is written. A failed write (disk full, I/O
+error) truncates the segment back and raises LogWriteError: nothing of the batch is kept.
 
-The embedded default is one file on local disk. On a cluster the learner may restart on another
-node, so the folder must be on storage every node sees (NFS, a mounted volume); see
-docs/ONLINE_LEARNING.md.
+One process writes (`FeedbackLog`, the learner); others read with `FeedbackLogReader`, which
+never writes, truncates or creates anything. Segments rotate at `segment_events` events or
+`segment_bytes` bytes; `compact(below_offset)` deletes whole segments below an offset; the ids of
+deleted segments stay in small sidecar indexes (log_index.py), so resends stay duplicates.
+`mark(offsets, "holdout" | "rejected")` annotates events in `marks.jsonl`.
+
+The folder must be on storage every node sees when the learner may restart on another node (NFS,
+a mounted volume); see docs/ONLINE_LEARNING.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import threading
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
-LOG_FILE = "feedback.jsonl"
+import numpy as np
+
+from online_learning.log_index import Sidecar, id_hash, load_sidecar, payload_digest, segment_ids, write_sidecar
+from online_learning.log_segments import (
+    LEGACY_FILE,
+    MARKS_FILE,
+    SEGMENT_RE,
+    SIDECAR_RE,
+    STRIDE,
+    CorruptLog,
+    LogWriteError,
+    OffsetCompacted,
+    committed,
+    encode,
+    fsync_dir,
+    list_numbered,
+    parse_marks,
+    scan_positions,
+    seek,
+    segment_name,
+    sidecar_name,
+    write_all,
+)
+
+__all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "EventIdConflict", "LogWriteError",
+           "OffsetCompacted", "CorruptLog", "MARKS", "LOG_FILE"]
+
+logger = logging.getLogger(__name__)
+LOG_FILE = LEGACY_FILE  # the single file of earlier versions; renamed to the first segment on open
+MARKS = ("holdout", "rejected")
 
 
 @dataclass(frozen=True)
@@ -38,6 +76,8 @@ class LoggedEvent:
     text: str
     label: str
     ts: float
+    holdout: bool = False  # the gate held it out of training
+    rejected: bool = False  # its round was held back by the gate
 
 
 class EventIdConflict(ValueError):
@@ -48,84 +88,404 @@ class EventIdConflict(ValueError):
         self.event_id, self.offset = event_id, offset
 
 
-def _digest(text: str, label: str) -> bytes:
-    """8 bytes that tell two payloads of one id apart (a resend from a conflict)."""
-    return hashlib.blake2b(f"{text}\x1f{label}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def _ranges(offsets: list[int]) -> list[list[int]]:
+    """Sorted offsets as [start, stop) ranges."""
+    out: list[list[int]] = []
+    for o in offsets:
+        if out and out[-1][1] == o:
+            out[-1][1] = o + 1
+        else:
+            out.append([o, o + 1])
+    return out
 
 
-class FeedbackLog:
+def _marks_from(records: list[dict], floor: int) -> dict[str, set[int]]:
+    marks: dict[str, set[int]] = {m: set() for m in MARKS}
+    for record in records:
+        target = marks.setdefault(record["mark"], set())
+        for start, stop in record["ranges"]:
+            target.update(range(max(start, floor), stop))
+    return marks
+
+
+class _LogView:
+    """Reading, shared by the writer and the read-only reader."""
+
     def __init__(self, directory: str | Path):
-        self.path = Path(directory) / LOG_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._offsets: dict[str, int] = {}  # event_id -> offset, rebuilt from the file on open
-        self._digests: dict[str, bytes] = {}  # event_id -> digest of (text, label)
-        self._next = 0
-        self._recover()
-        self._file = open(self.path, "ab")
+        self.directory = Path(directory)
+        self._sparse: dict[int, list[int]] = {}  # first offset -> byte positions every STRIDE events
 
-    def _recover(self) -> None:
-        if not self.path.exists():
+    def _view(self) -> tuple[list[tuple[int, Path]], int | None, dict[str, set[int]]]:
+        raise NotImplementedError
+
+    def _positions(self, first: int, path: Path, sealed: bool, want: int) -> list[int] | None:
+        if first in self._sparse:
+            return self._sparse[first]
+        if not sealed or want - first < STRIDE:
+            return None
+        positions, _, _ = scan_positions(path, first)  # once per sealed segment: it never changes
+        self._sparse[first] = positions
+        return positions
+
+    def _list_segments(self) -> list[tuple[int, Path]]:
+        segments = list_numbered(self.directory, SEGMENT_RE)
+        if not segments and (self.directory / LEGACY_FILE).exists():
+            segments = [(0, self.directory / LEGACY_FILE)]
+        return segments
+
+    @property
+    def first_offset(self) -> int:
+        """The oldest offset still in the log (0 until a compaction deletes a segment)."""
+        segments = self._view()[0]
+        return segments[0][0] if segments else 0
+
+    def read_from(self, offset: int, limit: int | None = None) -> list[LoggedEvent]:
+        """The events with offset >= `offset`, in order, at most `limit` of them."""
+        return list(self.iter_from(offset, limit))
+
+    def iter_from(self, offset: int, limit: int | None = None) -> Iterator[LoggedEvent]:
+        """Iterate the committed events with offset >= `offset` (at most `limit`), opening only the
+        segments that hold them. Raises OffsetCompacted (now, not when iterated) if `offset` is
+        below `first_offset`. A writer's iterator stops at the length the log had when called."""
+        segments, stop, marks = self._view()
+        if not segments or limit == 0 or (stop is not None and offset >= stop):
+            return iter(())
+        if offset < segments[0][0]:
+            raise OffsetCompacted(offset, segments[0][0])
+        return self._events(segments, stop, marks, max(offset, 0), limit)
+
+    def _events(self, segments, stop, marks, offset, limit) -> Iterator[LoggedEvent]:
+        holdout, rejected = marks.get("holdout", set()), marks.get("rejected", set())
+        i = max(bisect_right([f for f, _ in segments], offset) - 1, 0)
+        given, nxt = 0, None
+        while True:
+            for j in range(i, len(segments)):
+                first, path = segments[j]
+                if nxt is not None and nxt != first:
+                    raise CorruptLog(f"{path.name} starts at offset {first} but the segment before it ends at {nxt}")
+                want = max(offset, first)
+                try:
+                    f = open(path, "rb")
+                    positions = self._positions(first, path, j < len(segments) - 1, want)
+                except FileNotFoundError:
+                    raise OffsetCompacted(want, self.first_offset) from None
+                with f:
+                    nxt = seek(f, first, want, positions)
+                    for record, _ in committed(f, nxt):
+                        off = record["offset"]
+                        if stop is not None and off >= stop:
+                            return
+                        nxt = off + 1
+                        if off < offset:
+                            continue
+                        yield LoggedEvent(off, record["event_id"], record["text"], record["label"], record["ts"],
+                                          off in holdout, off in rejected)
+                        given += 1
+                        if limit is not None and given >= limit:
+                            return
+            if stop is not None:
+                return
+            newer = [s for s in self._list_segments() if s[0] >= nxt]  # a reader follows a rotation
+            if not newer or newer[0][0] != nxt:
+                return
+            segments, i = newer, 0
+
+
+class FeedbackLogReader(_LogView):
+    """A read-only view of a log another process writes: never writes, truncates or creates a
+    file. It stops before a torn line or an incomplete batch (the writer's write in flight), so
+    it always sees a prefix of the log. Marks are read when an iteration starts."""
+
+    def _view(self):
+        segments = self._list_segments()
+        floor = segments[0][0] if segments else 0
+        return segments, None, _marks_from(parse_marks(self.directory / MARKS_FILE)[0], floor)
+
+    @property
+    def next_offset(self) -> int:
+        """One past the last committed event now on disk."""
+        segments = self._list_segments()
+        if not segments:
+            return 0
+        first, path = segments[-1]
+        return scan_positions(path, first)[1]
+
+    def __len__(self) -> int:
+        return self.next_offset
+
+
+class FeedbackLog(_LogView):
+    """The writer: one per state folder (the learner). Thread-safe."""
+
+    def __init__(self, directory: str | Path, *, segment_events: int = 50_000, segment_bytes: int = 64 << 20,
+                 retain_events: int = 100_000):
+        super().__init__(directory)
+        if segment_events < 1 or segment_bytes < 1 or retain_events < 0:
+            raise ValueError("segment_events and segment_bytes must be >= 1, retain_events >= 0")
+        self.segment_events, self.segment_bytes, self.retain_events = segment_events, segment_bytes, retain_events
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._torn: dict[int, int] = {}  # fd -> length it must be truncated to before the next write
+        self._migrate_legacy()
+        for leftover in self.directory.glob("*.tmp"):
+            leftover.unlink()
+        self._segments = list_numbered(self.directory, SEGMENT_RE)
+        if not self._segments:
+            os.close(os.open(self.directory / segment_name(0), os.O_WRONLY | os.O_CREAT, 0o644))
+            fsync_dir(self.directory)
+            self._segments = [(0, self.directory / segment_name(0))]
+        self._sidecars: list[Sidecar] = self._open_sidecars()  # newest first
+        self._recover_active()
+        self._fd = os.open(self._segments[-1][1], os.O_WRONLY | os.O_APPEND)
+        records, good = parse_marks(self.directory / MARKS_FILE)
+        self._marks = _marks_from(records, self._segments[0][0])
+        self._marks_fd = os.open(self.directory / MARKS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self._marks_fd).st_size > good:  # a torn mark: never confirmed to its caller
+            os.ftruncate(self._marks_fd, good)
+            os.fsync(self._marks_fd)
+        self._marks_size = good
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _migrate_legacy(self) -> None:
+        legacy = self.directory / LEGACY_FILE
+        if not legacy.exists():
             return
-        good_bytes = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a torn last write: it was never fsynced, so never acknowledged
-                record = json.loads(line)
-                self._offsets[record["event_id"]] = record["offset"]
-                self._digests[record["event_id"]] = _digest(record["text"], record["label"])
-                self._next = record["offset"] + 1
-                good_bytes += len(line)
-        if good_bytes < self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
+        if list_numbered(self.directory, SEGMENT_RE):
+            raise CorruptLog(f"{self.directory} has both {LEGACY_FILE} and segment files; move one of them away")
+        os.rename(legacy, self.directory / segment_name(0))  # its offsets start at 0: it is the first segment
+        fsync_dir(self.directory)
+        logger.info("feedback log %s: migrated %s to %s", self.directory, LEGACY_FILE, segment_name(0))
+
+    def _open_sidecars(self) -> list[Sidecar]:
+        sidecars = []
+        firsts = [f for f, _ in self._segments]
+        active = firsts[-1]
+        for first, path in list_numbered(self.directory, SIDECAR_RE):
+            if first == active:  # written by a seal that did not finish: the segment is still active
+                path.unlink()
+            elif first < firsts[0]:  # its segment was compacted: the ids are all that is left
+                sidecar = load_sidecar(first, path, None)
+                if sidecar is None:
+                    logger.warning("feedback log: unreadable id index %s; resends of its events are new events", path)
+                else:
+                    sidecars.append(sidecar)
+        for k, (first, path) in enumerate(self._segments[:-1]):
+            expected = firsts[k + 1] - first
+            sidecar = load_sidecar(first, self.directory / sidecar_name(first), expected)
+            if sidecar is None:  # missing or damaged: rebuild it from the segment
+                ids, nxt = segment_ids(path, first)
+                if nxt != firsts[k + 1]:
+                    raise CorruptLog(f"{path.name} ends at offset {nxt} but the next segment starts at {firsts[k + 1]}")
+                sidecar = write_sidecar(self.directory, first, sidecar_name(first), ids)
+            sidecars.append(sidecar)
+        return sorted(sidecars, key=lambda s: s.first, reverse=True)
+
+    def _recover_active(self) -> None:
+        first, path = self._segments[-1]
+        ids, positions, nxt, good = {}, [], first, 0
+        with open(path, "rb") as f:
+            for record, after in committed(f, first):
+                off = record["offset"]
+                if (off - first) % STRIDE == 0:
+                    positions.append(good)
+                ids[record["event_id"]] = (off, payload_digest(record["text"], record["label"]))
+                nxt, good = off + 1, after
+        if good < path.stat().st_size:  # a torn batch: never fsynced whole, so never acknowledged
+            with open(path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+            logger.warning("feedback log %s: dropped an incomplete last write", path.name)
+        self._ids: dict[str, tuple[int, int]] = ids  # the active segment's id -> (offset, digest)
+        self._sparse[first] = positions
+        self._next, self._size = nxt, good
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _view(self):
+        with self._lock:
+            return list(self._segments), self._next, self._marks
 
     def __len__(self) -> int:
         return self._next
+
+    @property
+    def active_path(self) -> Path:
+        return self._segments[-1][1]
+
+    def stats(self) -> dict:
+        """Figures for /v1/model and the docs: offsets, segments, ids in memory, bytes on disk."""
+        with self._lock:
+            disk = sum(e.stat().st_size for e in os.scandir(self.directory) if e.is_file())
+            return {"first_offset": self._segments[0][0], "next_offset": self._next, "segments": len(self._segments),
+                    "id_indexes": len(self._sidecars), "ids_in_memory": len(self._ids),
+                    "marks": {m: len(s) for m, s in self._marks.items()}, "disk_bytes": disk}
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _repair(self) -> None:
+        for fd, length in list(self._torn.items()):
+            try:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            except OSError as err:
+                raise LogWriteError(err.errno, "the feedback log could not be cut back after a failed write") from err
+            del self._torn[fd]
+
+    def _write(self, fd: int, length: int, data: bytes, what: str) -> None:
+        """Write and fsync `data` at the end of the file `fd` (now `length` bytes), or leave it as
+        it was and raise LogWriteError."""
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        except OSError as err:
+            try:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            except OSError:
+                self._torn[fd] = length  # retried before the next write
+            raise LogWriteError(err.errno, f"{what} failed; nothing of it was kept") from err
+
+    def _maybe_seal(self) -> None:
+        if not self._ids or (len(self._ids) < self.segment_events and self._size < self.segment_bytes):
+            return
+        first, path = self._segments[-1]
+        new_path = self.directory / segment_name(self._next)
+        try:
+            sidecar = write_sidecar(self.directory, first, sidecar_name(first), self._ids)
+            fd = os.open(new_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fsync_dir(self.directory)
+            except OSError:
+                os.close(fd)
+                raise
+        except OSError as err:
+            raise LogWriteError(err.errno, f"sealing feedback log segment {path.name} failed") from err
+        os.close(self._fd)
+        self._fd = fd
+        self._sidecars.insert(0, sidecar)
+        self._segments.append((self._next, new_path))
+        self._sparse[self._next] = []
+        self._ids, self._size = {}, 0
+
+    def _lookup_sealed(self, ids: list[str]) -> dict[str, tuple[int, int]]:
+        if not self._sidecars or not ids:
+            return {}
+        hashes = np.fromiter((id_hash(i) for i in ids), dtype=np.uint64, count=len(ids))
+        found: dict[int, tuple[int, int]] = {}
+        for sidecar in self._sidecars:  # newest first
+            for h, hit in sidecar.lookup(hashes).items():
+                found.setdefault(h, hit)
+        return {i: found[h] for i, h in zip(ids, hashes.tolist()) if h in found}
 
     def append(self, events: list[FeedbackEvent]) -> list[tuple[int, bool]]:
         """Write new events durably; returns (offset, was_duplicate) per event, in order.
 
         Raises EventIdConflict (writing nothing) if an id comes with another text or label than
-        the one it already has, in the log or earlier in `events`."""
-        out, lines, now = [], [], time.time()
+        the one it already has, in the log or earlier in `events`; LogWriteError (writing
+        nothing) if the disk refuses the write; UnicodeEncodeError for text UTF-8 cannot hold."""
+        now = time.time()
         with self._lock:
-            fresh: dict[str, int] = {}
-            fresh_digests: dict[str, bytes] = {}
+            self._repair()
+            self._maybe_seal()
+            sealed = self._lookup_sealed(list(dict.fromkeys(e.event_id for e in events if e.event_id not in self._ids)))
+            out, new, fresh = [], [], {}
             for ev in events:
-                digest = _digest(ev.text, ev.label)
-                known = self._offsets.get(ev.event_id, fresh.get(ev.event_id))
+                digest = payload_digest(ev.text, ev.label)
+                known = self._ids.get(ev.event_id) or sealed.get(ev.event_id) or fresh.get(ev.event_id)
                 if known is not None:
-                    if self._digests.get(ev.event_id, fresh_digests.get(ev.event_id)) != digest:
-                        raise EventIdConflict(ev.event_id, known)
-                    out.append((known, True))
+                    if known[1] != digest:
+                        raise EventIdConflict(ev.event_id, known[0])
+                    out.append((known[0], True))
                     continue
-                offset = self._next + len(fresh)
-                fresh[ev.event_id], fresh_digests[ev.event_id] = offset, digest
-                record = {"offset": offset, "event_id": ev.event_id, "text": ev.text, "label": ev.label, "ts": now}
-                lines.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-                out.append((offset, False))
-            if lines:
-                self._file.write(b"".join(lines))
-                self._file.flush()
-                os.fsync(self._file.fileno())  # durable before anyone is told "accepted"
-                self._offsets.update(fresh)
-                self._digests.update(fresh_digests)
-                self._next += len(fresh)
+                fresh[ev.event_id] = (self._next + len(new), digest)
+                out.append((self._next + len(new), False))
+                new.append(ev)
+            if not new:
+                return out
+            end = self._next + len(new) - 1
+            lines = [encode(self._next + k, end, ev.event_id, ev.text, ev.label, now) for k, ev in enumerate(new)]
+            self._write(self._fd, self._size, b"".join(lines), "appending to the feedback log")
+            first, positions, pos = self._segments[-1][0], self._sparse[self._segments[-1][0]], self._size
+            for k, line in enumerate(lines):
+                if (self._next + k - first) % STRIDE == 0:
+                    positions.append(pos)
+                pos += len(line)
+            self._ids.update(fresh)
+            self._next, self._size = end + 1, pos
         return out
 
-    def read_from(self, offset: int) -> list[LoggedEvent]:
-        """Every event with offset >= `offset`, in order."""
-        events = []
-        with open(self.path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                record = json.loads(line)
-                if record["offset"] >= offset:
-                    events.append(LoggedEvent(**record))
-        return events
+    def mark(self, offsets: Iterable[int], mark: str) -> int:
+        """Record durably that these events were held out by the gate (`"holdout"`) or belong to a
+        round the gate held back (`"rejected"`); readers see it as LoggedEvent.holdout/.rejected.
+        Offsets already compacted are skipped. Returns how many offsets were newly marked.
+        Raises ValueError for an unknown mark or an offset not in the log, LogWriteError if the
+        write fails (nothing kept)."""
+        if mark not in MARKS:
+            raise ValueError(f"unknown mark {mark!r}; one of {MARKS}")
+        with self._lock:
+            wanted = sorted({int(o) for o in offsets})
+            if wanted and (wanted[0] < 0 or wanted[-1] >= self._next):
+                raise ValueError(f"offsets {wanted[0]}..{wanted[-1]} are not all in the log (0..{self._next - 1})")
+            floor, done = self._segments[0][0], self._marks[mark]
+            wanted = [o for o in wanted if o >= floor and o not in done]
+            if not wanted:
+                return 0
+            data = json.dumps({"mark": mark, "ranges": _ranges(wanted)}).encode() + b"\n"
+            self._repair()
+            self._write(self._marks_fd, self._marks_size, data, f"marking events {mark}")
+            self._marks_size += len(data)
+            done.update(wanted)
+        return len(wanted)
+
+    def compact(self, below_offset: int) -> int:
+        """Delete whole segments whose events all lie below min(below_offset, len - retain_events);
+        the active segment is never deleted, and the segments' id indexes are kept (24 bytes per
+        event) so resends of deleted events stay duplicates. Drops the marks of deleted events.
+        Returns how many events were deleted."""
+        with self._lock:
+            cutoff = min(below_offset, self._next - self.retain_events)
+            before = self._segments[0][0]
+            while len(self._segments) > 1 and self._segments[1][0] <= cutoff:
+                first, path = self._segments.pop(0)
+                path.unlink(missing_ok=True)
+                self._sparse.pop(first, None)
+            floor = self._segments[0][0]
+            if floor == before:
+                return 0
+            fsync_dir(self.directory)
+            for done in self._marks.values():
+                done.difference_update([o for o in done if o < floor])
+            try:
+                self._rewrite_marks()
+            except OSError as err:  # the old marks stay on disk: harmless, retried next time
+                logger.warning("feedback log: could not rewrite %s after compaction: %s", MARKS_FILE, err)
+            logger.info("feedback log: compacted offsets %s..%s", before, floor - 1)
+            return floor - before
+
+    def _rewrite_marks(self) -> None:
+        path, tmp = self.directory / MARKS_FILE, self.directory / (MARKS_FILE + ".tmp")
+        data = b"".join(json.dumps({"mark": m, "ranges": _ranges(sorted(done))}).encode() + b"\n"
+                        for m, done in self._marks.items() if done)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(self.directory)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._torn.pop(self._marks_fd, None)  # the new file replaces a torn one
+        os.close(self._marks_fd)
+        self._marks_fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._marks_size = len(data)
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            for fd in (self._fd, self._marks_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online_learning.feedback_log import LOG_FILE, FeedbackEvent, FeedbackLog
+from online_learning.feedback_log import FeedbackEvent, FeedbackLog
 from online_learning.settings import LearnerSettings
 from online_learning.trainer import OnlineTrainer
 from tests._helpers import write_jsonl
@@ -29,7 +29,7 @@ def test_log_survives_reopen_and_drops_a_torn_last_write(tmp_path):
     log = FeedbackLog(tmp_path)
     log.append([ev(0), ev(1)])
     log.close()
-    with open(tmp_path / LOG_FILE, "ab") as f:
+    with open(log.active_path, "ab") as f:
         f.write(b'{"offset": 2, "event_id": "id-2", "te')  # a crash mid-write: never acknowledged
     again = FeedbackLog(tmp_path)
     assert len(again) == 2

@@ -151,15 +151,30 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
 
 def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
     """(loop config additions, last log offset) for a fine-tune run."""
-    from online_learning.feedback_log import FeedbackLog
+    from online_learning.feedback_log import FeedbackLogReader, OffsetCompacted
 
     latest = store.latest()
     if latest is None:
         raise FileNotFoundError(f"--fine-tune needs a published model in {store.uri}; train one first")
-    events = FeedbackLog(cfg.feedback_dir).read_from(0)
+    # Read-only: the learner may be appending now; the reader stops before its write in flight.
+    reader = FeedbackLogReader(cfg.feedback_dir)
+    for attempt in range(3):  # the learner may compact the oldest segment while we read it
+        events, excluded, last = [], 0, -1
+        try:
+            for e in reader.iter_from(reader.first_offset):
+                last = e.offset
+                if e.holdout or e.rejected:  # the gate's holdout, or a round the gate held back
+                    excluded += 1
+                else:
+                    events.append(e)
+            break
+        except OffsetCompacted:
+            if attempt == 2:
+                raise
     extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events]}
-    print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir}")
-    return extra, events[-1].offset if events else -1
+    print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
+          f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round)")
+    return extra, last
 
 
 def _publish_fine_tuned(cfg: TrainConfig, store, folder: str) -> int:

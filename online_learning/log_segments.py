@@ -1,0 +1,148 @@
+"""The feedback log's files: segment names, the line format, and reading only committed batches.
+
+A segment `feedback-<first offset, 12 digits>.jsonl` holds dense offsets from its first one up to
+the next segment's first. Each line is one JSON record; every record carries `end`, the last
+offset of the batch it was appended with. A batch is committed only when its `end` line is
+complete on disk, so a reader never yields part of a batch that a crash or a failed write cut
+short, and skipping to an offset needs no parsing of the lines before it (one line per offset).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+LEGACY_FILE = "feedback.jsonl"  # the single-file log of earlier versions: migrated on open
+MARKS_FILE = "marks.jsonl"
+SEGMENT_RE = re.compile(r"^feedback-(\d{12})\.jsonl$")
+SIDECAR_RE = re.compile(r"^feedback-(\d{12})\.ids\.npy$")
+STRIDE = 256  # the sparse offset -> byte index keeps one position per STRIDE events
+
+
+class CorruptLog(RuntimeError):
+    """A segment breaks the log's invariants (dense offsets, batch framing): needs an operator."""
+
+
+class OffsetCompacted(LookupError):
+    """A read asked for events that compaction already deleted."""
+
+    def __init__(self, offset: int, first_offset: int):
+        super().__init__(f"feedback log offset {offset} was compacted; the log now starts at offset {first_offset}")
+        self.offset, self.first_offset = offset, first_offset
+
+
+class LogWriteError(OSError):
+    """Writing or fsyncing the log failed (disk full, file too large, I/O error).
+
+    Nothing of the batch was written or acknowledged: the file is back at its length before the
+    call, and the next append works once the cause is gone. `errno` is the OS error."""
+
+    def __init__(self, err: int | None, what: str):
+        name = errno.errorcode.get(err or 0, "unknown")
+        super().__init__(err, f"{what}: {os.strerror(err) if err else 'unknown error'} ({name})")
+        self.errno_name = name
+
+
+def segment_name(first: int) -> str:
+    return f"feedback-{first:012d}.jsonl"
+
+
+def sidecar_name(first: int) -> str:
+    return f"feedback-{first:012d}.ids.npy"
+
+
+def list_numbered(directory: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), directory / n) for n in names if (m := pattern.match(n))]
+    return sorted(found)
+
+
+def encode(offset: int, end: int, event_id: str, text: str, label: str, ts: float) -> bytes:
+    record = {"offset": offset, "event_id": event_id, "text": text, "label": label, "ts": ts, "end": end}
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def committed(f, expected: int) -> Iterator[tuple[dict, int]]:
+    """(record, byte position after its line) for each record of a committed batch, reading `f`
+    from its current position, where the record with offset `expected` starts. Stops before a
+    torn line or an incomplete batch (a write in flight or cut short)."""
+    pending: list[tuple[dict, int]] = []
+    pos = f.tell()
+    for line in f:
+        if not line.endswith(b"\n"):
+            return
+        pos += len(line)
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise CorruptLog(f"{f.name}: unreadable line at offset {expected}: {err}") from None
+        end = record.get("end", record.get("offset"))  # earlier versions: one-event batches
+        if record.get("offset") != expected or end < expected:
+            raise CorruptLog(f"{f.name}: expected offset {expected}, found {record.get('offset')} (end {end})")
+        expected += 1
+        pending.append((record, pos))
+        if record["offset"] == end:
+            yield from pending
+            pending.clear()
+
+
+def scan_positions(path: Path, first: int) -> tuple[list[int], int, int]:
+    """Sparse index of a segment: (byte position of offsets first, first+STRIDE, ...), next offset
+    after the last committed batch, byte length of the committed part."""
+    positions, nxt, good = [], first, 0
+    with open(path, "rb") as f:
+        for record, after in committed(f, first):
+            if (record["offset"] - first) % STRIDE == 0:
+                positions.append(good)
+            nxt, good = record["offset"] + 1, after
+    return positions, nxt, good
+
+
+def seek(f, first: int, offset: int, positions: list[int] | None) -> int:
+    """Position `f` at the line of `offset` (or before it); returns the offset of that line."""
+    k = (offset - first) // STRIDE if positions else 0
+    if positions and k < len(positions):
+        f.seek(positions[k])
+        return first + k * STRIDE
+    if positions:
+        f.seek(positions[-1])
+        return first + (len(positions) - 1) * STRIDE
+    f.seek(0)
+    return first
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.write(fd, view[done:])  # a short write (limit reached) raises on the next call
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_marks(path: Path) -> tuple[list[dict], int]:
+    """The complete records of the marks file and the byte length they take (a torn last line,
+    a mark in flight or cut short, is left out)."""
+    records, good = [], 0
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                records.append(json.loads(line))
+                good += len(line)
+    except FileNotFoundError:
+        pass
+    return records, good
