@@ -386,8 +386,6 @@ class FeedbackLog(_LogView):
         nothing) if the disk refuses the write; UnicodeEncodeError for text UTF-8 cannot hold."""
         now = time.time()
         with self._lock:
-            self._repair()
-            self._maybe_seal()
             sealed = self._lookup_sealed(list(dict.fromkeys(e.event_id for e in events if e.event_id not in self._ids)))
             out, new, fresh = [], [], {}
             for ev in events:
@@ -403,6 +401,8 @@ class FeedbackLog(_LogView):
                 new.append(ev)
             if not new:
                 return out
+            self._repair()
+            self._maybe_seal()  # only when something is written: a refused batch changes no file
             end = self._next + len(new) - 1
             lines = [encode(self._next + k, end, ev.event_id, ev.text, ev.label, now) for k, ev in enumerate(new)]
             self._write(self._fd, self._size, b"".join(lines), "appending to the feedback log")

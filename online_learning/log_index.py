@@ -14,13 +14,15 @@ The odds for a new id among n ids logged before are n / 2**64 (1e8 ids: 5e-12 pe
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from online_learning.log_segments import CorruptLog, committed, fsync_dir
+from online_learning.log_segments import CorruptLog, committed, fsync_dir, write_all
 
 
 def id_hash(event_id: str) -> int:
@@ -57,17 +59,24 @@ def write_sidecar(directory: Path, first: int, name: str, ids: dict[str, tuple[i
     order = np.argsort(hashes, kind="stable")
     values = np.concatenate([hashes[order], digests[order], offsets[order]])
     path, tmp = directory / name, directory / (name + ".tmp")
+    buffer = io.BytesIO()
+    np.save(buffer, values)  # into memory: numpy's own file writes ignore a short write (EFBIG)
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, values)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, buffer.getvalue())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fsync_dir(directory)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return load_sidecar(first, path, n)
+    sidecar = load_sidecar(first, path, n)
+    if sidecar is None:
+        raise OSError(errno.EIO, f"{path} reads back wrong")
+    return sidecar
 
 
 def load_sidecar(first: int, path: Path, expected: int | None) -> Sidecar | None:
