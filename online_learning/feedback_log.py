@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -32,7 +33,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from online_learning.log_index import Sidecar, id_hash, load_sidecar, payload_digest, segment_ids, write_sidecar
+from online_learning.log_index import (
+    Sidecar,
+    id_hash,
+    load_sidecar,
+    merge_sidecars,
+    payload_digest,
+    segment_ids,
+    write_sidecar,
+)
 from online_learning.log_segments import (
     LEGACY_FILE,
     MARKS_FILE,
@@ -60,6 +69,8 @@ __all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "
 logger = logging.getLogger(__name__)
 LOG_FILE = LEGACY_FILE  # the single file of earlier versions; renamed to the first segment on open
 MARKS = ("holdout", "rejected")
+MERGE_FAN_IN = 8  # id indexes of compacted segments merge 8 of one size class into one ...
+MERGE_MAX_IDS = 1 << 20  # ... up to 1M ids (24 MB): lookups search O(8 log8 n) files, not one per segment
 
 
 @dataclass(frozen=True)
@@ -454,6 +465,10 @@ class FeedbackLog(_LogView):
             if floor == before:
                 return 0
             fsync_dir(self.directory)
+            try:
+                self._merge_sidecars()
+            except OSError as err:  # lookups stay right, only slower: retried next time
+                logger.warning("feedback log: could not merge id indexes: %s", err)
             for done in self._marks.values():
                 done.difference_update([o for o in done if o < floor])
             try:
@@ -462,6 +477,24 @@ class FeedbackLog(_LogView):
                 logger.warning("feedback log: could not rewrite %s after compaction: %s", MARKS_FILE, err)
             logger.info("feedback log: compacted offsets %s..%s", before, floor - 1)
             return floor - before
+
+    def _merge_sidecars(self) -> None:
+        """Size-tiered merging of the compacted segments' id indexes (segments still on disk keep
+        one index each): bounds the number of files a lookup searches."""
+        def size_class(sidecar: Sidecar) -> int:
+            return round(math.log(max(sidecar.n, 1) / self.segment_events, MERGE_FAN_IN))
+
+        while True:
+            old = sorted((s for s in self._sidecars if s.first < self._segments[0][0]), key=lambda s: s.first)
+            run = next((old[k:k + MERGE_FAN_IN] for k in range(len(old) - MERGE_FAN_IN + 1)
+                        if len({size_class(s) for s in old[k:k + MERGE_FAN_IN]}) == 1
+                        and sum(s.n for s in old[k:k + MERGE_FAN_IN]) <= MERGE_MAX_IDS), None)
+            if run is None:
+                return
+            merged = merge_sidecars(self.directory, sidecar_name(run[0].first), run)
+            gone = {id(s) for s in run}
+            self._sidecars = sorted([s for s in self._sidecars if id(s) not in gone] + [merged],
+                                    key=lambda s: s.first, reverse=True)
 
     def _rewrite_marks(self) -> None:
         path, tmp = self.directory / MARKS_FILE, self.directory / (MARKS_FILE + ".tmp")

@@ -56,6 +56,22 @@ def write_sidecar(directory: Path, first: int, name: str, ids: dict[str, tuple[i
     hashes = np.fromiter((id_hash(i) for i in ids), dtype=np.uint64, count=n)
     digests = np.fromiter((d for _, d in ids.values()), dtype=np.uint64, count=n)
     offsets = np.fromiter((o for o, _ in ids.values()), dtype=np.uint64, count=n)
+    return _write(directory, first, name, hashes, digests, offsets)
+
+
+def merge_sidecars(directory: Path, name: str, run: list[Sidecar]) -> Sidecar:
+    """One sidecar for the consecutive sidecars `run` (oldest first), written under the name of
+    the first; the others are deleted after. A crash in between leaves duplicates, which agree."""
+    merged = _write(directory, run[0].first, name, *(np.concatenate([getattr(s, f) for s in run])
+                                                     for f in ("hashes", "digests", "offsets")))
+    for sidecar in run[1:]:
+        sidecar.path.unlink(missing_ok=True)
+    fsync_dir(directory)
+    return merged
+
+
+def _write(directory: Path, first: int, name: str, hashes, digests, offsets) -> Sidecar:
+    n = len(hashes)
     order = np.argsort(hashes, kind="stable")
     values = np.concatenate([hashes[order], digests[order], offsets[order]])
     path, tmp = directory / name, directory / (name + ".tmp")

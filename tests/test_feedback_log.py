@@ -175,6 +175,22 @@ def test_compaction_deletes_only_whole_old_segments_and_keeps_resends_duplicates
     assert log.append([ev(101), ev(70)]) == [(101, False), (70, True)]
 
 
+def test_id_indexes_of_compacted_segments_merge_and_still_answer(tmp_path):
+    log = FeedbackLog(tmp_path, segment_events=10, retain_events=0)
+    for lo in range(0, 2000, 20):
+        log.append([ev(i) for i in range(lo, lo + 20)])
+        log.compact(len(log))
+    indexes = sorted(tmp_path.glob("*.ids.npy"))
+    assert len(log) == 2000 and log.first_offset >= 1960 and len(indexes) <= 16  # 99 sealed segments
+    log.close()
+    log = FeedbackLog(tmp_path, segment_events=10, retain_events=0)  # after a restart too
+    assert log.append([ev(i) for i in range(0, 2000, 37)]) == [(i, True) for i in range(0, 2000, 37)]
+    for i in (0, 159, 160, 999, 1961):
+        with pytest.raises(EventIdConflict, match=f"'id-{i}'"):
+            log.append([ev(i, label="HassTurnOff")])
+    assert len(log) == 2000
+
+
 def test_marks_are_durable_and_reach_the_reader(tmp_path):
     log = FeedbackLog(tmp_path)
     fill(log, 0, 20)
@@ -334,9 +350,11 @@ GROWTH = """
     proc = psutil.Process()
     def disk():
         return sum(p.stat().st_size for p in d.iterdir())
+    def anon():  # the heap, without the id indexes' memory-mapped file pages (the kernel can drop those)
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
     log = FeedbackLog(d, segment_events=10_000, retain_events=20_000)
     figures, t0, appends, dup_checks = {{}}, time.perf_counter(), 0, 0
-    max_disk = max_rss_after_warmup = 0
+    max_disk = max_rss_after_warmup = max_anon_after_warmup = 0
     for lo in range(0, total, batch):
         evs = [FeedbackEvent(f"client-{{i:09d}}", f"turn on the light number {{i}} in room {{i % 97}}",
                              "HassTurnOn" if i % 3 else "HassTurnOff") for i in range(lo, min(total, lo + batch))]
@@ -353,12 +371,15 @@ GROWTH = """
             rss = proc.memory_info().rss
             if lo + batch > every:
                 figures.setdefault("rss_after_first_20k", rss)
+                figures.setdefault("anon_after_first_20k", anon())
                 max_rss_after_warmup = max(max_rss_after_warmup, rss)
+                max_anon_after_warmup = max(max_anon_after_warmup, anon())
     elapsed = time.perf_counter() - t0
     stats = log.stats()
     figures.update(events=len(log), seconds=round(elapsed, 2), appends=appends, appends_per_s=round(appends / elapsed),
                    events_per_s=round(len(log) / elapsed), rss_end=proc.memory_info().rss,
-                   max_rss_after_warmup=max_rss_after_warmup, max_disk=max_disk, disk_end=disk(),
+                   max_rss_after_warmup=max_rss_after_warmup, max_anon_after_warmup=max_anon_after_warmup,
+                   max_disk=max_disk, disk_end=disk(),
                    segment_bytes_end=sum(p.stat().st_size for p in d.glob("*.jsonl") if p.name != "marks.jsonl"),
                    id_index_bytes=sum(p.stat().st_size for p in d.glob("*.ids.npy")), dup_checks=dup_checks, stats=stats)
     print(json.dumps(figures))
@@ -372,11 +393,14 @@ def test_growth_200k_events_keeps_memory_and_disk_bounded(tmp_path):
     print(f"\n200k events, 256 per append, compaction every 20k (segment_events=10000, retain_events=20000): "
           f"{f['seconds']} s, {f['appends_per_s']} appends/s ({f['events_per_s']} events/s); "
           f"RSS {f['rss_after_first_20k'] / mb:.1f} MiB after 20k -> max {f['max_rss_after_warmup'] / mb:.1f} MiB, "
-          f"end {f['rss_end'] / mb:.1f} MiB; disk max {f['max_disk'] / mb:.2f} MiB, end {f['disk_end'] / mb:.2f} MiB "
+          f"end {f['rss_end'] / mb:.1f} MiB (heap, RssAnon: {f['anon_after_first_20k'] / mb:.1f} -> "
+          f"max {f['max_anon_after_warmup'] / mb:.1f} MiB); disk max {f['max_disk'] / mb:.2f} MiB, end {f['disk_end'] / mb:.2f} MiB "
           f"(segments {f['segment_bytes_end'] / mb:.2f} MiB, id indexes {f['id_index_bytes'] / mb:.2f} MiB); {f['stats']}")
     assert f["events"] == total and f["dup_checks"] == 10
     assert f["stats"]["ids_in_memory"] <= 10_000 + 256 and f["stats"]["first_offset"] >= total - 20_000 - 20_000
-    assert f["max_rss_after_warmup"] - f["rss_after_first_20k"] < 16 * mb  # not growing with history
+    assert f["max_anon_after_warmup"] - f["anon_after_first_20k"] < 8 * mb  # not growing with history
+    assert f["max_rss_after_warmup"] - f["rss_after_first_20k"] < 16 * mb
+    assert f["stats"]["id_indexes"] <= 2 * 8  # merged: not one file per segment ever sealed
     line = 200  # bytes per logged event here: ~170
     assert f["segment_bytes_end"] < (20_000 + 2 * 10_000 + 256) * line  # retention + the active segment
     assert f["id_index_bytes"] <= total * 24 + 128 * 20 + 256 * 24  # 24 B per event ever logged
