@@ -15,6 +15,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a text classifier with Ray Train and publish it as a new model-store version.",
+        epilog="python -m train store ls|gc [--store URI] shows the store's versions and deletes old ones.",
     )
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="model size: small (tests, demo) or large (300-d embedding, ~80M parameters)")
@@ -56,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["store"]:  # python -m train store ls|gc: show and clean the model store
+        from train.store_cli import main as store_main
+
+        return store_main(argv[1:])
     cfg = parse_args(argv)
     if cfg.data.path:  # check the user's file before starting Ray: errors in seconds, not minutes
         from train.data import read_user_file

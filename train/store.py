@@ -1,23 +1,58 @@
-"""The model store: numbered versions of saved models under one root.
+"""The model store: numbered, committed versions of saved models under one root.
 
-The root is a local folder by default, or any URI pyarrow's filesystems understand (s3://,
-gs://, hdfs://), so a cluster can share one store. A version is a folder `v000007` holding the
-files `save_model_dir` writes. Versions are written under a temporary name and renamed into
-place, so a reader never sees half a version.
+The root is a local folder by default, or any URI pyarrow's filesystems understand (s3://, gs://,
+hdfs://; options such as `s3://bucket/models?endpoint_override=127.0.0.1:9000&scheme=http` stay
+at the end of the URI), so a cluster can share one store. Object stores cannot rename folders, so
+a version is written in place and committed by a marker written last:
+
+    v000007/_claims/<token>    written first: claims the number (see `_claim`)
+    v000007/<model files>      the files `save_model_dir` wrote
+    v000007/_COMMITTED         written last: JSON with who, when, and every file with its size
+
+Readers (`versions`, `latest`, `metrics`, `load`) see only committed versions. A crashed publish
+leaves an uncommitted prefix; `gc`, and every later publish, deletes it once nothing in it has
+changed for `grace_s`. A publish stalled longer than `grace_s` may be collected, so `grace_s` must
+exceed the longest upload of one file.
+
+Version numbers: a publisher writes a claim object with a unique token into the prefix, then lists
+the prefix; it owns the number only if its claim is the only thing there, and otherwise deletes its
+claim and moves on (or, for an explicit version, raises `VersionTaken`). On a store whose writes
+are visible to every later listing (local folders; S3 since December 2020; GCS) two publishers can
+never both own one number: each would have listed before the other's claim landed, and each listed
+after writing its own. They can both lose one round; retries with jitter resolve that. A winner
+never deletes its claim, so a committed or in-progress version always blocks later claimers.
+
+Remote versions load through one bounded local cache (train/store_cache.py), not a temp copy each.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
-import tempfile
+import socket
+import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyarrow import fs as pafs
 
+from train.store_cache import ModelCache, redact
+
 _VERSION = re.compile(r"^v(\d{6})$")
 DEFAULT_STORE = "artifacts/models"
+MARKER = "_COMMITTED"
+CLAIMS = "_claims"
+DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
+# Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
+# can kill a publish between two files (tests/test_store_s3.py).
+TEST_PAUSE_ENV = "TEXTSERVE_STORE_TEST_PAUSE_S"
+
+
+class VersionTaken(ValueError):
+    """The explicit version asked for exists, is claimed by another publish, or is not above the newest."""
 
 
 def default_store_uri() -> str:
@@ -26,62 +61,125 @@ def default_store_uri() -> str:
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version prefix as `python -m train store ls` shows it."""
+
+    version: int
+    committed: bool
+    files: int
+    bytes: int
+    age_s: float | None  # since the last write into the prefix (None: the filesystem gave no times)
+    kind: str | None = None  # metrics.json "kind" (fine-tune, online-snapshot; None: a plain training run)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Prefix:
+    files: dict  # name relative to the version prefix -> pafs.FileInfo
+
+    @property
+    def claims(self) -> list[str]:
+        return sorted(n.split("/", 1)[1] for n in self.files if n.startswith(CLAIMS + "/"))
+
+    def age_s(self, now: float) -> float | None:
+        times = [i.mtime.timestamp() for i in self.files.values() if i.mtime is not None]
+        return now - max(times) if times else None
+
+
 class ModelStore:
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, *, cache_dir: str | Path | None = None,
+                 cache_keep: int | None = None, grace_s: float = DEFAULT_GRACE_S):
         self.uri = uri or default_store_uri()
         if "://" not in self.uri:
             self.uri = str(Path(self.uri).resolve())
         self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+        self._root = self._root.rstrip("/")
         self._fs.create_dir(self._root, recursive=True)
+        self.grace_s = grace_s
+        self._cache = None if self.is_local else ModelCache(self.uri, cache_dir, cache_keep)
 
     def __repr__(self) -> str:
-        return f"ModelStore({self.uri!r})"
+        return f"ModelStore({redact(self.uri)!r})"
 
     @property
     def is_local(self) -> bool:
         return isinstance(self._fs, pafs.LocalFileSystem)
 
+    @property
+    def cache(self) -> ModelCache | None:
+        """The local cache remote versions load through (None for a local store)."""
+        return self._cache
+
+    # -- reading ---------------------------------------------------------------------------
+    def _path(self, version: int, name: str = "") -> str:
+        return f"{self._root}/v{version:06d}" + (f"/{name}" if name else "")
+
+    def _scan(self) -> dict[int, _Prefix]:
+        """Every version prefix with its files, from one (paginated) listing of the root."""
+        infos = self._fs.get_file_info(pafs.FileSelector(self._root, recursive=True, allow_not_found=True))
+        found: dict[int, _Prefix] = {}
+        for info in infos:
+            top, _, rest = info.path[len(self._root) + 1:].partition("/")
+            if m := _VERSION.match(top):
+                prefix = found.setdefault(int(m.group(1)), _Prefix({}))
+                if rest and info.type == pafs.FileType.File:
+                    prefix.files[rest] = info
+        return found
+
+    def _committed(self, prefix: _Prefix) -> bool:
+        if MARKER in prefix.files:
+            return True
+        # A local version written before markers existed (folder renamed into place: complete).
+        return self.is_local and not prefix.claims and "metrics.json" in prefix.files
+
     def versions(self) -> list[int]:
-        infos = self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
-        found = (_VERSION.match(Path(i.path).name) for i in infos if i.type == pafs.FileType.Directory)
-        return sorted(int(m.group(1)) for m in found if m)
+        return sorted(v for v, p in self._scan().items() if self._committed(p))
 
     def latest(self) -> int | None:
         versions = self.versions()
         return versions[-1] if versions else None
 
     def version_uri(self, version: int) -> str:
-        return f"{self.uri.rstrip('/')}/v{version:06d}"
+        base, sep, query = self.uri.partition("?")  # pyarrow's URI options stay at the end
+        return f"{base.rstrip('/')}/v{version:06d}{sep}{query}"
 
-    def publish(self, local_dir: str | Path, version: int | None = None) -> int:
-        """Copy a saved model folder in as `version` (default: the next); returns its number."""
-        latest = self.latest() or 0
-        if version is None:
-            version = latest + 1
-        elif version <= latest:
-            raise ValueError(f"version {version} is not above the newest in {self.uri} ({latest})")
-        staging = f"{self._root}/.staging-{uuid.uuid4().hex}"
-        self._fs.create_dir(staging, recursive=True)
-        pafs.copy_files(str(local_dir), staging, destination_filesystem=self._fs)
-        self._fs.move(staging, f"{self._root}/v{version:06d}")
-        return version
+    def commit_record(self, version: int) -> dict:
+        """The version's `_COMMITTED` record; FileNotFoundError when it is not a committed version."""
+        try:
+            with self._fs.open_input_stream(self._path(version, MARKER)) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            if self.is_local and version in self.versions():  # pre-marker local version
+                names = sorted(p.name for p in Path(self._path(version)).iterdir() if p.is_file())
+                return {"version": version, "token": "legacy",
+                        "files": {n: Path(self._path(version), n).stat().st_size for n in names}}
+            raise FileNotFoundError(f"model version {version} not in {self.uri} (has {self.versions()})") from None
+
+    def describe(self) -> list[VersionInfo]:
+        """Every version prefix, committed or not, oldest first."""
+        now, out = time.time(), []
+        for v, prefix in sorted(self._scan().items()):
+            committed = self._committed(prefix)
+            kind = self.metrics(v).get("kind") if committed else None
+            out.append(VersionInfo(v, committed, len(prefix.files), sum(i.size or 0 for i in prefix.files.values()),
+                                   prefix.age_s(now), kind))
+        return out
 
     def local_path(self, version: int, scratch: str | Path | None = None) -> Path:
-        """A local folder with that version's files (the store's own on a local store)."""
-        path = f"{self._root}/v{version:06d}"
-        if self._fs.get_file_info(path).type != pafs.FileType.Directory:
-            raise FileNotFoundError(f"model version {version} not in {self.uri} (has {self.versions()})")
+        """A local folder with that version's files: the store's own on a local store, else the
+        version's folder in the local cache (valid until a later load evicts it). `scratch` is
+        ignored (kept for callers of the old signature)."""
         if self.is_local:
-            return Path(path)
-        target = Path(scratch or tempfile.mkdtemp(prefix=f"model-v{version}-"))
-        pafs.copy_files(path, str(target), source_filesystem=self._fs)
-        return target
+            self.commit_record(version)  # raises for a missing or uncommitted version
+            return Path(self._path(version))
+        return self._cache.fetch(self, version)
 
     def metrics(self, version: int) -> dict:
         """A version's metrics.json alone (cheap: no weights)."""
-        import json
-
-        with self._fs.open_input_stream(f"{self._root}/v{version:06d}/metrics.json") as f:
+        with self._fs.open_input_stream(self._path(version, "metrics.json")) as f:
             return json.loads(f.read().decode("utf-8"))
 
     def load(self, version: int | None = None):
@@ -94,6 +192,143 @@ class ModelStore:
                 raise FileNotFoundError(
                     f"no model in {self.uri}; train one first: python -m train --size small"
                 )
-        loaded = load_model_dir(self.local_path(version))
+        if self.is_local:
+            loaded = load_model_dir(self.local_path(version))
+        else:
+            with self._cache.use(self, version) as path:  # no eviction while the files are read
+                loaded = load_model_dir(path)
         loaded.version = version
         return loaded
+
+    def read_file(self, version: int, name: str, dest: Path) -> int:
+        """Copy one file of a version to a local path; returns the bytes written."""
+        with self._fs.open_input_stream(self._path(version, name)) as src, open(dest, "wb") as out:
+            return _copy(src, out)
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, local_dir: str | Path, version: int | None = None) -> int:
+        """Upload a saved model folder as `version` (default: the next free number) and commit it."""
+        local_dir = Path(local_dir)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{local_dir} holds no files to publish")
+        if any(p.relative_to(local_dir).parts[0] in (MARKER, CLAIMS) for p in files):
+            raise ValueError(f"{local_dir} holds a file named {MARKER} or {CLAIMS}: names the store reserves")
+        version, token = self._claim_next() if version is None else self._claim_exact(version)
+        pause = float(os.environ.get(TEST_PAUSE_ENV, "0"))
+        written = {}
+        try:
+            for path in files:
+                name = path.relative_to(local_dir).as_posix()
+                with open(path, "rb") as src, self._open_out(self._path(version, name)) as out:
+                    written[name] = _copy(src, out)
+                if pause:
+                    time.sleep(pause)
+            record = {"version": version, "token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                      "committed_at": time.time(), "files": written}
+            self._write_marker(version, json.dumps(record, indent=1).encode("utf-8"))
+        except Exception:
+            self._remove(version, self._scan().get(version))  # our own claim: no one else writes here
+            raise
+        return version
+
+    def _open_out(self, path: str):
+        if self.is_local:  # object stores have no folders to make
+            self._fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        return self._fs.open_output_stream(path)
+
+    def _write_marker(self, version: int, data: bytes) -> None:
+        if self.is_local:  # a local write is visible while it happens: write aside, rename (atomic)
+            tmp = self._path(version, f".{MARKER}.{uuid.uuid4().hex}")
+            with self._open_out(tmp) as out:
+                out.write(data)
+            self._fs.move(tmp, self._path(version, MARKER))
+        else:  # one PUT: the object appears whole or not at all
+            with self._open_out(self._path(version, MARKER)) as out:
+                out.write(data)
+
+    def _claim(self, version: int) -> str | None:
+        """Claim `version`; the claim's token if this publisher owns the number, else None."""
+        token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+        claim = self._path(version, f"{CLAIMS}/{token}")
+        with self._open_out(claim) as out:
+            out.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}).encode())
+        others = [i for i in self._fs.get_file_info(pafs.FileSelector(self._path(version), recursive=True))
+                  if i.type == pafs.FileType.File and i.path != claim]
+        if not others:
+            return token
+        self._fs.delete_file(claim)  # lost: another claim, or files, were there first
+        return None
+
+    def _claim_next(self) -> tuple[int, str]:
+        for attempt in range(50):
+            scan = self._scan()
+            self._collect_stale(scan, self.grace_s)
+            candidate = max(scan, default=0) + 1  # above every prefix, committed or in progress
+            if token := self._claim(candidate):
+                return candidate, token
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # both may lose a round: jitter apart
+        raise RuntimeError(f"could not claim a version number in {self.uri} after 50 tries")
+
+    def _claim_exact(self, version: int) -> tuple[int, str]:
+        scan = self._scan()
+        committed = [v for v, p in scan.items() if self._committed(p)]
+        if committed and version <= max(committed):
+            raise VersionTaken(f"version {version} is not above the newest in {self.uri} ({max(committed)})")
+        if version in scan:
+            age = scan[version].age_s(time.time())
+            if age is None or age < self.grace_s:
+                raise VersionTaken(f"version {version} in {self.uri} is claimed by a publish in progress "
+                                   f"(last write {age if age is None else round(age)} s ago)")
+            self._remove(version, scan[version])  # a crashed publish's leftovers
+        if token := self._claim(version):
+            return version, token
+        raise VersionTaken(f"version {version} in {self.uri} was claimed by another publish at the same time")
+
+    # -- retention -------------------------------------------------------------------------
+    def gc(self, keep_last: int = 3, keep=(), grace_s: float | None = None, dry_run: bool = False) -> dict:
+        """Delete committed versions older than the newest `keep_last` (except those in `keep`) and
+        uncommitted prefixes untouched for `grace_s` (default: the store's). Returns what it removed
+        (or would remove, with dry_run): {"versions": [...], "uncommitted": [...]}."""
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (the newest version always stays), got {keep_last}")
+        scan = self._scan()
+        committed = sorted(v for v, p in scan.items() if self._committed(p))
+        retained = set(committed[-keep_last:]) | {int(v) for v in keep}
+        old = [v for v in committed if v not in retained]
+        for v in [] if dry_run else old:
+            self._remove(v, scan[v])
+        stale = self._collect_stale(scan, self.grace_s if grace_s is None else grace_s, dry_run)
+        return {"versions": old, "uncommitted": stale}
+
+    def _collect_stale(self, scan: dict[int, _Prefix], grace_s: float, dry_run: bool = False) -> list[int]:
+        now, stale = time.time(), []
+        for v, prefix in sorted(scan.items()):
+            age = prefix.age_s(now)
+            if not self._committed(prefix) and (not prefix.files or (age is not None and age >= grace_s)):
+                stale.append(v)
+                if not dry_run:
+                    self._remove(v, prefix)
+        return stale
+
+    def _remove(self, version: int, prefix: _Prefix | None) -> None:
+        """Marker first (readers stop seeing it), files next, claims last (the number stays blocked
+        until nothing of the version is left)."""
+        names = sorted((prefix.files if prefix else {}), key=lambda n: (n != MARKER, n.startswith(CLAIMS + "/")))
+        for name in names:
+            try:
+                self._fs.delete_file(self._path(version, name))
+            except FileNotFoundError:
+                pass  # another gc got there first
+        try:
+            self._fs.delete_dir(self._path(version))
+        except FileNotFoundError:
+            pass
+
+
+def _copy(src, out, chunk: int = 8 << 20) -> int:
+    total = 0
+    while block := src.read(chunk):
+        out.write(block)
+        total += len(block)
+    return total
