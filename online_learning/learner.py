@@ -1,11 +1,17 @@
 """The OnlineLearner deployment: one per application; Serve restarts it when its process dies.
 
 Feedback is appended to the durable log before it is acknowledged. A background thread trains
-the learner's own copy in rounds (at most one per `publish_interval_s`), gates each candidate on
-a holdout, and publishes passing versions as deltas in Ray's object store. Replicas pull what
-they are missing (`updates_since`): the chain of deltas, or the full weights when they are too
-far behind or the chain restarted. On start the learner loads the newest snapshot in the model
-store and replays the log after that snapshot's offset.
+the learner's own copy in rounds (at most one per `publish_interval_s`), gates each candidate,
+and publishes passing versions as deltas in Ray's object store. Replicas pull what they are
+missing (`updates_since`).
+
+Identity: weights are named (lineage, version) and carry a digest of their values. A learner
+start, and the adoption of a model someone else published to the store (a fine-tune or a plain
+retrain), begin a new lineage whose first version is above every number the store, the state
+file and any replica has shown. Deltas go only to replicas on the current lineage; a replica
+elsewhere gets full weights, or only the new name when its digest already equals the learner's.
+A new lineage is published only once the log after its base has been replayed, so a replica
+never takes a version that lacks feedback acknowledged before it.
 """
 
 import asyncio
@@ -13,22 +19,43 @@ import json
 import logging
 import os
 import random
+import secrets
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 from ray import serve
 
 from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
+from online_learning.log_segments import LogWriteError
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 
 logger = logging.getLogger("ray.serve")
 STATE_FILE = "learner_state.json"
+STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the model store
+
+
+@dataclass(frozen=True)
+class Published:
+    """What replicas are told to serve; replaced whole (never mutated), so readers need no lock."""
+
+    lineage: str
+    version: int
+    digest: str
+    log_offset: int
+    chain_base: int  # the lineage's first version: a replica below it gets full weights
+    published_at: float
+    deltas: dict = field(default_factory=dict)  # version -> ObjectRef of the delta that made it
+
+    def identity(self) -> dict:
+        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.5},
@@ -38,64 +65,111 @@ class OnlineLearner:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
-        from online_learning.trainer import OnlineTrainer
-        from train.data import DataSpec, load_dataset
         from train.store import ModelStore
 
         self.s = LearnerSettings(**settings)
         self.store = ModelStore(model_store)
-        self.log = FeedbackLog(self.s.state_dir)
-        snapshot = self.store.load()
-        served = self.store.load(snapshot.version)  # a mirror of what replicas serve, for the gate
-        self.trainer = OnlineTrainer(snapshot, self.s.learning_rate)
-        self.served = served
+        self.log = FeedbackLog(self.s.state_dir, segment_events=self.s.log_segment_events,
+                               retain_events=self.s.log_retain_events)
         state = self._read_state()
-        self.version = max(snapshot.version, state.get("version", 0))
-        self.served_offset = snapshot.metrics.get("log_offset", -1)
-        self.applied_offset = self.served_offset
-        self.applied_count = self.served_offset + 1  # events in the snapshot; replay adds the rest
-        # Deltas apply only on top of a state this learner published; after a restart with
-        # publishes beyond the snapshot, replicas first get full weights.
-        self.chain_base = snapshot.version if self.version == snapshot.version else None
-        self.deltas: dict[int, ray.ObjectRef] = {}
-        self._full: tuple[int, ray.ObjectRef] | None = None
-        self._lock = threading.Lock()
-        self._pending: list[LoggedEvent] = self.log.read_from(self.applied_offset + 1)
-        self.replayed = len(self._pending)
-        self._acked: deque = deque((e.offset, e.ts) for e in self._pending)  # not yet on every replica
-        self._holdout_seen = 0  # feedback events ever put in the holdout: keys the served score
-        self._served_score: tuple[tuple, float] | None = None
-        base = self._base_data(snapshot.metrics.get("data"), DataSpec, load_dataset)
-        rng = random.Random(0)
-        self.base_train = base.train if base else []
-        self.base_holdout = rng.sample(base.test, min(self.s.holdout_base_examples, len(base.test))) if base else []
-        self.feedback_train: deque = deque(maxlen=20_000)
-        self.feedback_holdout: deque = deque(maxlen=2_000)
-        self.history: deque = deque(maxlen=200)
+        # Holdout membership is drawn from the learner's own secret and the offset it assigned,
+        # so a client cannot choose which of its events are held out.
+        self._salt = state.get("holdout_salt") or secrets.token_hex(8)
+        self._version_floor = state.get("version", 0)  # no lineage may reuse a number at or below it
+        self._max_reported = 0  # the highest version any replica reported holding
+        self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
+        self.pub: Published | None = None  # None until the first lineage is published (after replay)
+        self._full: tuple[int, asyncio.Future] | None = None
+        self._acked: deque = deque()  # (offset, ack time) of events not yet on every replica
         self.replicas: dict[str, dict] = {}
+        self.history: deque = deque(maxlen=200)
         self.held_back = 0
-        self._followups_left = 0
-        self._last_snapshot = time.monotonic()
-        self._store_seen = self.store.latest()
+        self.replayed = 0
         self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
                                         self.s.auth_fail_burst, self.s.rate_limit_clients)
+        self._base_data_spec = None
+        self._adopt(self.store.latest(), reason="start")
+        self._acked.extend((off, time.time()) for off in range(self.applied_offset + 1, len(self.log)))
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
         self._thread.start()
-        logger.info("learner at version %s, snapshot v%s (log offset %s), replaying %s events",
-                    self.version, snapshot.version, self.served_offset, self.replayed)
 
-    @staticmethod
-    def _base_data(data: dict | None, DataSpec, load_dataset):
-        """The splits the base model was trained on, for replay and the gate's holdout."""
-        if not data:
-            return None
-        try:
-            return load_dataset(DataSpec(**{**data, "langs": tuple(data.get("langs") or ())}))
-        except (OSError, ValueError) as err:  # e.g. a user file that is not on this node
-            logger.warning("base data unavailable (%s); the gate uses feedback holdout only", err)
-            return None
+    # -- lineages --------------------------------------------------------------------------
+    def _adopt(self, store_version: int, reason: str) -> None:
+        """Start a new lineage on a store version: load it, replay the log after its offset,
+        publish once caught up (see `_run`). Called at start and by the training thread."""
+        from online_learning.trainer import OnlineTrainer
+
+        loaded, mirror = self.store.load(store_version), self.store.load(store_version)
+        metrics = loaded.metrics
+        if self._base_data_spec is None or metrics.get("data"):
+            self._set_base_data(metrics.get("data"))
+        offset = metrics.get("log_offset", -1)
+        self.trainer = OnlineTrainer(loaded, self.s.learning_rate)
+        self._next_mirror = mirror  # becomes the served mirror when this lineage is published
+        self._adopted_at = time.monotonic()
+        self.lineage = uuid.uuid4().hex[:12]
+        self.base_version = store_version
+        self.applied_offset = offset
+        self.ready_offset = len(self.log) - 1  # every event acknowledged so far: in before publishing
+        self.feedback_train: deque = deque(maxlen=20_000)
+        self.feedback_holdout: deque = deque(maxlen=2_000)
+        self._holdout_seen = 0
+        self._served_score: tuple[tuple, float] | None = None
+        self._followups_left = 0
+        self._store_seen = max(self.store.versions() or [0])
+        self.replaying = True
+        logger.info("%s: lineage %s on store v%s (%s, log offset %s); replaying %s events before publishing",
+                    reason, self.lineage, store_version, metrics.get("kind", "trained"), offset,
+                    self.ready_offset - offset)
+
+    def _set_base_data(self, data: dict | None) -> None:
+        from train.data import DataSpec, load_dataset
+
+        self._base_data_spec = data
+        base = None
+        if data:
+            try:
+                base = load_dataset(DataSpec(**{**data, "langs": tuple(data.get("langs") or ())}))
+            except (OSError, ValueError) as err:  # e.g. a user file that is not on this node
+                logger.warning("base data unavailable (%s); the gate uses the feedback holdout only", err)
+        rng = random.Random(0)
+        self.base_train = base.train if base else []
+        self.base_holdout = rng.sample(base.test, min(self.s.holdout_base_examples, len(base.test))) if base else []
+
+    def _publish_lineage(self) -> None:
+        """The replayed state becomes the lineage's first version (training thread)."""
+        from online_learning.digest import model_digest
+        from train.model import accuracy
+
+        self.trainer.take_touched()
+        mirror, self._next_mirror = self._next_mirror, None
+        mirror.model.set_weights(self.trainer.model.get_weights())
+        weights_digest = model_digest(mirror.model)
+        digest = weights_digest.hexdigest()
+        with self._model_lock:  # the mirror and self.pub change together
+            self.served, self._digest, self._digest_of = mirror, weights_digest, mirror
+            version = self._next_version()
+            self.served.version = version
+            self.pub = Published(self.lineage, version, digest, self.applied_offset, version, time.time())
+        self._write_state()
+        texts, labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
+        self.anchor_base_accuracy = accuracy(self.served, texts, labels) if texts else float("nan")
+        self.replaying = False
+        self.history.append({"time": time.time(), "lineage": self.lineage, "version": version, "published": True,
+                             "base": self.base_version, "log_offset": self.applied_offset, "digest": digest,
+                             "base_accuracy": self.anchor_base_accuracy, "events": 0, "bytes": 0})
+        logger.info("published lineage %s as v%s (digest %s, log offset %s)", self.lineage, version, digest,
+                    self.applied_offset)
+
+    def _next_version(self) -> int:
+        """Above every number seen: the state file, the store, every replica's report."""
+        seen = [self._version_floor, *(self.store.versions() or [0]), self._max_reported]
+        if self.pub is not None:
+            seen.append(self.pub.version)
+        self._version_floor = max(seen) + 1
+        return self._version_floor
 
     # -- feedback --------------------------------------------------------------------------
     async def admit(self, client: str, auth_ok: bool) -> int:
@@ -103,7 +177,7 @@ class OnlineLearner:
         return self._limiter.admit(client, auth_ok)
 
     async def submit(self, events: list[dict]) -> dict:
-        """Append to the durable log (fsync), queue for training.
+        """Append to the durable log (fsync); the training thread reads new events from the log.
 
         {"results": [(offset, duplicate), ...]}, or {"conflict": {"event_id", "offset"}} when an
         id already names another event (then nothing of the batch was written)."""
@@ -112,200 +186,327 @@ class OnlineLearner:
             results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, evs)
         except EventIdConflict as err:
             return {"conflict": {"event_id": err.event_id, "offset": err.offset}}
+        except LogWriteError as err:  # nothing written, nothing acknowledged; the log is as before
+            logger.error("feedback log write failed: %s", err)
+            return {"write_error": {"errno": err.errno_name, "message": str(err)}}
         now = time.time()
-        fresh = [LoggedEvent(off, ev.event_id, ev.text, ev.label, now) for ev, (off, dup) in zip(evs, results) if not dup]
-        with self._lock:
-            self._pending.extend(fresh)
-            self._acked.extend((e.offset, now) for e in fresh)
+        self._acked.extend((off, now) for off, dup in results if not dup)
         self._wake.set()
         return {"results": results}
 
     # -- the training thread ---------------------------------------------------------------
     def _run(self) -> None:
-        last_round = 0.0
+        last_round, last_store_check = 0.0, 0.0
         while not self._stop.is_set():
-            self._wake.wait(timeout=self.s.publish_interval_s)
-            self._wake.clear()
-            wait = self.s.publish_interval_s - (time.monotonic() - last_round)
-            if wait > 0 and self._stop.wait(wait):
-                return
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if batch:
-                self._followups_left = self.s.followup_rounds
-            elif self._followups_left > 0:
-                self._followups_left -= 1  # replay-only: keep learning what just arrived
-            else:
-                self._maybe_rebase()
+            if not self.replaying:
+                self._wake.wait(timeout=self.s.publish_interval_s)
+                self._wake.clear()
+                wait = self.s.publish_interval_s - (time.monotonic() - last_round)
+                if wait > 0 and self._stop.wait(wait):
+                    return
+            try:
+                if time.monotonic() - last_store_check >= STORE_CHECK_S:
+                    last_store_check = time.monotonic()
+                    self._maybe_rebase()
+                batch = self._next_batch()
+                if batch:
+                    self._followups_left = self.s.followup_rounds
+                elif self._followups_left > 0:
+                    self._followups_left -= 1  # replay-only: keep learning what just arrived
+                elif self.replaying:
+                    # Caught up with everything acknowledged before; live replicas have reported
+                    # their versions (the new one goes above them).
+                    if time.monotonic() - self._adopted_at < 3 * self.s.replica_poll_s:
+                        self._stop.wait(self.s.replica_poll_s)
+                        continue
+                    self._publish_lineage()
+                    continue
+                else:
+                    self._maybe_snapshot()
+                    continue
+                last_round = time.monotonic()
+                self._round(batch)
                 self._maybe_snapshot()
-                continue
-            last_round = time.monotonic()
-            self._round(batch)
-            self._maybe_snapshot()
+            except Exception:  # a failed round must not end learning: log it, retry next round
+                logger.exception("learner round failed")
+                if self._stop.wait(self.s.publish_interval_s):
+                    return
 
-    def _is_holdout(self, event_id: str) -> bool:
-        return zlib.crc32(event_id.encode()) % 100 < self.s.holdout_percent
+    def _next_batch(self) -> list[LoggedEvent]:
+        """The next events to learn; while replaying, only those acknowledged before the lineage
+        began (later ones wait for its first publish, so a replay cannot run forever)."""
+        limit = self.s.max_round_events
+        if self.replaying:
+            limit = min(limit, self.ready_offset - self.applied_offset)
+        if limit <= 0:
+            return []
+        start = max(self.applied_offset + 1, self.log.first_offset)  # below it: compacted, in the base
+        return self.log.read_from(start, limit=limit)
+
+    def _is_holdout(self, offset: int) -> bool:
+        return zlib.crc32(f"{self._salt}:{offset}".encode()) % 100 < self.s.holdout_percent
 
     def _round(self, batch: list[LoggedEvent]) -> None:
-        from train.model import accuracy
-
         started = time.time()
-        train = [e for e in batch if not self._is_holdout(e.event_id)]
-        held_out = [e for e in batch if self._is_holdout(e.event_id)]
-        self.feedback_holdout.extend(held_out)
-        self._holdout_seen += len(held_out)
+        held_out = [e for e in batch if e.holdout or self._is_holdout(e.offset)]
+        # A replay leaves out what the gate rejected when it first came.
+        train = [e for e in batch if not (e.holdout or e.rejected or self._is_holdout(e.offset))]
+        if held_out and not self.replaying:
+            self.log.mark([e.offset for e in held_out], "holdout")  # the fine-tune leaves them out too
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
         n_replay = max(self.s.replay_events, self.s.replay_ratio * len(train))
-        n_base = max(self.s.base_replay_events, len(train) // 2)
+        n_base = max(self.s.base_replay_events, int(self.s.base_replay_ratio * len(train)))
         examples = [(e.text, e.label) for e in train]
         examples += [(e.text, e.label) for e in rng.sample(earlier, min(n_replay, len(earlier)))]
         examples += [(e.text, e.label) for e in rng.sample(self.base_train, min(n_base, len(self.base_train)))]
         rng.shuffle(examples)
-        self.feedback_train.extend(train)
         loss = self.trainer.train([t for t, _ in examples], [y for _, y in examples], self.s.batch_size) if examples else float("nan")
         if batch:
             self.applied_offset = batch[-1].offset
-            self.applied_count += len(batch)
-        holdout = self.base_holdout + list(self.feedback_holdout)
-        texts, labels = [e.text for e in holdout], [e.label for e in holdout]
-        candidate_acc = accuracy(self.trainer.loaded, texts, labels) if holdout else float("nan")
-        served_acc = self._served_accuracy(texts, labels) if holdout else float("nan")
-        entry = {"time": started, "events": len(batch), "log_offset": self.applied_offset, "loss": loss,
-                 "holdout_accuracy": candidate_acc, "served_holdout_accuracy": served_acc, "holdout_size": len(holdout)}
-        if holdout and candidate_acc < served_acc - self.s.gate_margin:
-            self._hold_back(entry)
-            for _ in train:  # rejected: not replayed into later rounds either
-                self.feedback_train.pop()
-        else:
+            self.replayed += len(batch) if self.replaying else 0
+        self.feedback_holdout.extend(held_out)
+        self._holdout_seen += len(held_out)
+        entry = {"time": started, "events": len(batch), "log_offset": self.applied_offset, "loss": loss}
+        if self.replaying:  # judged when they first arrived; the lineage publishes once caught up
+            self.feedback_train.extend(train)
+            entry.update(published=False, replay=True)
+        elif self._gate(entry) or self._repair(entry):
+            self.feedback_train.extend(train)
             self._publish(entry)
+        else:
+            self._hold_back(entry)
+            self.log.mark([e.offset for e in train], "rejected")  # not replayed, not fine-tuned on
         self.history.append(entry)
+
+    def _gate(self, entry: dict) -> bool:
+        """Base data and feedback scored apart. Hold back when base accuracy falls more than
+        `max_base_drop` below the lineage's anchor (so losses cannot ratchet over publishes),
+        when the feedback holdout falls more than `gate_margin` below the served version's, or
+        when there is no holdout at all to judge by."""
+        from train.model import accuracy
+
+        base_texts, base_labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
+        fb = list(self.feedback_holdout)
+        fb_texts, fb_labels = [e.text for e in fb], [e.label for e in fb]
+        base_acc = accuracy(self.trainer.loaded, base_texts, base_labels) if base_texts else None
+        fb_acc = accuracy(self.trainer.loaded, fb_texts, fb_labels) if fb_texts else None
+        served_fb = self._served_accuracy(fb_texts, fb_labels) if fb_texts else None
+        entry.update(base_accuracy=base_acc, anchor_base_accuracy=self.anchor_base_accuracy,
+                     holdout_accuracy=fb_acc, served_holdout_accuracy=served_fb,
+                     holdout_size=len(fb_texts), base_holdout_size=len(base_texts))
+        entry.pop("reason", None)
+        if base_acc is None and fb_acc is None:
+            entry["reason"] = "no holdout to judge by"
+        elif base_acc is not None and base_acc < self.anchor_base_accuracy - self.s.max_base_drop:
+            entry["reason"] = f"base accuracy {base_acc:.3f} < anchor {self.anchor_base_accuracy:.3f} - {self.s.max_base_drop}"
+        elif fb_acc is not None and fb_acc < served_fb - self.s.gate_margin:
+            entry["reason"] = f"feedback holdout {fb_acc:.3f} < served {served_fb:.3f} - {self.s.gate_margin}"
+        else:
+            return True
+        return False
+
+    def _repair(self, entry: dict) -> bool:
+        """A candidate that only failed the base check gets up to `base_repair_rounds` passes of
+        base rehearsal, then is judged again. New knowledge that merely crowds the old (a new
+        language) recovers; a stream that contradicts the base (relabelled sentences) does not,
+        since the rehearsal undoes exactly what it taught, and the feedback check still applies."""
+        rng = random.Random(self.trainer.steps)
+        for attempt in range(1, self.s.base_repair_rounds + 1):
+            if not entry.get("reason", "").startswith("base") or not self.base_train:
+                return False
+            sample = rng.sample(self.base_train, min(self.s.base_repair_examples, len(self.base_train)))
+            self.trainer.train([e.text for e in sample], [e.label for e in sample], self.s.batch_size)
+            entry["repairs"] = attempt
+            if self._gate(entry):
+                return True
+        return False
 
     def _served_accuracy(self, texts: list[str], labels: list[str]) -> float:
         """The served version's holdout score; recomputed only when the version or holdout changed."""
         from train.model import accuracy
 
-        key = (self.version, self._holdout_seen)
+        key = (self.pub.version, self._holdout_seen)
         if self._served_score is None or self._served_score[0] != key:
             self._served_score = (key, accuracy(self.served, texts, labels))
         return self._served_score[1]
 
-    def _prune_acked(self) -> None:
-        """Forget ack times of events every live replica serves (call with the lock held)."""
-        now = time.time()
-        live = [v["log_offset"] for v in self.replicas.values() if now - v["reported_at"] < 30]
-        lowest = min(live, default=self.served_offset)
-        while self._acked and self._acked[0][0] <= lowest:
-            self._acked.popleft()
-
     def _hold_back(self, entry: dict) -> None:
+        """Back to the served weights, the optimiser state of what was touched reset with them."""
         self.held_back += 1
-        self.trainer.model.set_weights(self.served.model.get_weights())  # back to the served state
-        self.trainer.take_touched()
+        with self._model_lock:
+            weights = self.served.model.get_weights()
+        self.trainer.model.set_weights(weights)
+        self.trainer.reset_optimizer(self.trainer.take_touched())
         entry.update(published=False, version=None, bytes=0)
-        logger.warning("held back a candidate: holdout accuracy %.3f vs served %.3f (margin %.2f)",
-                       entry["holdout_accuracy"], entry["served_holdout_accuracy"], self.s.gate_margin)
+        logger.warning("held back a candidate: %s", entry["reason"])
 
     def _publish(self, entry: dict) -> None:
         from online_learning.weights import apply_update, make_delta, update_bytes
 
-        version = self.version + 1
+        pub = self.pub
+        version = max(pub.version, self._version_floor) + 1
         delta = make_delta(self.trainer.model, self.trainer.take_touched(), version, self.applied_offset)
-        apply_update(self.served.model, delta)
-        ref = ray.put(delta)
-        with self._lock:
-            self.deltas[version] = ref
-            for old in sorted(self.deltas)[: -self.s.retain_deltas]:
-                del self.deltas[old]
-            self.version, self.served_offset, self._full = version, self.applied_offset, None
-            if self.chain_base is None:
-                self.chain_base = version  # replicas behind this get full weights
-        self.served.version = version
+        with self._model_lock:
+            apply_update(self.served.model, delta, self._served_digest())
+            self.served.version = version
+            digest = self._digest.hexdigest()
+        delta.update(lineage=self.lineage, digest=digest)
+        deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
+        deltas[version] = ray.put(delta)
+        self.pub = Published(self.lineage, version, digest, self.applied_offset, pub.chain_base, time.time(), deltas)
+        self._version_floor = version
         self._write_state()
-        entry.update(published=True, version=version, bytes=update_bytes(delta), rows=int(delta["rows"].size))
+        entry.update(published=True, version=version, digest=digest, bytes=update_bytes(delta),
+                     rows=int(delta["rows"].size))
+
+    def _served_digest(self):
+        """The served mirror's WeightsDigest, kept current as deltas apply (call with the lock)."""
+        from online_learning.digest import model_digest
+
+        if getattr(self, "_digest_of", None) is not self.served:
+            self._digest, self._digest_of = model_digest(self.served.model), self.served
+        return self._digest
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         from train.model import save_model_dir
 
-        due = time.monotonic() - self._last_snapshot >= self.s.snapshot_interval_s
-        if not (force or due) or self.version <= (self.store.latest() or 0):
+        pub = self.pub
+        due = time.monotonic() - getattr(self, "_last_snapshot", 0.0) >= self.s.snapshot_interval_s
+        if pub is None or not (force or due) or pub.version <= self._store_seen:
             return
-        self.served.metrics = {**self.served.metrics, "log_offset": self.served_offset,
-                               "kind": "online-snapshot", "snapshot_at": time.time()}
-        with tempfile.TemporaryDirectory() as tmp:
-            save_model_dir(self.served, tmp)
-            self.store.publish(tmp, version=self.version)
         self._last_snapshot = time.monotonic()
-        logger.info("snapshot v%s (log offset %s) written to %s", self.version, self.served_offset, self.store.uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            with self._model_lock:  # the mirror as published under pub (the thread is its only writer)
+                self.served.metrics = {**self.served.metrics, "log_offset": pub.log_offset, "kind": "online-snapshot",
+                                       "lineage": pub.lineage, "digest": pub.digest, "base_version": self.base_version,
+                                       "snapshot_at": time.time()}
+                save_model_dir(self.served, tmp)
+            try:
+                self.store.publish(tmp, version=pub.version)
+            except ValueError as err:  # someone else took the number: our next publish goes above it
+                logger.warning("snapshot v%s not stored: %s", pub.version, err)
+                return
+        self._store_seen = max(self._store_seen, pub.version)
+        dropped = self.log.compact(pub.log_offset + 1)  # keeps `retain_events` for fine-tunes
+        if dropped:
+            logger.info("compacted %s feedback events below the snapshot's offset", dropped)
+        logger.info("snapshot %s/v%s (log offset %s) written to %s", pub.lineage, pub.version, pub.log_offset,
+                    self.store.uri)
 
     def _maybe_rebase(self) -> None:
-        """Adopt a fine-tuned base (python -m train --fine-tune) and replay the log after it."""
-        from online_learning.trainer import OnlineTrainer
-
-        latest = self.store.latest()
-        if latest is None or latest <= (self._store_seen or 0):
+        """Adopt a model someone else published to the store (a fine-tune or a plain retrain):
+        a new lineage on it, the log after its offset replayed (all of it for a plain retrain)."""
+        versions = self.store.versions()
+        newer = [v for v in versions if v > self._store_seen]
+        if not newer:
             return
-        self._store_seen = latest
+        self._store_seen = newer[-1]
+        latest = newer[-1]
         metrics = self.store.metrics(latest)
-        if metrics.get("kind") != "fine-tune":
-            return  # our own snapshot
-        trainer, served = OnlineTrainer(self.store.load(latest), self.s.learning_rate), self.store.load(latest)
-        offset = metrics.get("log_offset", -1)
-        with self._lock:
-            self.trainer, self.served = trainer, served
-            self.version = max(self.version, latest) + 1  # replicas on the old chain get full weights
-            self.served.version = self.version
-            self.chain_base, self.deltas, self._full = self.version, {}, None
-            self.served_offset = self.applied_offset = offset
-            self.applied_count = offset + 1
-            self._pending = self.log.read_from(offset + 1)  # what the fine-tune did not see
-        self._write_state()
-        self.history.append({"time": time.time(), "rebased_on": latest, "version": self.version, "published": True,
-                             "log_offset": offset, "bytes": 0, "events": 0})
-        logger.info("rebased on fine-tuned v%s as v%s; replaying %s events", latest, self.version, len(self._pending))
+        if metrics.get("kind") == "online-snapshot":
+            return  # a learner's own snapshot
+        rebase_from = self.pub
+        self._adopt(latest, reason=f"adopting {metrics.get('kind', 'a retrained model')} v{latest}")
+        self.pub = rebase_from  # replicas keep the current lineage until the new one has replayed
+        self.history.append({"time": time.time(), "rebased_on": latest, "lineage": self.lineage, "published": False,
+                             "log_offset": self.applied_offset, "bytes": 0, "events": 0})
 
     def _read_state(self) -> dict:
         path = Path(self.s.state_dir) / STATE_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _write_state(self) -> None:
+        """Durably: the numbers used so far are never reused after a crash."""
         path = Path(self.s.state_dir) / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": self.version, "log_offset": self.served_offset}))
-        os.replace(tmp, path)  # versions stay monotonic across restarts
+        pub = self.pub
+        state = {"version": max(self._version_floor, pub.version if pub else 0), "holdout_salt": self._salt,
+                 "lineage": pub.lineage if pub else None, "log_offset": pub.log_offset if pub else None}
+        with open(tmp, "w") as f:
+            f.write(json.dumps(state))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     # -- replicas --------------------------------------------------------------------------
-    async def updates_since(self, replica: str, version: int, log_offset: int) -> dict:
-        """What a replica at `version` needs: nothing, the deltas after it, or full weights."""
+    async def updates_since(self, replica: str, identity: dict) -> dict:
+        """What a replica holding `identity` (lineage, version, digest, log_offset) needs:
+        wait (no lineage published yet), none, relabel (same digest), deltas, or full weights.
+        Never blocks the event loop: full weights are built once per version in a thread."""
+        now = time.time()
+        self.replicas[replica] = {**identity, "reported_at": now}
+        self._max_reported = max(self._max_reported, identity.get("version") or 0)
+        self._forget_old_replicas(now)
+        self._prune_acked()
+        pub = self.pub
+        info = {"ready_offset": self.ready_offset, "published": pub is not None,
+                "published_at": pub.published_at if pub else None, **(pub.identity() if pub else {})}
+        if pub is None:
+            return {"kind": "wait", "learner": info}
+        same_weights = identity.get("digest") == pub.digest
+        if same_weights and identity.get("lineage") == pub.lineage and identity.get("version") == pub.version:
+            return {"kind": "none", "learner": info}
+        if same_weights:
+            return {"kind": "relabel", "learner": info}
+        wanted = range(identity.get("version", -1) + 1, pub.version + 1)
+        if (identity.get("lineage") == pub.lineage and wanted.start > pub.chain_base and len(wanted)
+                and all(v in pub.deltas for v in wanted)):
+            return {"kind": "deltas", "learner": info, "refs": [pub.deltas[v] for v in wanted]}
+        return {"kind": "full", "learner": info, "refs": [await self._full_ref()]}
+
+    async def _full_ref(self):
+        """One full copy per published version, built off the event loop and shared by callers."""
+        pub = self.pub
+        if self._full is None or self._full[0] != pub.version:
+            future = asyncio.get_running_loop().run_in_executor(None, self._build_full)
+            self._full = (pub.version, asyncio.ensure_future(future))
+        return await asyncio.shield(self._full[1])
+
+    def _build_full(self):
         from online_learning.weights import make_full
 
-        with self._lock:
-            self.replicas[replica] = {"version": version, "log_offset": log_offset, "reported_at": time.time()}
-            self._prune_acked()
-            current = self.version
-            if version == current:
-                return {"kind": "none", "version": current}
-            wanted = range(version + 1, current + 1)
-            if self.chain_base is not None and version >= self.chain_base and all(v in self.deltas for v in wanted):
-                return {"kind": "deltas", "version": current, "refs": [self.deltas[v] for v in wanted]}
-            if self._full is None or self._full[0] != current:
-                self._full = (current, ray.put(make_full(self.served.model, current, self.served_offset)))
-            return {"kind": "full", "version": current, "refs": [self._full[1]]}
+        with self._model_lock:  # the mirror and self.pub change together under this lock
+            pub = self.pub
+            full = make_full(self.served.model, pub.version, pub.log_offset)
+        full.update(lineage=pub.lineage, digest=pub.digest)
+        return ray.put(full)
+
+    def _forget_old_replicas(self, now: float) -> None:
+        for name in [r for r, v in self.replicas.items() if now - v["reported_at"] > 300]:
+            del self.replicas[name]
+
+    def _prune_acked(self) -> None:
+        """Forget ack times of events every live replica serves."""
+        now = time.time()
+        live = [v["log_offset"] for v in self.replicas.values() if now - v["reported_at"] < 30]
+        lowest = min(live, default=self.pub.log_offset if self.pub else -1)
+        while self._acked and self._acked[0][0] <= lowest:
+            self._acked.popleft()
 
     async def status(self) -> dict:
         now = time.time()
-        with self._lock:
-            live = {r: v for r, v in self.replicas.items() if now - v["reported_at"] < 30}
-            self._prune_acked()
-            oldest_unserved = self._acked[0][1] if self._acked else None
-            return {
-                "version": self.version, "applied_offset": self.applied_offset, "applied_count": self.applied_count,
-                "served_offset": self.served_offset, "log_length": len(self.log), "replayed_on_start": self.replayed,
-                "pending": len(self._pending), "held_back": self.held_back, "pid": os.getpid(),
-                "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
-                "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
-                "replicas": live, "history": list(self.history)[-50:],
-            }
+        self._prune_acked()
+        pub = self.pub
+        live = {r: v for r, v in self.replicas.items() if now - v["reported_at"] < 30}
+        oldest_unserved = self._acked[0][1] if self._acked else None
+        return {
+            "lineage": pub.lineage if pub else None, "version": pub.version if pub else None,
+            "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
+            "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
+            "base_version": self.base_version, "ready_offset": self.ready_offset,
+            "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
+            "log_length": len(self.log), "replayed_on_start": self.replayed,
+            "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
+            "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
+            "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
+            "replicas": live, "history": list(self.history)[-50:],
+        }
 
     async def check_health(self) -> None:
         if not self._thread.is_alive():

@@ -19,12 +19,27 @@ class LearnerSettings(BaseModel):
     replay_events: int = Field(128, ge=0, description="earlier feedback re-trained with each round, at least")
     replay_ratio: int = Field(2, ge=0, description="...or this many times the round's new events, if more")
     followup_rounds: int = Field(6, ge=0, description="replay-only rounds after new events: a burst is learned, not skimmed")
-    base_replay_events: int = Field(32, ge=0, description="base training examples per round, against forgetting")
+    base_replay_events: int = Field(32, ge=0, description="base training examples per round, at least, against forgetting")
+    base_replay_ratio: float = Field(1.0, ge=0, description="...or this many times the round's new events, if more")
+    base_repair_rounds: int = Field(2, ge=0, description="base rehearsal passes for a candidate that failed only the base check")
+    base_repair_examples: int = Field(256, ge=1, description="base examples per rehearsal pass")
     holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
-    holdout_base_examples: int = Field(300, ge=0, description="base test examples in the gate's holdout")
-    gate_margin: float = Field(0.05, ge=0, le=1, description="hold back a candidate this much below the served accuracy")
+    holdout_base_examples: int = Field(600, ge=0, description="base test examples in the gate's holdout")
+    gate_margin: float = Field(0.05, ge=0, le=1,
+                               description="hold back a candidate this much below the served feedback-holdout accuracy")
+    max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
+                                 "this much below the lineage's anchor (the base it started from)")
+    max_round_events: int = Field(2048, ge=1, description="new events trained in one round (read from the log)")
+    staleness_hard_limit_s: float | None = Field(
+        120.0, gt=0, description="a replica that reaches the learner but stays behind this long fails its health "
+        "check so Serve replaces it (null: never)")
+    startup_sync_timeout_s: float = Field(60.0, gt=0, description="a new replica waits this long for the learner's "
+                                          "current weights before it takes traffic on the store's version")
     retain_deltas: int = Field(50, ge=1, description="deltas kept for replicas that are a few versions behind")
     snapshot_interval_s: float = Field(60.0, gt=0, description="full snapshot into the model store at most this often")
+    log_segment_events: int = Field(50_000, ge=1, description="events per feedback log segment file")
+    log_retain_events: int = Field(100_000, ge=0, description="events kept below the newest snapshot's offset when "
+                                   "the log is compacted (a fine-tune reads them)")
     feedback_token_env: str = Field("TEXTSERVE_FEEDBACK_TOKEN", description="env var holding the feedback bearer token")
     max_events: int = Field(256, ge=1, description="most events in one /v1/feedback request")
     rate_limit_per_s: float = Field(200.0, gt=0, description="feedback requests per second per client, app-wide")

@@ -69,6 +69,18 @@ class OnlineTrainer:
             self.steps += 1
         return float(np.mean(losses)) if losses else float("nan")
 
+    def reset_optimizer(self, rows: set[int]) -> None:
+        """Forget the moments a held-back candidate built: its embedding rows' and the dense
+        weights' (the weights themselves are restored by the caller)."""
+        if rows:
+            index = tf.constant(sorted(rows), dtype=tf.int64)
+            zeros = tf.zeros((len(rows), self._emb.shape[1]))
+            self._m.scatter_update(tf.IndexedSlices(zeros, index))
+            self._v.scatter_update(tf.IndexedSlices(zeros, index))
+        for var in self._opt.variables:  # Adam's per-weight moments, not its step count or rate
+            if var.path.endswith(("_momentum", "_velocity")):
+                var.assign(tf.zeros_like(var))
+
     def take_touched(self) -> set[int]:
         touched, self.touched = self.touched, set()
         return touched

@@ -44,15 +44,24 @@ def make_full(model, version: int, log_offset: int) -> dict:
     }
 
 
-def apply_update(model, update: dict) -> None:
-    """Write an update into a model's variables (caller makes sure no batch runs meanwhile)."""
+def apply_update(model, update: dict, digest=None) -> None:
+    """Write an update into a model's variables (caller makes sure no batch runs meanwhile).
+
+    `digest` (a WeightsDigest of the model) follows the change: rows incrementally, dense weights
+    rehashed; after a full update the caller computes it afresh."""
     emb = embedding_variable(model)
     if update["kind"] == "full":
         emb.assign(update["embedding"])
     elif update["rows"].size:
+        if digest is not None:
+            old = tf.gather(emb.value, update["rows"]).numpy()
         emb.value.scatter_update(tf.IndexedSlices(update["row_values"], update["rows"]))
+        if digest is not None:
+            digest.update_rows(update["rows"], old, update["row_values"])
     for var, value in zip(dense_variables(model), update["dense"]):
         var.assign(value)
+    if digest is not None and update["kind"] != "full":
+        digest.set_dense(update["dense"])
 
 
 def update_bytes(update: dict) -> int:

@@ -69,6 +69,10 @@ class Classifier:
         self._errors = metrics.Counter("textserve_request_errors", "rejected requests by code", tag_keys=("code",))
         self._last_batch_size = 0
         self._sync_error: str | None = None
+        self._learner_info: dict | None = None  # what the learner serves, from its last reply
+        self._fresh_at = time.time()  # when this replica last knew it held the learner's version
+        self._staleness_gauge = metrics.Gauge("textserve_replica_staleness_s", "seconds since this replica last "
+                                              "held the learner's current version", tag_keys=("replica",))
         self._client_header = trusted_client_header()  # set by our HAProxy, or None: use the peer
         limits = self.settings.learner or LearnerSettings()  # for /v1/model when there is no learner to ask
         self._local_limiter = FeedbackLimiter(limits.rate_limit_per_s, limits.rate_burst, limits.auth_fail_rate_per_s,
@@ -76,10 +80,10 @@ class Classifier:
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pool, self._try_load) and self._learner is not None:
             try:  # catch up with the learner before taking traffic
-                await asyncio.wait_for(self._sync_with_learner(), timeout=60)
+                await asyncio.wait_for(self._catch_up(), timeout=self.settings.learner.startup_sync_timeout_s)
             except Exception as err:  # learner down: serve the store's version rather than nothing
                 self._sync_error = repr(err)
-                logger.warning("started on v%s without the learner (%r)", self._model.version, err)
+                logger.warning("started on v%s without the learner's current weights (%r)", self._model.version, err)
         self._poller = loop.create_task(self._follow())
 
     # -- model ---------------------------------------------------------------------------
@@ -114,15 +118,53 @@ class Classifier:
                 if self._sync_error is None:
                     logger.warning("cannot reach the learner (%r); serving v%s meanwhile", err, self._model.version)
                 self._sync_error = repr(err)
+            self._staleness_gauge.set(self._staleness_s(), tags={"replica": self._replica})
+
+    async def _catch_up(self) -> None:
+        """Sync until this replica is ready: on the learner's lineage, or holding every event the
+        learner had acknowledged when it began it (while it replays)."""
+        while True:
+            await self._sync_with_learner()
+            if self._readiness()[0]:
+                return
+            await asyncio.sleep(self.settings.learner.replica_poll_s)
 
     async def _sync_with_learner(self) -> None:
+        from serve.runner import DigestMismatch
+
         served = self._model
-        reply = await self._learner.updates_since.remote(self._replica, served.version, served.log_offset)
-        if reply["kind"] == "none":
-            return
-        updates = list(await asyncio.gather(*reply["refs"]))  # fetched from this node's object store
-        await asyncio.get_running_loop().run_in_executor(self._pool, served.apply, updates)
+        reply = await self._learner.updates_since.remote(self._replica, served.identity)
+        info, kind = reply["learner"], reply["kind"]
+        loop = asyncio.get_running_loop()
+        try:
+            if kind == "relabel":
+                await loop.run_in_executor(self._pool, served.relabel, info)
+            elif kind in ("deltas", "full"):
+                updates = list(await asyncio.gather(*reply["refs"]))  # from this node's object store
+                await loop.run_in_executor(self._pool, served.apply, updates)
+        except DigestMismatch as err:  # the next poll brings full weights
+            logger.error("replica %s: %s", self._replica, err)
+        self._learner_info = info
+        if not info["published"] or served.identity == {k: info[k] for k in ("lineage", "version", "digest", "log_offset")}:
+            self._fresh_at = time.time()
         self._version_gauge.set(served.version, tags={"replica": self._replica})
+
+    def _staleness_s(self) -> float:
+        return time.time() - self._fresh_at
+
+    def _readiness(self) -> tuple[bool, str]:
+        """(ready, why). Ready: a model, and the learner's current lineage (or, while it replays,
+        every event it had acknowledged); without a reachable learner, whatever this replica has."""
+        served, info = self._model, self._learner_info
+        if served is None:
+            return False, "no_model"
+        if self._learner is None:
+            return True, "ready"
+        if self._sync_error is not None or info is None:
+            return True, "learner_unreachable"
+        if served.lineage == info.get("lineage") or served.log_offset >= info["ready_offset"]:
+            return True, "ready"
+        return False, "catching_up"
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = parse_settings(BatchSettings, user_config, "Classifier user_config")
@@ -133,6 +175,10 @@ class Classifier:
         poller = getattr(self, "_poller", None)
         if poller is not None and poller.done() and poller.exception() is not None:
             raise RuntimeError(f"model store polling failed: {poller.exception()!r}")
+        limit = self.settings.learner.staleness_hard_limit_s if self.settings.learner else None
+        # Only while the learner answers: if it is down, a new replica would be no fresher.
+        if limit and self._sync_error is None and self._staleness_s() > limit:
+            raise RuntimeError(f"{self._staleness_s():.0f} s behind the learner (hard limit {limit} s)")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _classify(self, texts: list[str], top_ks: list[int]) -> list:
@@ -189,6 +235,8 @@ class Classifier:
                 raise auth_error
             if self._model is None:
                 raise RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"})
+            if self._sync_error is not None:  # known down (polled every replica_poll_s): no 10 s wait
+                raise RequestError(503, "learner_unavailable", "the learner is restarting; retry", {"Retry-After": "2"})
             body = await read_body(request, self.settings.max_body_bytes)
             events = parse_feedback(body, self.settings, cfg, self._model.label_set)
         except RequestError as err:
@@ -199,6 +247,11 @@ class Classifier:
             logger.warning("feedback not accepted, learner unavailable: %r", err)
             return self._reject(RequestError(503, "learner_unavailable", "the learner is restarting; retry",
                                              {"Retry-After": "2"}))
+        if "write_error" in reply:
+            failed = reply["write_error"]
+            return self._reject(RequestError(
+                507, "log_write_failed", f"the feedback log could not be written ({failed['errno']}); nothing in this "
+                "request was acknowledged; retry later", {"Retry-After": "30"}, detail={"errno": failed["errno"]}))
         if "conflict" in reply:
             clash = reply["conflict"]
             return self._reject(RequestError(
@@ -247,9 +300,15 @@ class Classifier:
                 learner = await asyncio.wait_for(self._learner.status.remote(), timeout=5)
             except Exception as err:  # report it; the replica's own part still answers
                 learner = {"error": repr(err)}
+        ready, why = self._readiness()
         return json_response({
             "learner": learner,
             "log_offset": served.log_offset if served else None,
+            "lineage": served.lineage if served else None,
+            "weights_digest": served.digest if served else None,
+            "ready": ready, "readiness": why,
+            "staleness_s": self._staleness_s() if self._learner is not None else None,
+            "stale": self._learner is not None and self._staleness_s() > self.settings.learner.max_staleness_s,
             "learner_sync_error": self._sync_error,
             "replica": self._replica,
             "pid": os.getpid(),
@@ -265,8 +324,17 @@ class Classifier:
             "time": time.time(),
         })
 
-    @api.get("/healthz", summary="200 once a model is loaded, 503 before")
+    @api.get("/healthz", summary="200 once this replica serves the learner's current weights (or the store's "
+                                 "newest while the learner is unreachable, said in 'learner'); 503 before")
     async def healthz(self):
-        if self._model is None:
+        ready, why = self._readiness()
+        if why == "no_model":
             return error_response(RequestError(503, "no_model", "no model loaded yet", {"Retry-After": "5"}))
-        return json_response({"status": "ready", "model_version": self._model.version})
+        if not ready:
+            return error_response(RequestError(503, "catching_up", "loading the learner's current weights",
+                                               {"Retry-After": "1"}))
+        body = {"status": "ready", "model_version": self._model.version}
+        if self._learner is not None:
+            body["learner"] = "unreachable" if why == "learner_unreachable" else "in_sync"
+            body["staleness_s"] = round(self._staleness_s(), 3)
+        return json_response(body)

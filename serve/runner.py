@@ -13,11 +13,21 @@ from serve.requests import ModelError
 from train.model import LoadedModel
 
 
+class DigestMismatch(RuntimeError):
+    """The weights after an update are not the ones the learner published under that version."""
+
+
 class ServedModel:
     def __init__(self, loaded: LoadedModel):
+        from online_learning.digest import model_digest
+
         self.loaded = loaded
         self.version = loaded.version
+        # A store version is named by the lineage that wrote it (a learner snapshot), else by itself.
+        self.lineage = loaded.metrics.get("lineage") or f"store-v{loaded.version}"
         self.log_offset = loaded.metrics.get("log_offset", -1)  # newest feedback event included
+        self._digest = model_digest(loaded.model)  # of the weights this replica holds, computed here
+        self.digest = self._digest.hexdigest()
         self.labels = np.array(loaded.labels, dtype=object)
         self.label_set = frozenset(loaded.labels)  # feedback labels are checked against it
         self._fn = loaded.predict_fn()
@@ -53,12 +63,36 @@ class ServedModel:
                 answers.append(ModelError(repr(err)))
         return answers
 
+    @property
+    def identity(self) -> dict:
+        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
+
     def apply(self, updates: list[dict]) -> None:
-        """Runs on the model thread. Updates are in version order; stale ones are skipped."""
+        """Runs on the model thread. Deltas apply only in order on their own lineage; after each
+        update the digest of the weights now held must be the one the learner published, else
+        this replica names no lineage (its next poll gets full weights) and DigestMismatch."""
+        from online_learning.digest import model_digest
         from online_learning.weights import apply_update
 
         for update in updates:
-            if update["kind"] == "delta" and update["version"] <= self.version:
-                continue
-            apply_update(self.loaded.model, update)
-            self.version, self.log_offset = update["version"], update["log_offset"]
+            if update["kind"] == "delta" and (update["lineage"] != self.lineage or update["version"] != self.version + 1):
+                # nothing applied: the weights still match the identity
+                raise DigestMismatch(f"delta {update['lineage']}/v{update['version']} does not follow "
+                                     f"{self.lineage}/v{self.version}")
+            apply_update(self.loaded.model, update, self._digest)
+            if update["kind"] == "full":
+                self._digest = model_digest(self.loaded.model)
+            self.version, self.log_offset, self.lineage = update["version"], update["log_offset"], update["lineage"]
+            self.digest = self._digest.hexdigest()
+            if self.digest != update["digest"]:
+                # Never answer under a number these weights do not have: version 0 names no
+                # published version; the next poll brings full weights.
+                self.lineage, self.version, self.log_offset = f"diverged-{self.digest}", 0, -1
+                raise DigestMismatch(f"weights after {update['lineage']}/v{update['version']} have digest "
+                                     f"{self.digest}, the learner published {update['digest']}")
+
+    def relabel(self, identity: dict) -> None:
+        """Same weights (equal digests), the learner's name for them: no weights move."""
+        if identity["digest"] != self.digest:
+            raise DigestMismatch(f"relabel to {identity['digest']} but this replica holds {self.digest}")
+        self.lineage, self.version, self.log_offset = identity["lineage"], identity["version"], identity["log_offset"]

@@ -13,6 +13,7 @@ import time
 import pytest
 import requests
 
+from online_learning.feedback_log import FeedbackLogReader
 from online_learning.send import send
 from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until
 from train.data import DataSpec, load_dataset
@@ -188,11 +189,9 @@ def test_poisoned_stream_is_held_back(online):
     finally:
         print(json.dumps(learner_status(url)["history"][-8:], indent=0))
     after_acc, _ = served_accuracy(url, en.test)
-    margin = 0.05
-    assert after_acc >= base_acc - margin, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
-    history = learner_status(url)["history"]
-    assert any(not h["published"] for h in history)
-    assert all(h["holdout_accuracy"] >= h["served_holdout_accuracy"] - margin for h in history if h["published"] and "holdout_accuracy" in h)
+    # The outcome: what the replicas answer on English held-out sentences barely moved (the gate
+    # allows 1 point against the lineage's anchor on its own base holdout; 2 here for sampling).
+    assert after_acc >= base_acc - 0.02, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
 
 
 def learner_pid() -> int | None:
@@ -209,6 +208,7 @@ def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
     events = events_from(en.train[:1200], "kill")
     old_pid = learner_pid()
     assert old_pid
+    before_kill = learner_status(url)
     predictions: list[int] = []
     resets: list[float] = []
     stop = threading.Event()
@@ -239,23 +239,32 @@ def test_kill_9_learner_mid_stream_loses_nothing_and_applies_once(online):
     status = wait_until(settled, timeout=180, what="every logged event applied")
     stop.set()
     reader.join(timeout=60)
-    logged = [json.loads(line) for line in open(os.path.join(online["state"], "feedback.jsonl"), encoding="utf-8")]
-    ids = [r["event_id"] for r in logged]
+    logged = FeedbackLogReader(online["state"]).read_from(0)
+    ids = [e.event_id for e in logged]
     assert len(ids) == len(set(ids))  # idempotent: retries after the kill wrote nothing twice
     assert {f"kill-{i}" for i in range(len(events))} <= set(ids)  # every acknowledged event is there
-    assert [r["offset"] for r in logged] == list(range(len(logged)))
-    assert status["applied_count"] == len(logged)  # snapshot offset + replay: each event exactly once
+    assert [e.offset for e in logged] == list(range(len(logged)))
+    converged = wait_until(lambda: replicas_converged(url), timeout=60, what="replicas on the learner's weights")
+    assert converged["replaying"] is False and converged["lineage"] != before_kill["lineage"]  # a new lineage
+    assert converged["version"] > before_kill["version"]  # numbered above everything before the kill
     assert predictions and set(predictions) == {200}, set(predictions)
     assert len(resets) <= 2, f"{len(resets)} connection resets in {len(predictions)} predictions"
     print(f"\n{len(predictions)} predictions during the kill, all 200; {len(resets)} connection reset(s), retried")
 
 
+def replicas_converged(url) -> dict | None:
+    """The learner's status once every live replica reports exactly its (lineage, version,
+    digest): digests each replica computed from the weights it holds, not copied names."""
+    s = learner_status(url)
+    live = [r for r in s.get("replicas", {}).values() if time.time() - r["reported_at"] < 5]
+    want = (s.get("lineage"), s.get("version"), s.get("digest"))
+    ok = s.get("digest") and len(live) >= 2 and all((r["lineage"], r["version"], r["digest"]) == want for r in live)
+    return s if ok else None
+
+
 def _log_tail(state_dir: str) -> list[dict]:
-    path = os.path.join(state_dir, "feedback.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f.readlines()[-5:] if line.endswith("\n")]
+    reader = FeedbackLogReader(state_dir)
+    return [{"event_id": e.event_id} for e in reader.read_from(max(reader.first_offset, len(reader) - 5))]
 
 
 def test_fine_tune_publishes_a_new_base_and_the_learner_rebases(online):
@@ -272,12 +281,10 @@ def test_fine_tune_publishes_a_new_base_and_the_learner_rebases(online):
     assert metrics["kind"] == "fine-tune" and metrics["log_offset"] == before["log_length"] - 1
 
     def rebased():
-        s = learner_status(url)
-        rebase = [h for h in s["history"] if h.get("rebased_on") == outcome.version]
-        live = s["replicas"].values()
-        return rebase and live and all(r["version"] >= rebase[0]["version"] for r in live) and s
+        s = replicas_converged(url)
+        return s and s["base_version"] == outcome.version and s["pending"] == 0 and s
     status = wait_until(rebased, timeout=120, what="learner rebased and replicas on the new base")
-    assert status["applied_count"] == status["log_length"]
+    assert status["version"] > outcome.version
     ko = load_dataset(DataSpec(langs=("ko",)))
     acc, versions = served_accuracy(url, ko.test)
     assert acc >= 0.8, acc  # the fine-tune trained on the Korean feedback in the log
