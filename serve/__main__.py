@@ -8,6 +8,10 @@ stops the HAProxy that Ray may leave behind and removes HAProxy's folder.
 
 python -m serve env [DIR]: print those variables as `export` lines, for a plain `serve run` or
 `ray start` in a shell (HAProxy's files then go to DIR, default /tmp/textserve-ingress).
+
+The local Ray that `serve run` starts requires Ray's token (Ray 2.60 turns token authentication
+on for local instances and keeps the token in ~/.ray/auth_token), and a CLI in another shell sends
+it only with RAY_AUTH_MODE=token; `python -m serve run` prints that line when it starts.
 """
 
 from __future__ import annotations
@@ -25,6 +29,21 @@ from serve.ingress import HardenedIngress, fast_ingress_env
 DEFAULT_CONFIG = "cluster/serve_local.yaml"
 
 
+def auth_hint() -> str | None:
+    """How another shell's `serve status` / `ray status` / dashboard get Ray's token; None when off."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "the same RAY_AUTH_TOKEN as this shell"
+    elif os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        where = f"export RAY_AUTH_TOKEN_PATH={shlex.quote(os.environ['RAY_AUTH_TOKEN_PATH'])}"
+    else:
+        where = "token in ~/.ray/auth_token, which Ray writes on its first start"
+    return ("Ray token authentication is on. For serve status, ray status and ray job in another shell:\n"
+            f"  export RAY_AUTH_MODE=token      # {where}\n"
+            "  the dashboard (its address follows below) asks for the token: `ray get-auth-token` prints it")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "env":
@@ -40,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         rest = [DEFAULT_CONFIG, *rest]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow C++ start-up chatter
     serve_cli = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
+    if hint := auth_hint():
+        print(hint, flush=True)
     with HardenedIngress() as ingress_env:
         child = subprocess.Popen([serve_cli, "run", *rest], env={**os.environ, **ingress_env})
         for sig in (signal.SIGINT, signal.SIGTERM):  # pass Ctrl-C / kill on to serve run

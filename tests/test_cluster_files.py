@@ -137,3 +137,73 @@ def test_the_schema_rejects_what_kubernetes_would(path, value, where):
     node[path[-1]] = value
     errors = list(_validator().iter_errors(doc))
     assert errors and any(where in (e.message + "/".join(map(str, e.absolute_path))) for e in errors), errors
+
+
+# --- every command in docs/SCALING.md runs as written, as far as this machine can tell ---
+
+def _doc_commands(path: Path) -> list[list[str]]:
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if argv := shlex.split(line, comments=True):
+                commands.append(argv)
+    return commands
+
+
+def _cli_help(cli: str, sub: list[str]) -> str:
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / cli)
+    proc = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (cli, sub, proc.stderr[-2000:])
+    return proc.stdout
+
+
+def _check_flags(cli: str, argv: list[str]) -> None:
+    sub = argv[:2] if argv[0] == "job" else argv[:1]
+    help_text = _cli_help(cli, sub)
+    for arg in argv[len(sub):]:
+        if arg.startswith("--"):
+            assert arg.split("=")[0] in help_text, f"{cli} {' '.join(sub)} has no {arg.split('=')[0]}"
+        elif arg.endswith(".yaml"):
+            assert (CLUSTER.parent / arg).exists(), arg
+
+
+def _check_python_m_train(argv: list[str]) -> None:
+    from train.__main__ import parse_args
+
+    try:
+        parse_args(argv)
+    except SystemExit as err:  # argparse's error
+        raise AssertionError(f"python -m train {' '.join(argv)}: rejected ({err})") from err
+
+
+def test_every_command_in_scaling_md_parses():
+    checked, not_here = [], []
+    for argv in _doc_commands(CLUSTER.parent / "docs" / "SCALING.md"):
+        if argv[:3] == ["python", "-m", "train"]:
+            _check_python_m_train(argv[3:])
+        elif argv[:3] == ["python", "-m", "cluster"]:
+            if argv[3] == "kuberay":
+                assert drift() is None
+            else:
+                assert all(check_file(CLUSTER.parent / f) == [] for f in argv[4:])
+        elif argv[:3] == ["ray", "job", "submit"]:
+            split = argv.index("--")
+            _check_flags("ray", argv[1:split])
+            assert argv[split + 1:split + 4] == ["python", "-m", "train"]
+            _check_python_m_train(argv[split + 4:])
+        elif argv[0] in ("ray", "serve"):
+            _check_flags(argv[0], argv[1:])
+        else:  # pip, export, cd, kubectl: nothing to run them against here
+            not_here.append(argv[0])
+            continue
+        checked.append(" ".join(argv))
+    fine_tune = [c for c in checked if "--fine-tune" in c]
+    assert fine_tune and all("--storage-path" in c for c in fine_tune)  # multi-node runs need it
+    assert any(c.startswith("ray get-auth-token --generate") for c in checked)
+    assert set(not_here) <= {"pip", "export", "cd", "kubectl"}, not_here

@@ -41,6 +41,7 @@ def run_cli(*args):
         (["--langs", "en,xx"], "unsupported language(s) ['xx']"),
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--gpus-per-worker", "0"], "gpus_per_worker (0.0) needs use_gpu and a positive number"),
     ],
 )
 def test_cli_rejects_bad_options(args, message):
@@ -57,7 +58,8 @@ def test_cli_bad_data_file_named_before_ray_starts(tmp_path):
 
 def test_cli_help_lists_every_option():
     out = run_cli("--help").stdout
-    for option in ("--size", "--langs", "--data", "--epochs", "--use-gpu", "--store", "--steps-per-epoch"):
+    for option in ("--size", "--langs", "--data", "--epochs", "--use-gpu", "--gpus-per-worker", "--store",
+                   "--steps-per-epoch"):
         assert option in out
 
 
@@ -70,7 +72,36 @@ def _gpus() -> int:
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpus() == 0, reason="no GPU visible to TensorFlow on this machine")
 def test_train_on_gpu(ray_cluster, tmp_path):
+    """One GPU: the default strategy; several: --gpus-per-worker N gives the worker all of them
+    and the model trains under MirroredStrategy."""
+    n = _gpus()
     cfg = TrainConfig(size="small", data=DataSpec(langs=("en",)), epochs=1, use_gpu=True,
+                      gpus_per_worker=n if n > 1 else None,
                       store_uri=str(tmp_path / "store"), storage_path=str(tmp_path / "runs"))
     outcome = run_training(cfg)
-    assert "GPU" in outcome.metrics["device"]
+    device = outcome.metrics["device"]
+    assert device.startswith(f"{n} GPU"), device
+    assert ("MirroredStrategy" in device) == (n > 1), device
+
+
+@pytest.mark.skipif(_gpus() > 0, reason="checks the refusal on a machine without a GPU")
+def test_cli_refuses_use_gpu_without_a_gpu_before_training(tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-m", "train", "--use-gpu", "--epochs", "1", "--store", str(store),
+                           "--storage-path", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: --use-gpu: the Ray cluster has no node with 1 GPU(s)" in proc.stderr
+    assert "train on CPU without --use-gpu" in proc.stderr
+    assert "[train] small model" not in proc.stdout + proc.stderr  # no training worker started
+    assert not store.exists() or not any(store.iterdir())
+
+
+def test_a_ray_up_gpu_node_type_counts_as_gpu_capacity(tmp_path):
+    from train.job import _autoscaled_gpus
+
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    assert _autoscaled_gpus(bootstrap) == 0  # not on a ray up head
+    bootstrap.write_text("available_node_types:\n  head: {resources: {learner: 1}}\n"
+                         "  gpu_trainer: {resources: {GPU: 4, trainer: 1}}\n")
+    assert _autoscaled_gpus(bootstrap) == 4

@@ -29,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     p.add_argument("--steps-per-epoch", type=int, help="cap each epoch at this many batches")
-    p.add_argument("--use-gpu", action="store_true", help="train on a GPU node (Ray schedules the worker there)")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="train on a GPU (Ray schedules the worker on a node with one); without it training "
+                        "runs on CPU. Refused when the Ray cluster has no GPU and cannot start a node with one")
+    p.add_argument("--gpus-per-worker", type=float, metavar="N",
+                   help="GPUs for the training worker (implies --use-gpu; default 1); N > 1 trains on all of "
+                        "them with MirroredStrategy (one node: Keras 3 has no multi-worker strategy)")
     p.add_argument("--store", metavar="URI",
                    help="model store: a folder or s3://, gs://, ... (default: $TEXTSERVE_MODEL_STORE or ./artifacts/models)")
     p.add_argument("--fine-tune", action="store_true",
@@ -48,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         return TrainConfig(
             size=a.size, data=DataSpec(langs=langs, path=a.data, seed=a.seed), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
-            use_gpu=a.use_gpu, store_uri=a.store, storage_path=a.storage_path,
+            use_gpu=a.use_gpu or a.gpus_per_worker is not None, gpus_per_worker=a.gpus_per_worker,
+            store_uri=a.store, storage_path=a.storage_path,
             fine_tune=a.fine_tune, feedback_dir=a.feedback_dir, cpus_per_worker=a.cpus_per_worker,
             worker_resources=a.worker_resources,
         )
@@ -70,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         except DataFileError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    from train.job import run_training
+    from train.job import NoGpuError, run_training
 
-    outcome = run_training(cfg)
+    try:
+        outcome = run_training(cfg)
+    except NoGpuError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     m = outcome.metrics
     print(f"\npublished model version {outcome.version} -> {outcome.uri}")
     print(f"  size {cfg.size}, {m['parameters']:,} parameters, best epoch {m['epoch']}")

@@ -1,7 +1,9 @@
 """The Ray Train job: train one model with TensorflowTrainer, publish the best epoch to the store.
 
 One worker: Keras 3 has no MultiWorkerMirroredStrategy (keras-team/keras#20585), so a run uses
-one node; several GPUs on that node train together through MirroredStrategy.
+one node; several GPUs on that node train together through MirroredStrategy. Ray gives a worker
+one GPU unless asked for more (`gpus_per_worker`, `--gpus-per-worker N`), so MirroredStrategy
+runs only with N > 1.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     steps_per_epoch: int | None = None  # cap an epoch (quick throughput measurements)
     use_gpu: bool = False
+    gpus_per_worker: float | None = None  # None: Ray's default with use_gpu (one GPU)
     store_uri: str | None = None  # None: the default model store
     storage_path: str = "artifacts/ray_results"  # Ray Train's checkpoints and run state
     cpus_per_worker: float = 1.0
@@ -44,6 +47,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
+            raise ValueError(f"gpus_per_worker ({self.gpus_per_worker}) needs use_gpu and a positive number")
 
     @property
     def num_epochs(self) -> int:
@@ -69,13 +74,17 @@ def _train_loop_per_worker(config: dict) -> None:
 
     spec = DataSpec(**{**config["data"], "langs": tuple(config["data"]["langs"])})
     splits = load_dataset(spec)
+    gpus = tf.config.list_physical_devices("GPU")
+    # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs: several only with gpus_per_worker > 1
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     start = config.get("init_from")
     labels = splits.labels
     if start:  # fine-tune: the published model's labels and weights, base data + feedback
         from train.data import Example
         from train.store import ModelStore
 
-        base = ModelStore(start["store"]).load(start["version"])
+        with strategy.scope():  # its variables must be created under the strategy (mirrored on each GPU)
+            base = ModelStore(start["store"]).load(start["version"])
         labels = base.labels
         feedback = [Example(t, y, "feedback") for t, y in config["feedback"]]
         train = [e for e in splits.train + feedback if e.label in set(labels)]
@@ -91,12 +100,11 @@ def _train_loop_per_worker(config: dict) -> None:
         ds = ds.batch(config["batch_size"])
         return (ds.repeat() if config["steps_per_epoch"] else ds).prefetch(2)
 
-    gpus = tf.config.list_physical_devices("GPU")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     with strategy.scope():
         loaded = base if start else new_model(config["size"], labels)
         compile_for_training(loaded.model, config["learning_rate"])
-    device = f"{len(gpus)} GPU" if gpus else "CPU"
+    device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
+              else "CPU")
     print(f"[train] {config['size']} model, {loaded.model.count_params():,} parameters, on {device}; "
           f"{len(splits.train)} train / {len(splits.validation)} validation examples")
 
@@ -143,10 +151,47 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     if started_ray:
         ray.init()  # with the dashboard: Train V2's clean-up watcher asks the state API
     try:
+        if cfg.use_gpu:
+            print(f"[train] {check_gpu_capacity(cfg)}")
         return _fit_and_publish(cfg, store)
     finally:
         if started_ray:
             ray.shutdown()  # a local Ray started here goes with it
+
+
+class NoGpuError(RuntimeError):
+    """--use-gpu on a Ray cluster that has no GPU and cannot start a node with one."""
+
+
+def _autoscaled_gpus(bootstrap: Path = Path("~/ray_bootstrap_config.yaml").expanduser()) -> float:
+    """The most GPUs one node type of a `ray up` cluster's autoscaler can start (0 elsewhere).
+
+    A job driver runs on the head, where `ray up` leaves the autoscaler's config with every node
+    type's resources filled in (a GPU node type may have no node running: min_workers 0).
+    """
+    import yaml
+
+    if not bootstrap.exists():
+        return 0
+    types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types") or {}
+    return max([float((t.get("resources") or {}).get("GPU", 0)) for t in types.values()] + [0])
+
+
+def check_gpu_capacity(cfg: TrainConfig) -> str:
+    """Where the GPUs come from, or NoGpuError before training starts when there are none."""
+    import ray
+
+    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    wanted = cfg.gpus_per_worker or 1
+    if max(per_node + [0]) >= wanted:
+        return f"GPUs per node in this Ray cluster: {per_node}; the worker asks for {wanted}"
+    scalable = _autoscaled_gpus()
+    if scalable >= wanted:
+        return f"no node has {wanted} GPU(s) now; the autoscaler can start one with {scalable:g}"
+    raise NoGpuError(
+        f"--use-gpu: the Ray cluster has no node with {wanted:g} GPU(s) (GPUs per node: {per_node or 'no nodes'}) "
+        "and no autoscaler node type with them; train on CPU without --use-gpu, or start a node with a GPU "
+        "(docs/TRAINING.md)")
 
 
 def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
@@ -177,22 +222,6 @@ def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
     return extra, last
 
 
-def _publish_fine_tuned(cfg: TrainConfig, store, folder: str) -> int:
-    """Publish above every version in the store and every version the learner has published."""
-    import json
-
-    from online_learning.learner import STATE_FILE
-
-    state = Path(cfg.feedback_dir, STATE_FILE)
-    for _ in range(5):  # the learner may write a snapshot meanwhile: take the next number then
-        learner_version = json.loads(state.read_text())["version"] if state.exists() else 0
-        try:
-            return store.publish(folder, version=max(store.latest() or 0, learner_version) + 1)
-        except (ValueError, OSError):
-            time.sleep(0.5)
-    raise RuntimeError(f"could not find a free version in {store.uri} for the fine-tuned model")
-
-
 def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -214,8 +243,10 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
     trainer = TensorflowTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources}),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=cfg.use_gpu, resources_per_worker={
+            "CPU": cfg.cpus_per_worker,
+            **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {}),  # > 1: MirroredStrategy
+            **cfg.worker_resources}),
         run_config=RunConfig(
             name=f"train-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
@@ -251,5 +282,5 @@ def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
         if cfg.fine_tune:  # the online learner rebases on this version and replays after log_offset
             loaded.metrics.update(kind="fine-tune", log_offset=log_offset, fine_tuned_from=extra["init_from"]["version"])
         save_model_dir(loaded, out)
-        version = _publish_fine_tuned(cfg, store, out) if cfg.fine_tune else store.publish(out)
+        version = store.publish(out)  # above every version and every number the learner reserved
     return TrainOutcome(version, store.version_uri(version), loaded.metrics)
