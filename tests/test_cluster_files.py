@@ -64,9 +64,17 @@ def test_a_token_set_after_ray_start_does_not_count():
 
 
 def test_aws_gpu_setup_fails_loudly_without_the_gpu_build_of_tensorflow():
-    setup = " ".join(yaml.safe_load((CLUSTER / "aws.yaml").read_text())["worker_setup_commands"])
-    assert "|| true" not in setup
-    assert "pip install -q -e '.[gpu]'" in setup and "list_physical_devices('GPU')" in setup and "sys.exit" in setup
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert "|| true" not in text
+    config = yaml.safe_load(text)
+    gpu_setup = config["available_node_types"]["gpu_trainer"]["worker_setup_commands"]
+    # each command's failure stops the setup: no GPU, no GPU build of TensorFlow, or it sees no GPU
+    assert "nvidia-smi" in gpu_setup
+    assert "cd ~/textserve && .venv/bin/pip install -q -e '.[gpu]'" in gpu_setup
+    assert "list_physical_devices('GPU')" in gpu_setup[-1] and "sys.exit(0 if gpus else" in gpu_setup[-1]
+    # it replaces the global setup on that node type, so it repeats it (the token included)
+    assert set(config["setup_commands"]) <= set(gpu_setup)
+    assert "[gpu]" not in " ".join(config["setup_commands"] + config.get("worker_setup_commands", []))
 
 
 def _manifest() -> str:
