@@ -19,8 +19,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray instance for the whole run; shut down (its processes with it) at the end."""
+def ray_cluster(s3_server):
+    """A real local Ray instance for the whole run; shut down (its processes with it) at the end.
+    Started after the S3 server so that Ray's workers inherit its dummy credentials and cache folder."""
     import ray
 
     from serve.ingress import HardenedIngress
@@ -43,6 +44,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API: moto's standalone server on a free 127.0.0.1 port, bucket `textserve`.
+    Yields {"endpoint", "bucket", "uri": prefix -> store URI with pyarrow's endpoint options}.
+    Dummy credentials replace any real ones for the whole run (nothing here talks to AWS)."""
+    import subprocess
+    import sys
+
+    import requests
+    from pyarrow import fs as pafs
+
+    from tests._helpers import wait_until
+
+    root = tmp_path_factory.mktemp("s3")
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true",  # no probe of 169.254.169.254 for credentials
+                      TEXTSERVE_MODEL_CACHE=str(root / "model-cache"))
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(name, None)
+    port = free_port()
+    with open(root / "moto.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(f"http://{endpoint}/", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+    try:
+        wait_until(up, timeout=60, what=f"moto S3 server on {endpoint}")
+        s3, _ = pafs.FileSystem.from_uri(f"s3://textserve?endpoint_override={endpoint}&scheme=http"
+                                         "&allow_bucket_creation=true")
+        s3.create_dir("textserve")
+        yield {"endpoint": endpoint, "bucket": "textserve",
+               "uri": lambda prefix: f"s3://textserve/{prefix}?endpoint_override={endpoint}&scheme=http"}
+    finally:
+        proc.terminate()  # by PID: the server this fixture started
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,22 @@ changed for `grace_s`. A publish stalled longer than `grace_s` may be collected,
 exceed the longest upload of one file.
 
 Version numbers: a publisher writes a claim object with a unique token into the prefix, then lists
-the prefix; it owns the number only if its claim is the only thing there, and otherwise deletes its
+the prefix; it owns the number only if its claim is the only file there, and otherwise deletes its
 claim and moves on (or, for an explicit version, raises `VersionTaken`). On a store whose writes
 are visible to every later listing (local folders; S3 since December 2020; GCS) two publishers can
 never both own one number: each would have listed before the other's claim landed, and each listed
 after writing its own. They can both lose one round; retries with jitter resolve that. A winner
-never deletes its claim, so a committed or in-progress version always blocks later claimers.
+never deletes its claim, so a committed or in-progress version always blocks later claimers; only
+`gc` deletes a prefix, and only a committed version below the newest or an uncommitted one untouched
+for `grace_s`. A prefix with no files (pyarrow leaves empty folder objects behind a deleted claim on
+S3) counts as free. Numbers of crashed publishes are not reused while their leftovers exist.
+
+Reservations: a publisher that numbers versions it has not stored yet (the online learner numbers
+every publish but snapshots only some) writes `_reserved/<owner>.json` ({"up_to": N}) before it
+uses a number, then lists the claims and goes above them; a publisher taking the next number goes
+above every reservation, and after its claim reads the reservations again and moves above any that
+appeared meanwhile. Either the reserver sees the claim or the claimer sees the reservation, so a
+number never names two models.
 
 Remote versions load through one bounded local cache (train/store_cache.py), not a temp copy each.
 """
@@ -45,6 +55,7 @@ _VERSION = re.compile(r"^v(\d{6})$")
 DEFAULT_STORE = "artifacts/models"
 MARKER = "_COMMITTED"
 CLAIMS = "_claims"
+RESERVED = "_reserved"
 DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
 # Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
 # can kill a publish between two files (tests/test_store_s3.py).
@@ -123,11 +134,9 @@ class ModelStore:
         found: dict[int, _Prefix] = {}
         for info in infos:
             top, _, rest = info.path[len(self._root) + 1:].partition("/")
-            if m := _VERSION.match(top):
-                prefix = found.setdefault(int(m.group(1)), _Prefix({}))
-                if rest and info.type == pafs.FileType.File:
-                    prefix.files[rest] = info
-        return found
+            if (m := _VERSION.match(top)) and rest and info.type == pafs.FileType.File:
+                found.setdefault(int(m.group(1)), _Prefix({})).files[rest] = info
+        return found  # prefixes holding no file are left out: free numbers
 
     def _committed(self, prefix: _Prefix) -> bool:
         if MARKER in prefix.files:
@@ -209,11 +218,12 @@ class ModelStore:
     def publish(self, local_dir: str | Path, version: int | None = None) -> int:
         """Upload a saved model folder as `version` (default: the next free number) and commit it."""
         local_dir = Path(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        # The store's own bookkeeping is not part of a model (a version folder can be published
+        # into another store as it is).
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file()
+                       and p.relative_to(local_dir).parts[0] not in (MARKER, CLAIMS) and not p.name.startswith("."))
         if not files:
             raise FileNotFoundError(f"{local_dir} holds no files to publish")
-        if any(p.relative_to(local_dir).parts[0] in (MARKER, CLAIMS) for p in files):
-            raise ValueError(f"{local_dir} holds a file named {MARKER} or {CLAIMS}: names the store reserves")
         version, token = self._claim_next() if version is None else self._claim_exact(version)
         pause = float(os.environ.get(TEST_PAUSE_ENV, "0"))
         written = {}
@@ -253,20 +263,61 @@ class ModelStore:
         claim = self._path(version, f"{CLAIMS}/{token}")
         with self._open_out(claim) as out:
             out.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}).encode())
-        others = [i for i in self._fs.get_file_info(pafs.FileSelector(self._path(version), recursive=True))
-                  if i.type == pafs.FileType.File and i.path != claim]
-        if not others:
+        there = [i.path for i in self._fs.get_file_info(pafs.FileSelector(self._path(version), recursive=True))
+                 if i.type == pafs.FileType.File]
+        if there == [claim]:  # alone (and still there: no gc removed the prefix meanwhile)
             return token
-        self._fs.delete_file(claim)  # lost: another claim, or files, were there first
+        try:
+            self._fs.delete_file(claim)  # lost: another claim, or files, were there first
+        except FileNotFoundError:
+            pass
         return None
+
+    def reserve(self, owner: str, up_to: int) -> None:
+        """Keep the numbers up to `up_to` for `owner` (see the module doc); one object per owner."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", owner):
+            raise ValueError(f"reservation owner {owner!r}: letters, digits, _ . - only")
+        self._write_object(f"{self._root}/{RESERVED}/{owner}.json",
+                           json.dumps({"up_to": int(up_to), "at": time.time(), "host": socket.gethostname()}).encode())
+
+    def reserved(self) -> int:
+        """The highest number any reservation keeps (0 without reservations)."""
+        infos = self._fs.get_file_info(pafs.FileSelector(f"{self._root}/{RESERVED}", allow_not_found=True))
+        highest = 0
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.endswith(".json"):
+                try:
+                    with self._fs.open_input_stream(info.path) as f:
+                        highest = max(highest, int(json.loads(f.read())["up_to"]))
+                except (OSError, ValueError, KeyError):
+                    continue  # deleted or being replaced meanwhile
+        return highest
+
+    def highest_number(self) -> int:
+        """The highest version number in any prefix, committed, in progress or crashed (0 if none)."""
+        return max(self._scan(), default=0)
+
+    def _write_object(self, path: str, data: bytes) -> None:
+        if self.is_local:  # write aside and rename: readers never see half of it
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with self._open_out(tmp) as out:
+                out.write(data)
+            self._fs.move(tmp, path)
+        else:  # one PUT: whole or not at all
+            with self._open_out(path) as out:
+                out.write(data)
 
     def _claim_next(self) -> tuple[int, str]:
         for attempt in range(50):
             scan = self._scan()
             self._collect_stale(scan, self.grace_s)
-            candidate = max(scan, default=0) + 1  # above every prefix, committed or in progress
+            # above every prefix (committed or in progress) and every number reserved
+            candidate = max(max(scan, default=0), self.reserved()) + 1
             if token := self._claim(candidate):
-                return candidate, token
+                if candidate > self.reserved():
+                    return candidate, token
+                self._fs.delete_file(self._path(candidate, f"{CLAIMS}/{token}"))  # reserved meanwhile
+                continue
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # both may lose a round: jitter apart
         raise RuntimeError(f"could not claim a version number in {self.uri} after 50 tries")
 
@@ -275,12 +326,10 @@ class ModelStore:
         committed = [v for v, p in scan.items() if self._committed(p)]
         if committed and version <= max(committed):
             raise VersionTaken(f"version {version} is not above the newest in {self.uri} ({max(committed)})")
-        if version in scan:
+        if version in scan:  # removing a crashed publish's leftovers here could race another claimer: gc does it
             age = scan[version].age_s(time.time())
-            if age is None or age < self.grace_s:
-                raise VersionTaken(f"version {version} in {self.uri} is claimed by a publish in progress "
-                                   f"(last write {age if age is None else round(age)} s ago)")
-            self._remove(version, scan[version])  # a crashed publish's leftovers
+            raise VersionTaken(f"version {version} in {self.uri} is claimed by a publish in progress or left by one "
+                               f"that failed (last write {'?' if age is None else round(age)} s ago)")
         if token := self._claim(version):
             return version, token
         raise VersionTaken(f"version {version} in {self.uri} was claimed by another publish at the same time")
@@ -305,19 +354,17 @@ class ModelStore:
         now, stale = time.time(), []
         for v, prefix in sorted(scan.items()):
             age = prefix.age_s(now)
-            if not self._committed(prefix) and (not prefix.files or (age is not None and age >= grace_s)):
+            if not self._committed(prefix) and age is not None and age >= grace_s:
                 stale.append(v)
                 if not dry_run:
                     self._remove(v, prefix)
         return stale
 
     def _remove(self, version: int, prefix: _Prefix | None) -> None:
-        """Marker first (readers stop seeing it), files next, claims last (the number stays blocked
-        until nothing of the version is left)."""
-        names = sorted((prefix.files if prefix else {}), key=lambda n: (n != MARKER, n.startswith(CLAIMS + "/")))
-        for name in names:
+        """The marker first (readers stop seeing the version), then the whole prefix."""
+        if prefix is not None and MARKER in prefix.files:
             try:
-                self._fs.delete_file(self._path(version, name))
+                self._fs.delete_file(self._path(version, MARKER))
             except FileNotFoundError:
                 pass  # another gc got there first
         try:
