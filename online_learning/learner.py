@@ -40,6 +40,7 @@ from online_learning.settings import LearnerSettings
 logger = logging.getLogger("ray.serve")
 STATE_FILE = "learner_state.json"
 STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the model store
+RESERVE_BLOCK = 100  # version numbers reserved in the store at a time (one small write per block)
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,21 @@ class OnlineLearner:
                     self.applied_offset)
 
     def _next_version(self) -> int:
-        """Above every number seen: the state file, the store, every replica's report."""
-        seen = [self._version_floor, *(self.store.versions() or [0]), self._max_reported]
-        if self.pub is not None:
-            seen.append(self.pub.version)
-        self._version_floor = max(seen) + 1
+        """Above every number seen: the state file, the store (claims included), every replica's
+        report; reserved in the store first, so no publisher takes it meanwhile."""
+        def highest():
+            seen = [self._version_floor, self.store.highest_number(), self._max_reported]
+            return max(seen + ([self.pub.version] if self.pub is not None else []))
+
+        self._reserve(highest() + 1)
+        self._version_floor = highest() + 1  # listed after reserving: a claim made before is above
+        self._reserve(self._version_floor)
         return self._version_floor
+
+    def _reserve(self, version: int) -> None:
+        if version > getattr(self, "_reserved_up_to", 0):
+            self._reserved_up_to = version + RESERVE_BLOCK
+            self.store.reserve("online-learner", self._reserved_up_to)
 
     # -- feedback --------------------------------------------------------------------------
     async def admit(self, client: str, auth_ok: bool) -> int:
@@ -346,6 +356,7 @@ class OnlineLearner:
 
         pub = self.pub
         version = max(pub.version, self._version_floor) + 1
+        self._reserve(version)
         delta = make_delta(self.trainer.model, self.trainer.take_touched(), version, self.applied_offset)
         with self._model_lock:
             apply_update(self.served.model, delta, self._served_digest())
@@ -388,6 +399,9 @@ class OnlineLearner:
                 logger.warning("snapshot v%s not stored: %s", pub.version, err)
                 return
         self._store_seen = max(self._store_seen, pub.version)
+        removed = self.store.gc(keep_last=self.s.store_keep_last, keep={self.base_version, pub.version})
+        if removed.get("versions"):
+            logger.info("model store retention removed versions %s", removed["versions"])
         dropped = self.log.compact(pub.log_offset + 1)  # keeps `retain_events` for fine-tunes
         if dropped:
             logger.info("compacted %s feedback events below the snapshot's offset", dropped)

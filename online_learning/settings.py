@@ -37,6 +37,8 @@ class LearnerSettings(BaseModel):
                                           "current weights before it takes traffic on the store's version")
     retain_deltas: int = Field(50, ge=1, description="deltas kept for replicas that are a few versions behind")
     snapshot_interval_s: float = Field(60.0, gt=0, description="full snapshot into the model store at most this often")
+    store_keep_last: int = Field(5, ge=1, description="model store versions kept after each snapshot (plus the "
+                                 "lineage's base): older ones are deleted")
     log_segment_events: int = Field(50_000, ge=1, description="events per feedback log segment file")
     log_retain_events: int = Field(100_000, ge=0, description="events kept below the newest snapshot's offset when "
                                    "the log is compacted (a fine-tune reads them)")

@@ -39,7 +39,12 @@ def online(ray_cluster, base_url, trained_store, tmp_path_factory):
 
 
 def learner_status(url) -> dict:
-    return requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["learner"]
+    """The learner's view through a replica; {"error": ...} while none answers (e.g. one replaced)."""
+    try:
+        body = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+    except (requests.RequestException, ValueError) as err:
+        return {"error": repr(err)}
+    return body.get("learner") or {"error": body}
 
 
 def served_accuracy(url, examples) -> tuple[float, set[int]]:

@@ -1,0 +1,159 @@
+"""Lifecycle: a version names exactly one set of weights through retrains and restarts.
+
+One app of its own (2 Classifier replicas + learner, snapshots rare so that restarts must replay
+the log). Every check reads what the replicas themselves report: the digest each replica
+computes from the weights it holds, the answers it gives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import requests
+
+from online_learning.send import send
+from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, train_quick_model, wait_until
+from tests.test_online_learning import AUTH, events_from, replicas_converged, served_accuracy
+from train.data import DataSpec, load_dataset
+
+APP = "life"
+LEARNER = {"snapshot_interval_s": 600.0, "max_staleness_s": 5.0}
+
+
+class Identities:
+    """Every (version -> digest) pair any replica or the learner reported during the module."""
+
+    def __init__(self):
+        self.seen: dict[int, set[str]] = {}
+
+    def record(self, url: str, polls: int = 6) -> dict:
+        info = {}
+        for _ in range(polls):  # each request lands on one replica; several reach both
+            body = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+            if body.get("weights_digest") and body.get("model_version"):
+                self.seen.setdefault(body["model_version"], set()).add(body["weights_digest"])
+                info[body["replica"]] = body
+            learner = body.get("learner") or {}
+            for r in (learner.get("replicas") or {}).values():
+                self.seen.setdefault(r["version"], set()).add(r["digest"])
+            for h in learner.get("history") or []:
+                if h.get("published") and h.get("digest"):
+                    self.seen.setdefault(h["version"], set()).add(h["digest"])
+        return info
+
+    def assert_one_digest_per_number(self):
+        clashes = {v: d for v, d in self.seen.items() if len(d) > 1}
+        assert not clashes, f"version numbers naming two sets of weights: {clashes}"
+
+
+@pytest.fixture(scope="module")
+def life(ray_cluster, base_url, trained_store, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("life")
+    store, state = str(root / "store"), str(root / "state")
+    shutil.copytree(trained_store, store)
+    deploy_online(store, state, name=APP, **LEARNER)
+    url = f"{base_url}/{APP}"
+    wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="lifecycle app")
+    ids = Identities()
+    yield {"url": url, "store": store, "state": state, "ids": ids}
+    serve.delete(APP)
+    ids.assert_one_digest_per_number()
+
+
+class FeedbackProbe:
+    """Posts one feedback event every 0.2 s and records how long each 202 took."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.latencies, self.statuses = url, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        i = 0
+        while not self._stop.wait(0.2) and i < 1500:
+            started = time.monotonic()
+            r = requests.post(f"{self.url}/v1/feedback", headers=AUTH, timeout=10,
+                              json={"event_id": f"probe-{time.time_ns()}", "text": f"turn on lamp {i}", "label": "HassTurnOn"})
+            self.statuses.append(r.status_code)
+            if r.status_code == 202:
+                self.latencies.append(time.monotonic() - started)
+            i += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def learned(url, examples, at_least=0.8):
+    acc, versions = served_accuracy(url, examples)
+    return acc >= at_least and (acc, versions)
+
+
+def converge(life, what: str, timeout: float = 120) -> dict:
+    status = wait_until(lambda: replicas_converged(life["url"]), timeout=timeout, what=what)
+    life["ids"].record(life["url"])
+    return status
+
+
+def test_learned_feedback_survives_a_full_stop_and_is_served_before_ready(life):
+    """Stop the whole app (snapshots off: what was learned lives only in the log) and start it
+    on the same store and state: from the first /healthz 200 on, the learned sentences answer
+    as learned, under a version above every earlier one."""
+    from ray import serve
+
+    url = life["url"]
+    ko = load_dataset(DataSpec(langs=("ko",)))
+    assert send(url, events_from(ko.train, "life-ko"), FEEDBACK_TOKEN, batch=256, progress=False)["failed"] == 0
+    acc, _ = wait_until(lambda: learned(url, ko.test), timeout=240, interval=1.0, what="Korean learned")
+    before = converge(life, "replicas converged before the stop")
+    serve.delete(APP)
+    deploy_online(life["store"], life["state"], name=APP, **LEARNER)
+    wait_until(lambda: http_ok(f"{url}/healthz", timeout=2), timeout=240, interval=0.1, what="healthz after restart")
+    after_acc, versions = served_accuracy(url, ko.test)  # immediately: nothing may be pending any more
+    assert after_acc >= acc - 0.05, f"Korean accuracy {acc:.3f} before the stop, {after_acc:.3f} at ready"
+    assert min(versions) > before["version"], versions
+    after = converge(life, "replicas converged after the restart")
+    assert after["lineage"] != before["lineage"] and after["replayed_on_start"] > 0
+
+
+def test_plain_retrain_while_serving_is_adopted_by_every_replica(life):
+    """A plain `python -m train` publish while serving: adopted as a new base (the log replayed on
+    top), a replica started after it and the ones before converge on one (lineage, version, digest)."""
+    import ray
+    from ray.util.state import list_actors
+
+    url = life["url"]
+    before = converge(life, "converged before the retrain")
+    retrained = train_quick_model(life["store"], epochs=3)  # the store numbers it; the learner goes above
+    replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Classifier"), ("state", "=", "ALIVE")])
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)  # Serve starts another
+    wait_until(lambda: replicas[0].actor_id not in {a.actor_id for a in list_actors(filters=[
+        ("class_name", "=", f"ServeReplica:{APP}:Classifier"), ("state", "=", "ALIVE")])}, timeout=30, what="replica gone")
+
+    def adopted():
+        s = replicas_converged(url)
+        return s and s["base_version"] == retrained and s["pending"] == 0 and s
+    with FeedbackProbe(url) as probe:  # while the learner replays and a new replica takes full weights
+        status = wait_until(adopted, timeout=180, what="retrain adopted by every replica")
+    assert probe.latencies and max(probe.latencies) < 1.0, f"feedback latencies {sorted(probe.latencies)[-5:]}"
+    assert status["version"] > max(retrained, before["version"])
+    life["ids"].record(url)
+    ko = load_dataset(DataSpec(langs=("ko",)))
+    acc, _ = served_accuracy(url, ko.test)
+    assert acc >= 0.7, f"the log replayed onto the retrain: Korean accuracy {acc:.3f}"
+
+
+def test_every_number_names_one_set_of_weights(life):
+    life["ids"].record(life["url"], polls=10)
+    life["ids"].assert_one_digest_per_number()
+    assert len(life["ids"].seen) >= 3
