@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from cluster.check import check_file, check_serve_config
-from tests._helpers import write_jsonl
 from tests.conftest import free_port
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -63,19 +62,23 @@ def test_typos_that_serve_accepts_are_rejected_with_the_key_named(path, value, m
     assert any(message in p for p in problems), problems
 
 
-def test_multinode_roles_and_serving_without_a_node(trained_store, tmp_path):
-    rows = [{"text": f"please switch {w} lamp {i}", "label": w} for i in range(20) for w in ("on", "off")]
-    data = write_jsonl(tmp_path / "tiny.jsonl", rows)
+def test_multinode_roles_and_serving_without_a_node(trained_store, s3_server, tmp_path):
+    """Each node has a folder of its own; only the S3 store (and Ray Train's checkpoints on S3) are
+    shared. The learner's feedback log is on the head's folder: it needs shared storage only where
+    the learner may restart on another node (see tests/multinode_scenario.py)."""
     out = tmp_path / "report.json"
     from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+    from tests._helpers import FEEDBACK_TOKEN
 
+    env = {**os.environ, "PYTHONPATH": str(CLUSTER.parent), "TEXTSERVE_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
+           "AWS_ENDPOINT_URL": f"http://{s3_server['endpoint']}"}  # the standard variable, not URI options
+    env.pop("TEXTSERVE_MODEL_CACHE", None)  # each node sets its own
     before = haproxy_pids()
     try:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("multinode_scenario.py")), trained_store,
-             str(tmp_path / "state"), str(data), str(free_port()), str(out)],
-            cwd=CLUSTER.parent, env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)},
-            capture_output=True, text=True, timeout=600)
+             str(tmp_path / "nodes"), s3_server["bucket"], str(free_port()), str(out)],
+            cwd=CLUSTER.parent, env=env, capture_output=True, text=True, timeout=900)
     finally:
         stop_new_haproxy(before)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -83,7 +86,14 @@ def test_multinode_roles_and_serving_without_a_node(trained_store, tmp_path):
     assert proc.returncode == 0, (r, proc.stderr[-3000:])
     assert len(r["replica_nodes"]) == 2 and set(r["replica_nodes"]) <= set(r["serving"])
     assert r["learner_nodes"] == [r["head"]]
+    # every node that runs a replica or the learner loaded v1 from S3 into its own folder
+    assert r["cached_at_start"] and all(v == ["v000001"] for v in r["cached_at_start"].values()), r["cached_at_start"]
+    assert r["cached_at_end"]["trainer"] == []  # training needs no model from the store
+    assert r["feedback_status"] == 202 and r["snapshots"], r  # the learner snapshotted into S3
+    assert r["state_dir_files"]  # the feedback log and learner state: on the head's own folder
     assert r["train_worker_nodes"] and set(r["train_worker_nodes"]) == {r["trainer"]}
+    assert r["trained_version"] in r["store_versions"] and r["trained_uri"].startswith(r["store"])
+    assert r["checkpoint_files_on_s3"] > 0  # the trainer node's checkpoint reached the driver through S3
     statuses = r["statuses_after_removal"]
     assert statuses.count(200) >= 0.9 * len(statuses) and statuses[-20:] == [200] * 20, statuses
     assert set(r["replica_nodes_after"]) <= set(r["serving"]) - {r["removed"]}
