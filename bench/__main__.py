@@ -1,13 +1,29 @@
-"""python -m bench compare|serving|freshness ...: see bench/compare.py, serving.py, freshness.py."""
+"""python -m bench COMMAND [options]: measure this system (COMMAND --help for its options).
+
+commands:
+  compare    the 2017 table: this system, Serve's no-op floor, the 2017 architecture and a tuned
+             single process, side by side (docs/BENCHMARKS.md)
+  serving    Serve variants of this system: ingress, batching, replicas (docs/SERVING_BENCH.md)
+  freshness  time from feedback to answers that use it (docs/FRESHNESS_BENCH.md)
+  profile    py-spy profile of a replica under load: where a request's time goes (docs/SERVING.md)
+"""
 
 import sys
 
-COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness"}
+COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
+            "profile": "bench.profile"}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    module = __import__(COMMANDS[argv[0]], fromlist=["main"])
+    return module.main(argv[1:])
+
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] not in COMMANDS:
-        print(f"usage: python -m bench {{{','.join(COMMANDS)}}} --store STORE [options]; --help after the command")
-        sys.exit(2)
-    module = __import__(COMMANDS[args[0]], fromlist=["main"])
-    sys.exit(module.main(args[1:]))
+    sys.exit(main(sys.argv[1:]))
