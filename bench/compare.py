@@ -2,8 +2,9 @@
 
 Each system is started in turn on the same model-store version and gets the same steps:
 closed loop over a ramp of concurrent users (the 2017 study's 1, 11, ..., 91 and 300, 310, ...,
-400 by default), optionally open-loop fixed rates. The client's own ceiling is measured first
-against a no-op server. Writes OUT.json, OUT.md and OUT.png.
+400 by default), each step `--repeat` times (median and min-max reported), optionally open-loop
+fixed rates. The client's own ceiling is measured first against a no-op server. Writes OUT.json,
+OUT.md and OUT.png.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench.load import bench_texts, closed_loop, open_loop
-from bench.stats import goodput
+from bench.stats import combine_runs, goodput
 from bench.systems import ServeVariant, start_baseline, start_noop, start_variant
 
 DEFAULT_USERS = [*range(1, 92, 10), *range(300, 401, 10)]
@@ -29,11 +31,15 @@ SYSTEMS = {
     "textserve-batched-1": "this system: Ray Serve, fast ingress, batched, 1 replica",
     "textserve-unbatched-1": "this system, max_batch_size 1, 1 replica",
     "textserve-batched-2": "this system, batched, 2 replicas",
+    "textserve-noop-1": "Serve's floor: a plain `async def __call__` answering a fixed body, 1 replica, same ingress",
+    "textserve-default": "this system as shipped: cluster/serve_local.yaml (learner on, autoscaling as shipped)",
 }
 VARIANTS = {
     "textserve-batched-1": ServeVariant("textserve-batched-1"),
     "textserve-unbatched-1": ServeVariant("textserve-unbatched-1", max_batch_size=1),
     "textserve-batched-2": ServeVariant("textserve-batched-2", replicas=2),
+    "textserve-noop-1": ServeVariant("textserve-noop-1", kind="noop"),
+    "textserve-default": ServeVariant("textserve-default", kind="shipped"),
 }
 TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_kb_s", "KB/s"),
          ("complete", "complete"), ("failed", "failed"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
@@ -44,10 +50,20 @@ def start_system(name: str, store: str):
     return start_variant(VARIANTS[name], store) if name in VARIANTS else start_baseline(name, store)
 
 
+def cores() -> dict:
+    """The cores this process may run on and the machine's counts, measured."""
+    import psutil
+
+    return {"usable": len(os.sched_getaffinity(0)), "logical": psutil.cpu_count(logical=True),
+            "physical": psutil.cpu_count(logical=False)}
+
+
 def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
-        keepalive: bool) -> dict:
+        keepalive: bool, repeat: int = 1) -> dict:
     texts = bench_texts()
-    report = {"systems": {}, "users": users, "rates": rates, "duration_s": duration_s, "keepalive": keepalive}
+    report = {"systems": {}, "users": users, "rates": rates, "duration_s": duration_s, "keepalive": keepalive,
+              "repeat": repeat, "client": "bench.load aiohttp closed loop, " + (
+                  "keep-alive" if keepalive else "a new TCP connection per request (force_close)")}
     with start_noop() as noop:
         ceiling = asyncio.run(closed_loop(f"{noop.url}/v1/predict", max(users), duration_s, texts, keepalive))
     report["client_ceiling"] = ceiling.summary()
@@ -58,7 +74,8 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
             url = f"{system.url}/v1/predict"
             asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
             for n in tqdm(users, desc=name, unit="step", leave=False):
-                rows.append(asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary())
+                runs = [asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary() for _ in range(repeat)]
+                rows.append(combine_runs(runs))
                 tqdm.write(_line(name, rows[-1]))
             for rate in rates:
                 open_rows.append(asyncio.run(open_loop(url, rate, duration_s, texts)).summary())
@@ -70,8 +87,9 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
 
 
 def _line(name: str, row: dict) -> str:
-    return (f"{name:>22} {row['users']:>4} users: {row['tps']:8.1f} req/s  mean {row['mean_ms']:8.1f} ms  "
-            f"p99 {row['p99_ms']:8.1f} ms  failed {row['failed']}")
+    lo, hi = row.get("spread", {}).get("tps", (row["tps"], row["tps"]))
+    return (f"{name:>22} {row['users']:>4} users: {row['tps']:8.1f} req/s ({lo:.0f}-{hi:.0f})  "
+            f"mean {row['mean_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  failed {row['failed']}")
 
 
 def _at(report: dict, name: str, users: int) -> dict | None:
@@ -79,30 +97,54 @@ def _at(report: dict, name: str, users: int) -> dict | None:
     return next((r for r in rows if r["users"] == users), None)
 
 
+def _cell(row: dict, key: str) -> str:
+    lo_hi = row.get("spread", {}).get(key)
+    return f"{row[key]:.1f}" + (f" ({lo_hi[0]:.1f}-{lo_hi[1]:.1f})" if lo_hi and row.get("repeat", 1) > 1 else "")
+
+
+# (numerator, denominator, what, goal): TPS ratios at every user count both systems ran.
+RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) / Serve's no-op floor (1 replica)", ">= 0.7x"),
+          ("textserve-default", "tuned-single", "default config / tuned single process", ">= 0.8x"),
+          ("textserve-default", "flask-2017", "default config / the 2017 architecture", ">= 100x"),
+          ("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture", ""),
+          ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched", ""),
+          ("textserve-batched-2", "textserve-batched-1", "2 replicas / 1 replica", ""),
+          ("textserve-batched-1", "tuned-single", "this system (1 replica) / tuned single process", "")]
+
+
 def summary_lines(report: dict) -> list[str]:
-    top = max(report["users"])
-    out = [f"| system | TPS at {top} users | p99 ms | failed | goodput (p99 < 1 s, 0 failed) |", "|---|---|---|---|---|"]
+    out = []
+    for users in report["users"]:
+        out += [f"TPS and latency at {users} users, median of {report.get('repeat', 1)} (min-max):", "",
+                "| system | TPS | p50 ms | p99 ms | failed (all repetitions) |", "|---|---|---|---|---|"]
+        for name in report["systems"]:
+            if row := _at(report, name, users):
+                out.append(f"| {name} | {_cell(row, 'tps')} | {_cell(row, 'p50_ms')} | {_cell(row, 'p99_ms')} | "
+                           f"{row['failed']} |")
+        out.append("")
     for name, data in report["systems"].items():
-        row, good = _at(report, name, top), data["goodput"]
-        out.append(f"| {name} | {row['tps']:.1f} | {row['p99_ms']:.1f} | {row['failed']} | "
-                   + (f"{good['tps']:.1f} req/s at {good['users']} users |" if good else "none |"))
-    ratios = [("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture"),
-              ("textserve-batched-2", "flask-2017", "this system (2 replicas) / the 2017 architecture"),
-              ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched"),
-              ("textserve-batched-2", "textserve-batched-1", "2 replicas / 1 replica"),
-              ("textserve-batched-1", "tuned-single", "this system (1 replica) / tuned single process")]
+        good = data["goodput"]
+        out.append(f"- {name} goodput (p99 < 1 s, 0 failed): "
+                   + (f"{good['tps']:.1f} req/s at {good['users']} users" if good else "none"))
     out.append("")
-    for a, b, label in ratios:
-        ra, rb = _at(report, a, top), _at(report, b, top)
-        if ra and rb and rb["tps"] > 0:
-            out.append(f"- {label}, TPS at {top} users: **{ra['tps'] / rb['tps']:.1f}x**")
+    for a, b, label, goal in RATIOS:
+        for users in report["users"]:
+            ra, rb = _at(report, a, users), _at(report, b, users)
+            if ra and rb and rb["tps"] > 0:
+                out.append(f"- {label}, TPS at {users} users: **{ra['tps'] / rb['tps']:.2f}x**"
+                           + (f" (goal {goal})" if goal else ""))
+    ra, rb = _at(report, "textserve-batched-1", 1), _at(report, "textserve-unbatched-1", 1)
+    if ra and rb and rb["p50_ms"] > 0:
+        out.append(f"- p50 at 1 user, batched / unbatched: **{ra['p50_ms'] / rb['p50_ms']:.2f}x** (goal <= 1.2x)")
     return out
 
 
 def markdown(report: dict) -> str:
     ceiling = report["client_ceiling"]["tps"]
     out = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
-           f"Model: {report.get('model', '?')}  ",
+           f"Model: {report.get('model', '?')}  ", f"Client: {report.get('client', '?')}  ",
+           f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each; "
+           "figures are medians, (min-max) where shown  ",
            f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
            f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
            "![TPS and p99 against users](BENCHMARKS.png)", "", "## Summary", "", *summary_lines(report)]
@@ -110,7 +152,7 @@ def markdown(report: dict) -> str:
         out += ["", f"## {name}", "", data["description"], "",
                 "| " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * len(TABLE)]
         for row in data["closed_loop"]:
-            cells = [f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k, _ in TABLE]
+            cells = [_cell(row, k) if isinstance(row[k], float) else str(row[k]) for k, _ in TABLE]
             flag = " *client-bound*" if row["tps"] > 0.8 * ceiling else ""
             out.append("| " + " | ".join(cells) + f" |{flag}")
         if data["open_loop"]:
@@ -143,7 +185,8 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked: systems, users and rates come back as lists."""
     p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="model store; its newest version is served by every system")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
@@ -151,19 +194,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="", help="open-loop arrival rates, req/s (default: none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
     p.add_argument("--no-keepalive", action="store_true", help="a new connection per request, like ab without -k")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions of each step; median and min-max (default 3)")
     p.add_argument("--out", default="docs/BENCHMARKS", help="report path without extension")
     a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be at least 1")
     systems = [s for s in a.systems.split(",") if s]
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
     users = [int(u) for u in a.users.split(",") if u]
-    rates = [float(r) for r in a.rates.split(",") if r]
+    a.rates = [float(r) for r in a.rates.split(",") if r]
+    a.systems, a.users = systems, users
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    systems, users, rates = a.systems, a.users, a.rates
     from train.store import ModelStore
 
     loaded_metrics = ModelStore(a.store).load().metrics
-    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive)
+    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat)
     report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
-                  machine=f"{platform.machine()}, 2 cores, client and servers on the same machine",
+                  cores=cores(), machine=f"{platform.machine()}, {cores()['usable']} usable cores ({cores()['logical']} "
+                  f"logical, {cores()['physical']} physical, measured), client and servers on the same machine",
                   date=time.strftime("%Y-%m-%d"),
                   model=f"{loaded_metrics.get('size', '?')} model, {loaded_metrics.get('parameters', 0):,} parameters")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

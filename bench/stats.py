@@ -48,3 +48,21 @@ def goodput(summaries: list[dict], p99_limit_ms: float = 1000.0) -> dict | None:
     """The step with the highest TPS whose p99 is under the limit and that had no failures."""
     good = [s for s in summaries if s["failed"] == 0 and s["complete"] and s["p99_ms"] < p99_limit_ms]
     return max(good, key=lambda s: s["tps"]) if good else None
+
+
+SPREAD_KEYS = ("tps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms", "transfer_kb_s")
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """Repetitions of one step as one row: medians of the figures, (min, max) of each in
+    `spread`, failed and complete summed over all repetitions, each repetition under `runs`."""
+    row = dict(runs[0])
+    for key in SPREAD_KEYS:
+        values = [r[key] for r in runs if r[key] == r[key]]  # NaN (no answer at all) left out
+        row[key] = float(np.median(values)) if values else float("nan")
+    row["spread"] = {key: [min(r[key] for r in runs), max(r[key] for r in runs)] for key in SPREAD_KEYS}
+    row["failed"] = sum(r["failed"] for r in runs)
+    row["complete"] = sum(r["complete"] for r in runs)
+    row["repeat"] = len(runs)
+    row["runs"] = runs
+    return row

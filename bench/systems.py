@@ -3,7 +3,9 @@ architecture, a tuned single process, and a no-op server for the client's own ce
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from serve.process import RunningServe, ServerProcess, local_config
@@ -16,11 +18,27 @@ class ServeVariant:
     replicas: int = 1
     max_batch_size: int = 32
     batch_wait_timeout_s: float | None = None  # None: the config's
+    kind: str = "fixed"  # fixed: learner off, fixed replicas; shipped: the config as shipped; noop: Serve's floor
 
 
-def variant_config(variant: ServeVariant, store: str, port: int) -> dict:
-    """The local Serve config with the variant's replica count, batching and port; no learner."""
+def variant_config(variant: ServeVariant, store: str, port: int, state_dir: str | None = None) -> dict:
+    """The local Serve config with the variant's replica count, batching and port; no learner.
+
+    kind "shipped": cluster/serve_local.yaml as `python -m serve run` starts it (learner on,
+    autoscaling as shipped), only the store, port and the learner's state folder (`state_dir`)
+    changed. kind "noop": the same Serve settings serving bench.noop_serve's fixed answer."""
     config = local_config(store, port)
+    if variant.kind == "shipped":
+        config["applications"][0]["args"]["learner"]["state_dir"] = state_dir
+        return config
+    if variant.kind == "noop":
+        app = config["applications"][0]
+        dep = app["deployments"][0]
+        keep = ("ray_actor_options", "max_ongoing_requests", "max_queued_requests", "backpressure_config")
+        app.update(import_path="bench.noop_serve:app", name="noop")
+        app.pop("args", None)
+        app["deployments"] = [{"name": "NoopServe", "num_replicas": variant.replicas, **{k: dep[k] for k in keep}}]
+        return config
     app = config["applications"][0]
     app["args"]["learner"] = None  # serving alone: online learning is measured by bench freshness
     dep = app["deployments"][0]
@@ -37,7 +55,23 @@ def variant_config(variant: ServeVariant, store: str, port: int) -> dict:
 BENCH_INGRESS = {"TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT": "2048"}
 
 
+class _ServeWithStateDir(RunningServe):
+    """A RunningServe whose learner keeps its feedback log in a temp folder removed on exit."""
+
+    def __init__(self, *args, state_dir: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_dir = state_dir
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
 def start_variant(variant: ServeVariant, store: str, port: int = 8000) -> RunningServe:
+    if variant.kind == "shipped":
+        state_dir = tempfile.mkdtemp(prefix="bench-learner-")
+        return _ServeWithStateDir(variant_config(variant, store, port, state_dir), variant.fast_ingress,
+                                  name=variant.name, ingress_settings=BENCH_INGRESS, state_dir=state_dir)
     return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name,
                         ingress_settings=BENCH_INGRESS)
 

@@ -7,6 +7,7 @@ a blocked loop cannot answer the router's queue-length probes and the proxy then
 
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -21,8 +22,9 @@ from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 from serve.feedback import check_token, client_key, feedback_json_schema, parse_feedback, token_ok
 from serve.ingress import trusted_client_header
-from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, error_response, json_response, parse_predict,
-                            read_body)
+from serve.batcher import ModelBatcher
+from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, dumps, error_body, error_response, json_response,
+                            parse_predict, read_asgi_body, read_body, send_json)
 from serve.settings import AppSettings, BatchSettings, parse_settings
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +48,32 @@ async def _bug(request: Request, exc: Exception):
     # A 500 is a bug, but even a bug answers the JSON error shape, never a plain-text trace.
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(RequestError(500, "internal_error", f"internal error ({type(exc).__name__}); it is logged"))
+
+
+def _route_path(scope) -> str:
+    """The path below the app's route prefix, as Starlette's router matches it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
+
+
+class PredictFirst:
+    """The replica's ASGI app: POST /v1/predict straight to the replica's lean handler, everything
+    else (other routes, /docs, lifespan, errors) to the FastAPI app. FastAPI's routing, middleware
+    and dependency solving cost ~3x our own handler per request (docs/SERVING.md, profile)."""
+
+    def __init__(self, replica: "Classifier", app: FastAPI):
+        self.replica, self.app = replica, app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/v1/predict":
+            await self.replica._predict_asgi(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def add_exception_handler(self, exc, handler) -> None:  # Serve installs its 503 handlers through this
+        self.app.add_exception_handler(exc, handler)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -171,6 +199,11 @@ class Classifier:
         self._classify.set_max_batch_size(cfg.max_batch_size)
         self._classify.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
+    def __serve_build_asgi_app__(self) -> PredictFirst:
+        # Serve 2.60 calls this after __init__ and serves what it returns; self._asgi_app is the
+        # FastAPI app @serve.ingress set up (its routes bound to this replica).
+        return PredictFirst(self, self._asgi_app)
+
     async def check_health(self) -> None:
         poller = getattr(self, "_poller", None)
         if poller is not None and poller.done() and poller.exception() is not None:
@@ -180,8 +213,12 @@ class Classifier:
         if limit and self._sync_error is None and self._staleness_s() > limit:
             raise RuntimeError(f"{self._staleness_s():.0f} s behind the learner (hard limit {limit} s)")
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _classify(self, texts: list[str], top_ks: list[int]) -> list:
+    @functools.cached_property
+    def _classify(self) -> ModelBatcher:
+        """The micro-batcher (serve/batcher.py); batching settings come from user_config."""
+        return ModelBatcher(self._run_batch)
+
+    async def _run_batch(self, texts: list[str], top_ks: list[int]) -> list:
         # The model thread runs batches and updates one at a time: one version per batch. A text
         # the model fails on gets a ModelError; its neighbours in the batch get their answers.
         answers = await asyncio.get_running_loop().run_in_executor(
@@ -191,7 +228,7 @@ class Classifier:
         return answers
 
     async def _answer(self, text: str, top_k: int) -> dict:
-        answer = await self._classify(text, top_k)
+        answer = await self._classify.submit(text, top_k)
         if isinstance(answer, ModelError):
             logger.warning("model call failed for one text: %s", answer)
             raise RequestError(500, "model_error", "the model could not classify this text; the error is logged")
@@ -202,9 +239,31 @@ class Classifier:
         self._errors.inc(tags={"code": err.code})
         return error_response(err)
 
+    async def _predict_asgi(self, scope, receive, send) -> None:
+        """POST /v1/predict without FastAPI: the same answers, codes and messages as `predict`."""
+        try:
+            texts, is_list, top_k = parse_predict(await read_asgi_body(scope, receive, self.settings.max_body_bytes),
+                                                  self.settings)
+            if self._model is None:
+                raise RequestError(503, "no_model", "no model loaded yet; train one: python -m train", {"Retry-After": "5"})
+            if not is_list:
+                body = dumps(await self._answer(texts[0], top_k))
+            else:
+                answers = await asyncio.gather(*(self._answer(t, top_k) for t in texts))
+                body = dumps({"predictions": answers, "model_version": min(a["model_version"] for a in answers)})
+        except RequestError as err:
+            self._errors.inc(tags={"code": err.code})
+            return await send_json(send, err.status, error_body(err), err.headers)
+        except Exception as exc:  # a bug: the JSON error shape, as FastAPI's handler answers it
+            logger.exception("unhandled error on POST /v1/predict")
+            err = RequestError(500, "internal_error", f"internal error ({type(exc).__name__}); it is logged")
+            return await send_json(send, err.status, error_body(err))
+        await send_json(send, 200, body)
+
     @api.post("/v1/predict", openapi_extra=PREDICT_OPENAPI,
               summary="Classify one text or a list; answers label, score, top-k and model_version")
     async def predict(self, request: Request):
+        """Documents the route (OpenAPI); requests are answered by _predict_asgi (PredictFirst)."""
         try:
             texts, is_list, top_k = parse_predict(await read_body(request, self.settings.max_body_bytes), self.settings)
             if self._model is None:

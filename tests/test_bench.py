@@ -105,3 +105,67 @@ def test_open_loop_keeps_its_schedule_and_counts_what_it_cannot_send(tiny_server
     s = asyncio.run(open_loop(tiny_server + "/stall", rate=50, duration_s=1.0, texts=["hi"], poisson=False,
                               timeout_s=5, max_in_flight=10)).summary()
     assert s["dropped"] >= 30 and s["complete"] == 10
+
+
+def test_bench_help_exits_0_and_lists_commands():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for command in ("compare", "serving", "freshness", "profile"):
+        assert command in done.stdout
+    assert subprocess.run([sys.executable, "-m", "bench", "nonsense"], capture_output=True, timeout=60).returncode == 2
+
+
+def test_compare_options_parse():
+    from bench.compare import parse_args
+
+    a = parse_args(["--store", "s", "--systems", "textserve-noop-1,textserve-default,tuned-single",
+                    "--users", "64,400", "--no-keepalive", "--repeat", "5"])
+    assert a.systems == ["textserve-noop-1", "textserve-default", "tuned-single"] and a.users == [64, 400]
+    assert a.no_keepalive and a.repeat == 5 and a.rates == []
+    d = parse_args(["--store", "s"])
+    assert d.repeat == 3 and not d.no_keepalive
+    for bad in (["--repeat", "0"], ["--systems", "nope"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--store", "s", *bad])
+
+
+def test_repetitions_combine_into_median_and_spread():
+    from bench.stats import combine_runs
+
+    def run(tps, p99, failed):
+        return {"users": 4, "tps": tps, "mean_ms": 1.0, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": p99, "max_ms": 9.0,
+                "transfer_kb_s": 1.0, "complete": 10, "failed": failed}
+
+    row = combine_runs([run(100.0, 30.0, 0), run(300.0, 10.0, 2), run(200.0, 20.0, 1)])
+    assert row["tps"] == 200.0 and row["p99_ms"] == 20.0 and row["repeat"] == 3
+    assert row["spread"]["tps"] == [100.0, 300.0] and row["spread"]["p99_ms"] == [10.0, 30.0]
+    assert row["failed"] == 3 and row["complete"] == 30 and len(row["runs"]) == 3
+
+
+def test_shipped_and_noop_systems_use_the_local_config():
+    from bench.systems import ServeVariant, variant_config
+    from serve.process import local_config
+
+    shipped = variant_config(ServeVariant("d", kind="shipped"), "/s", 8000, "/tmp/x")
+    want = local_config("/s", 8000)
+    want["applications"][0]["args"]["learner"]["state_dir"] = "/tmp/x"
+    assert shipped == want  # learner on, autoscaling as shipped
+    noop = variant_config(ServeVariant("n", kind="noop"), "/s", 8000)["applications"][0]
+    assert noop["import_path"] == "bench.noop_serve:app" and noop["deployments"][0]["num_replicas"] == 1
+
+
+def test_profile_summary_from_a_speedscope_file():
+    from bench.profile import thread_seconds, top_frames
+
+    profile = {"shared": {"frames": [{"name": "loop", "file": "/a/x.py", "line": 1},
+                                     {"name": "handler", "file": "/a/y.py", "line": 2}]},
+               "profiles": [{"name": "t1", "samples": [[0, 1], [0], [0, 1, 1]], "weights": [0.01, 0.01, 0.02]}]}
+    inclusive, own, total = top_frames(profile)
+    assert total == pytest.approx(0.04)
+    assert dict(inclusive)["loop (x.py:1)"] == pytest.approx(1.0)
+    assert dict(inclusive)["handler (y.py:2)"] == pytest.approx(0.75)  # counted once per sample
+    assert dict(own)["loop (x.py:1)"] == pytest.approx(0.25)
+    assert thread_seconds(profile) == [("t1", pytest.approx(0.04))]
