@@ -53,6 +53,7 @@ class Published:
     log_offset: int
     chain_base: int  # the lineage's first version: a replica below it gets full weights
     published_at: float
+    base: int  # the store version the lineage started from
     deltas: dict = field(default_factory=dict)  # version -> ObjectRef of the delta that made it
 
     def identity(self) -> dict:
@@ -153,7 +154,8 @@ class OnlineLearner:
             self.served, self._digest, self._digest_of = mirror, weights_digest, mirror
             version = self._next_version()
             self.served.version = version
-            self.pub = Published(self.lineage, version, digest, self.applied_offset, version, time.time())
+            self.pub = Published(self.lineage, version, digest, self.applied_offset, version, time.time(),
+                                 self.base_version)
         self._write_state()
         texts, labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
         self.anchor_base_accuracy = accuracy(self.served, texts, labels) if texts else float("nan")
@@ -365,7 +367,8 @@ class OnlineLearner:
         delta.update(lineage=self.lineage, digest=digest)
         deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
         deltas[version] = ray.put(delta)
-        self.pub = Published(self.lineage, version, digest, self.applied_offset, pub.chain_base, time.time(), deltas)
+        self.pub = Published(self.lineage, version, digest, self.applied_offset, pub.chain_base, time.time(), pub.base,
+                             deltas)
         self._version_floor = version
         self._write_state()
         entry.update(published=True, version=version, digest=digest, bytes=update_bytes(delta),
@@ -390,7 +393,7 @@ class OnlineLearner:
         with tempfile.TemporaryDirectory() as tmp:
             with self._model_lock:  # the mirror as published under pub (the thread is its only writer)
                 self.served.metrics = {**self.served.metrics, "log_offset": pub.log_offset, "kind": "online-snapshot",
-                                       "lineage": pub.lineage, "digest": pub.digest, "base_version": self.base_version,
+                                       "lineage": pub.lineage, "digest": pub.digest, "base_version": pub.base,
                                        "snapshot_at": time.time()}
                 save_model_dir(self.served, tmp)
             try:
@@ -399,7 +402,7 @@ class OnlineLearner:
                 logger.warning("snapshot v%s not stored: %s", pub.version, err)
                 return
         self._store_seen = max(self._store_seen, pub.version)
-        removed = self.store.gc(keep_last=self.s.store_keep_last, keep={self.base_version, pub.version})
+        removed = self.store.gc(keep_last=self.s.store_keep_last, keep={pub.base, self.base_version, pub.version})
         if removed.get("versions"):
             logger.info("model store retention removed versions %s", removed["versions"])
         dropped = self.log.compact(pub.log_offset + 1)  # keeps `retain_events` for fine-tunes
@@ -513,7 +516,8 @@ class OnlineLearner:
             "lineage": pub.lineage if pub else None, "version": pub.version if pub else None,
             "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
             "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
-            "base_version": self.base_version, "ready_offset": self.ready_offset,
+            "base_version": pub.base if pub else None, "next_base_version": self.base_version if self.replaying else None,
+            "ready_offset": self.ready_offset,
             "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,

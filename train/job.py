@@ -12,6 +12,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,13 +195,17 @@ def check_gpu_capacity(cfg: TrainConfig) -> str:
         "(docs/TRAINING.md)")
 
 
-def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
+def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, int]:
     """(loop config additions, last log offset) for a fine-tune run."""
     from online_learning.feedback_log import FeedbackLogReader, OffsetCompacted
 
-    latest = store.latest()
-    if latest is None:
-        raise FileNotFoundError(f"--fine-tune needs a published model in {store.uri}; train one first")
+    for _ in range(5):  # pinned so that the learner's retention keeps it while we train from it
+        latest = store.latest()
+        if latest is None:
+            raise FileNotFoundError(f"--fine-tune needs a published model in {store.uri}; train one first")
+        store.pin(latest, pin_owner)
+        if latest in store.versions():
+            break
     # Read-only: the learner may be appending now; the reader stops before its write in flight.
     reader = FeedbackLogReader(cfg.feedback_dir)
     for attempt in range(3):  # the learner may compact the oldest segment while we read it
@@ -223,13 +228,23 @@ def _fine_tune_inputs(cfg: TrainConfig, store) -> tuple[dict, int]:
 
 
 def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
+    """Train (a fine-tune pins its base version in the store meanwhile), evaluate, publish."""
+    pin_owner = f"fine-tune-{uuid.uuid4().hex[:12]}"
+    try:
+        return _fit(cfg, store, pin_owner)
+    finally:
+        if cfg.fine_tune:
+            store.unpin(pin_owner)
+
+
+def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from train.data import load_dataset
     from train.model import accuracy, load_model_dir, save_model_dir
 
-    extra, log_offset = _fine_tune_inputs(cfg, store) if cfg.fine_tune else ({}, None)
+    extra, log_offset = _fine_tune_inputs(cfg, store, pin_owner) if cfg.fine_tune else ({}, None)
     loop_config = {
         "size": cfg.size,
         "data": dataclasses.asdict(cfg.data),

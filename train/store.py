@@ -56,6 +56,7 @@ DEFAULT_STORE = "artifacts/models"
 MARKER = "_COMMITTED"
 CLAIMS = "_claims"
 RESERVED = "_reserved"
+PINS = "_pins"
 DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
 # Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
 # can kill a publish between two files (tests/test_store_s3.py).
@@ -293,6 +294,34 @@ class ModelStore:
                     continue  # deleted or being replaced meanwhile
         return highest
 
+    def pin(self, version: int, owner: str, ttl_s: float = 6 * 3600) -> None:
+        """Keep `version` from `gc` while `owner` (e.g. a fine-tune reading it) needs it, at most
+        `ttl_s` (a crashed owner's pin expires)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", owner):
+            raise ValueError(f"pin owner {owner!r}: letters, digits, _ . - only")
+        self._write_object(f"{self._root}/{PINS}/{owner}.json",
+                           json.dumps({"version": int(version), "until": time.time() + ttl_s}).encode())
+
+    def unpin(self, owner: str) -> None:
+        try:
+            self._fs.delete_file(f"{self._root}/{PINS}/{owner}.json")
+        except (FileNotFoundError, OSError):
+            pass
+
+    def pinned(self) -> set[int]:
+        """Versions some owner still pins (expired pins ignored)."""
+        now, found = time.time(), set()
+        for info in self._fs.get_file_info(pafs.FileSelector(f"{self._root}/{PINS}", allow_not_found=True)):
+            if info.type == pafs.FileType.File and info.path.endswith(".json"):
+                try:
+                    with self._fs.open_input_stream(info.path) as f:
+                        pin = json.loads(f.read())
+                    if pin["until"] > now:
+                        found.add(int(pin["version"]))
+                except (OSError, ValueError, KeyError):
+                    continue
+        return found
+
     def highest_number(self) -> int:
         """The highest version number in any prefix, committed, in progress or crashed (0 if none)."""
         return max(self._scan(), default=0)
@@ -336,7 +365,8 @@ class ModelStore:
 
     # -- retention -------------------------------------------------------------------------
     def gc(self, keep_last: int = 3, keep=(), grace_s: float | None = None, dry_run: bool = False) -> dict:
-        """Delete committed versions older than the newest `keep_last` (except those in `keep`) and
+        """Delete committed versions older than the newest `keep_last` (except those in `keep` or
+        pinned, see `pin`) and
         uncommitted prefixes untouched for `grace_s` (default: the store's). Returns what it removed
         (or would remove, with dry_run): {"versions": [...], "uncommitted": [...]}."""
         if keep_last < 1:
@@ -345,6 +375,9 @@ class ModelStore:
         committed = sorted(v for v, p in scan.items() if self._committed(p))
         retained = set(committed[-keep_last:]) | {int(v) for v in keep}
         old = [v for v in committed if v not in retained]
+        if old:
+            pinned = self.pinned()  # read after choosing, right before deleting
+            old = [v for v in old if v not in pinned]
         for v in [] if dry_run else old:
             self._remove(v, scan[v])
         stale = self._collect_stale(scan, self.grace_s if grace_s is None else grace_s, dry_run)
