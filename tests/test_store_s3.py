@@ -105,6 +105,23 @@ def test_two_concurrent_publishers_get_distinct_complete_versions(s3_server, tmp
         assert store.commit_record(v)["files"] == want == stored_sizes(store, v)
 
 
+def test_reservations_and_pins_on_s3(s3_server, tmp_path):
+    """A publisher taking the next number goes above every reservation (the learner numbers
+    versions it has not stored); gc never deletes a pinned version (a fine-tune's base)."""
+    store = ModelStore(s3_server["uri"]("reserve"))
+    model = fake_model(tmp_path)
+    assert store.publish(model) == 1
+    store.reserve("online-learner", 40)
+    assert store.reserved() == 40 and store.publish(model) == 41  # not 2: the learner may be serving 2..40
+    store.pin(1, "fine-tune-test")
+    for _ in range(3):
+        store.publish(model)
+    removed = store.gc(keep_last=1)
+    assert 1 not in removed["versions"] and store.versions() == [1, 44]
+    store.unpin("fine-tune-test")
+    assert store.gc(keep_last=1)["versions"] == [1] and store.versions() == [44]
+
+
 def test_an_explicit_version_goes_to_one_publisher_only(s3_server, tmp_path):
     store = ModelStore(s3_server["uri"]("explicit"))
     model = fake_model(tmp_path, files=1)
