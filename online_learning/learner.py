@@ -43,6 +43,21 @@ STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the
 RESERVE_BLOCK = 100  # version numbers reserved in the store at a time (one small write per block)
 
 
+def _lower_priority(nice: int) -> None:
+    """Raise the nice value of every thread of this process (and so of the threads they start):
+    on a machine it shares with replicas, training yields the CPU to serving. Linux nice is per
+    thread, hence each task; lowering priority needs no privilege."""
+    if nice <= 0:
+        return
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]
+    for tid in tasks:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, int(tid))
+            os.setpriority(os.PRIO_PROCESS, int(tid), max(current, min(19, nice)))
+        except OSError:  # a thread that ended meanwhile
+            continue
+
+
 @dataclass(frozen=True)
 class Published:
     """What replicas are told to serve; replaced whole (never mutated), so readers need no lock."""
@@ -64,12 +79,13 @@ class Published:
                   health_check_period_s=2, health_check_timeout_s=10)
 class OnlineLearner:
     def __init__(self, model_store: str, settings: dict, tf_threads: int = 1):
+        self.s = LearnerSettings(**settings)
+        _lower_priority(self.s.nice)  # before TensorFlow starts its thread pools: they inherit it
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
         from train.store import ModelStore
 
-        self.s = LearnerSettings(**settings)
         self.store = ModelStore(model_store)
         self.log = FeedbackLog(self.s.state_dir, segment_events=self.s.log_segment_events,
                                retain_events=self.s.log_retain_events)
@@ -208,6 +224,7 @@ class OnlineLearner:
 
     # -- the training thread ---------------------------------------------------------------
     def _run(self) -> None:
+        _lower_priority(self.s.nice)  # this thread too, whichever thread started it
         last_round, last_store_check = 0.0, 0.0
         while not self._stop.is_set():
             if not self.replaying:
