@@ -161,7 +161,9 @@ class Classifier:
         from serve.runner import DigestMismatch
 
         served = self._model
-        reply = await self._learner.updates_since.remote(self._replica, served.identity)
+        # Bounded: a hung learner (stopped, deadlocked) must read as unreachable, not freeze the poller.
+        reply = await asyncio.wait_for(self._learner.updates_since.remote(self._replica, served.identity),
+                                       timeout=max(5.0, 4 * self.settings.learner.replica_poll_s))
         info, kind = reply["learner"], reply["kind"]
         loop = asyncio.get_running_loop()
         try:
@@ -324,9 +326,9 @@ class Classifier:
 
     async def _admit(self, request: Request, auth_ok: bool) -> None:
         """The rate limit for feedback and failed authentications: app-wide, kept by the learner;
-        without one (learner off) this replica's own, so guessing the token stays slow."""
+        without one (learner off or unreachable) this replica's own, so guessing the token stays slow."""
         client = client_key(request, self._client_header)
-        if self._learner is None:
+        if self._learner is None or self._sync_error is not None:  # off, or known down: no 5 s wait
             wait = self._local_limiter.admit(client, auth_ok)
         else:
             try:
@@ -354,7 +356,9 @@ class Classifier:
             return json_response(public)  # operator details (PIDs, paths, learner state) need the token
         batch = self._classify
         learner = None
-        if self._learner is not None:
+        if self._learner is not None and self._sync_error is not None:  # known down: no 5 s wait
+            learner = {"error": f"unreachable: {self._sync_error}"}
+        elif self._learner is not None:
             try:
                 learner = await asyncio.wait_for(self._learner.status.remote(), timeout=5)
             except Exception as err:  # report it; the replica's own part still answers

@@ -162,6 +162,38 @@ def test_plain_retrain_while_serving_is_adopted_by_every_replica(life):
         assert acc >= 0.7, f"the log replayed onto the retrain: Korean accuracy {acc:.3f}"
 
 
+def test_a_hung_learner_is_reported_and_serving_goes_on(life):
+    """SIGSTOP the learner: replicas say so (learner unreachable, stale past max_staleness_s),
+    keep answering, refuse feedback at once instead of hanging; after SIGCONT they are in sync."""
+    import os
+    import signal
+
+    from tests.test_online_learning import learner_pid
+
+    url = life["url"]
+    pid = wait_until(lambda: learner_pid(APP), timeout=60, what="learner pid")
+    replica_views = lambda: [requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json() for _ in range(4)]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stale = wait_until(lambda: (v := replica_views()) and all(b.get("stale") and b["learner_sync_error"] for b in v)
+                           and v, timeout=120, what="every replica reporting the learner unreachable and stale")
+        assert all(b["staleness_s"] > LEARNER["max_staleness_s"] and b["ready"] for b in stale)
+        health = requests.get(f"{url}/healthz", timeout=10)
+        assert health.status_code == 200 and health.json()["learner"] == "unreachable"
+        assert requests.post(f"{url}/v1/predict", json={"text": "turn on the lights"}, timeout=10).status_code == 200
+        started = time.monotonic()
+        r = requests.post(f"{url}/v1/feedback", headers=AUTH, timeout=30,
+                          json={"event_id": "while-hung", "text": "turn on the lights", "label": "HassTurnOn"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "learner_unavailable"
+        assert time.monotonic() - started < 2.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fresh = wait_until(lambda: (v := replica_views()) and all(not b["stale"] and not b["learner_sync_error"] for b in v)
+                       and v, timeout=60, what="replicas back in sync")
+    assert all(b["staleness_s"] < LEARNER["max_staleness_s"] for b in fresh)
+    converge(life, "converged after the learner resumed")
+
+
 def test_every_number_names_one_set_of_weights(life):
     life["ids"].record(life["url"], polls=10)
     life["ids"].assert_one_digest_per_number()

@@ -199,11 +199,11 @@ def test_poisoned_stream_is_held_back(online):
     assert after_acc >= base_acc - 0.02, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
 
 
-def learner_pid() -> int | None:
+def learner_pid(app: str = "online") -> int | None:
     """The live learner's PID; None while it is down or being replaced."""
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "ServeReplica:online:OnlineLearner"), ("state", "=", "ALIVE")])
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:OnlineLearner"), ("state", "=", "ALIVE")])
     return actors[0].pid if len(actors) == 1 else None
 
 

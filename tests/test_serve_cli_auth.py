@@ -59,7 +59,11 @@ def test_serve_status_against_python_m_serve_run(trained_store, tmp_path):
 
     before = haproxy_pids()
     try:
-        with PythonMServeRun(config_path, port, _shell_env(PYTHONPATH=str(ROOT))) as server:
+        # Its HAProxy's stats and metrics listeners on free ports: the test session's own Ray (when
+        # other tests started it) already holds the defaults, 8404 and 9101.
+        env = _shell_env(PYTHONPATH=str(ROOT), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+                         RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
+        with PythonMServeRun(config_path, port, env) as server:
             log = server.log()
             assert "export RAY_AUTH_MODE=token" in log, log[-3000:]
             found = _DASHBOARD.search(log)
