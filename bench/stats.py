@@ -60,7 +60,10 @@ def combine_runs(runs: list[dict]) -> dict:
     for key in SPREAD_KEYS:
         values = [r[key] for r in runs if r[key] == r[key]]  # NaN (no answer at all) left out
         row[key] = float(np.median(values)) if values else float("nan")
-    row["spread"] = {key: [min(r[key] for r in runs), max(r[key] for r in runs)] for key in SPREAD_KEYS}
+    row["spread"] = {}
+    for key in SPREAD_KEYS:  # NaN left out here too: min/max with NaN depend on the order
+        values = [r[key] for r in runs if r[key] == r[key]]
+        row["spread"][key] = [min(values), max(values)] if values else [float("nan"), float("nan")]
     row["failed"] = sum(r["failed"] for r in runs)
     row["complete"] = sum(r["complete"] for r in runs)
     row["repeat"] = len(runs)

@@ -95,6 +95,9 @@ class OnlineLearner:
         self._salt = state.get("holdout_salt") or secrets.token_hex(8)
         self._version_floor = state.get("version", 0)  # no lineage may reuse a number at or below it
         self._max_reported = 0  # the highest version any replica reported holding
+        self._failed_rounds = 0
+        self._reserved_up_to = 0  # numbers up to this are reserved for us in the store
+        self._taken_up_to = 0  # ...except those up to this, claimed by others before we reserved
         self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
         self.pub: Published | None = None  # None until the first lineage is published (after replay)
         self._full: tuple[int, asyncio.Future] | None = None
@@ -106,7 +109,7 @@ class OnlineLearner:
         self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
                                         self.s.auth_fail_burst, self.s.rate_limit_clients)
         self._base_data_spec = None
-        self._adopt(self.store.latest(), reason="start")
+        self._adopt(self._start_version(), reason="start")
         self._acked.extend((off, time.time()) for off in range(self.applied_offset + 1, len(self.log)))
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -114,6 +117,17 @@ class OnlineLearner:
         self._thread.start()
 
     # -- lineages --------------------------------------------------------------------------
+    def _start_version(self) -> int:
+        """The newest store version whose later feedback the log still holds (else the newest)."""
+        versions = self.store.versions()
+        if not versions:
+            raise FileNotFoundError(f"no model in {self.store.uri}; train one first: python -m train --size small")
+        for v in reversed(versions):
+            if self._adoptable(self.store.metrics(v)):
+                return v
+            logger.error("not starting from v%s: the log after its offset was compacted", v)
+        return versions[-1]
+
     def _adopt(self, store_version: int, reason: str) -> None:
         """Start a new lineage on a store version: load it, replay the log after its offset,
         publish once caught up (see `_run`). Called at start and by the training thread."""
@@ -166,13 +180,13 @@ class OnlineLearner:
         mirror.model.set_weights(self.trainer.model.get_weights())
         weights_digest = model_digest(mirror.model)
         digest = weights_digest.hexdigest()
+        version = self._next_version()
+        self._write_state(version)  # durable before any replica hears of it
         with self._model_lock:  # the mirror and self.pub change together
             self.served, self._digest, self._digest_of = mirror, weights_digest, mirror
-            version = self._next_version()
             self.served.version = version
             self.pub = Published(self.lineage, version, digest, self.applied_offset, version, time.time(),
                                  self.base_version)
-        self._write_state()
         texts, labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
         self.anchor_base_accuracy = accuracy(self.served, texts, labels) if texts else float("nan")
         self.replaying = False
@@ -183,21 +197,27 @@ class OnlineLearner:
                     self.applied_offset)
 
     def _next_version(self) -> int:
-        """Above every number seen: the state file, the store (claims included), every replica's
-        report; reserved in the store first, so no publisher takes it meanwhile."""
-        def highest():
-            seen = [self._version_floor, self.store.highest_number(), self._max_reported]
-            return max(seen + ([self.pub.version] if self.pub is not None else []))
-
-        self._reserve(highest() + 1)
-        self._version_floor = highest() + 1  # listed after reserving: a claim made before is above
-        self._reserve(self._version_floor)
+        """A lineage's first number: above every number seen (the state file, the store's
+        prefixes and reservations, every replica's report), and free (see `_free_number`)."""
+        seen = [self._version_floor, self.store.highest_number(), self.store.reserved(), self._max_reported]
+        if self.pub is not None:
+            seen.append(self.pub.version)
+        self._version_floor = self._free_number(max(seen) + 1)
         return self._version_floor
 
-    def _reserve(self, version: int) -> None:
-        if version > getattr(self, "_reserved_up_to", 0):
-            self._reserved_up_to = version + RESERVE_BLOCK
-            self.store.reserve("online-learner", self._reserved_up_to)
+    def _free_number(self, candidate: int) -> int:
+        """`candidate` or the first number above it that no other publisher can hold: numbers are
+        reserved in the store a block at a time, and after each reservation the store is listed;
+        a claim made before the reservation landed shows there and is jumped over (a claim made
+        after it goes above the reservation). train/store.py's module doc has the argument."""
+        while True:
+            if candidate > self._reserved_up_to:
+                self._reserved_up_to = candidate + RESERVE_BLOCK
+                self.store.reserve("online-learner", self._reserved_up_to)
+                self._taken_up_to = self.store.highest_number()
+            if candidate > self._taken_up_to:
+                return candidate
+            candidate = self._taken_up_to + 1
 
     # -- feedback --------------------------------------------------------------------------
     async def admit(self, client: str, auth_ok: bool) -> int:
@@ -256,8 +276,10 @@ class OnlineLearner:
                 last_round = time.monotonic()
                 self._round(batch)
                 self._maybe_snapshot()
+                self._failed_rounds = 0
             except Exception:  # a failed round must not end learning: log it, retry next round
-                logger.exception("learner round failed")
+                self._failed_rounds += 1
+                logger.exception("learner round failed (%s in a row)", self._failed_rounds)
                 if self._stop.wait(self.s.publish_interval_s):
                     return
 
@@ -277,9 +299,17 @@ class OnlineLearner:
 
     def _round(self, batch: list[LoggedEvent]) -> None:
         started = time.time()
-        held_out = [e for e in batch if e.holdout or self._is_holdout(e.offset)]
+        unknown = [e for e in batch if e.label not in self.trainer.index]
+        if unknown:  # a label this lineage's model lacks (the log outlived a label set): never trainable
+            logger.warning("skipping %s events with labels the model lacks, e.g. %r", len(unknown), unknown[0].label)
+            if not self.replaying:
+                self.log.mark([e.offset for e in unknown], "rejected")
+            batch_known = [e for e in batch if e.label in self.trainer.index]
+        else:
+            batch_known = batch
+        held_out = [e for e in batch_known if e.holdout or self._is_holdout(e.offset)]
         # A replay leaves out what the gate rejected when it first came.
-        train = [e for e in batch if not (e.holdout or e.rejected or self._is_holdout(e.offset))]
+        train = [e for e in batch_known if not (e.holdout or e.rejected or self._is_holdout(e.offset))]
         if held_out and not self.replaying:
             self.log.mark([e.offset for e in held_out], "holdout")  # the fine-tune leaves them out too
         rng = random.Random(self.trainer.steps)
@@ -305,7 +335,8 @@ class OnlineLearner:
             self._publish(entry)
         else:
             self._hold_back(entry)
-            self.log.mark([e.offset for e in train], "rejected")  # not replayed, not fine-tuned on
+            if entry["reason"] != "no holdout to judge by":  # judged bad: not replayed, not fine-tuned on
+                self.log.mark([e.offset for e in train], "rejected")
         self.history.append(entry)
 
     def _gate(self, entry: dict) -> bool:
@@ -374,20 +405,21 @@ class OnlineLearner:
         from online_learning.weights import apply_update, make_delta, update_bytes
 
         pub = self.pub
-        version = max(pub.version, self._version_floor) + 1
-        self._reserve(version)
+        version = self._free_number(max(pub.version, self._version_floor) + 1)
+        # A jump over another publisher's number breaks the delta chain: replicas get full weights.
+        chain_base = pub.chain_base if version == pub.version + 1 else version
         delta = make_delta(self.trainer.model, self.trainer.take_touched(), version, self.applied_offset)
+        self._write_state(version)  # durable before any replica hears of it
+        self._version_floor = version
         with self._model_lock:
             apply_update(self.served.model, delta, self._served_digest())
             self.served.version = version
             digest = self._digest.hexdigest()
-        delta.update(lineage=self.lineage, digest=digest)
-        deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
-        deltas[version] = ray.put(delta)
-        self.pub = Published(self.lineage, version, digest, self.applied_offset, pub.chain_base, time.time(), pub.base,
-                             deltas)
-        self._version_floor = version
-        self._write_state()
+            delta.update(lineage=self.lineage, digest=digest)
+            deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
+            deltas[version] = ray.put(delta)
+            self.pub = Published(self.lineage, version, digest, self.applied_offset, chain_base, time.time(), pub.base,
+                                 deltas)
         entry.update(published=True, version=version, digest=digest, bytes=update_bytes(delta),
                      rows=int(delta["rows"].size))
 
@@ -431,32 +463,42 @@ class OnlineLearner:
     def _maybe_rebase(self) -> None:
         """Adopt a model someone else published to the store (a fine-tune or a plain retrain):
         a new lineage on it, the log after its offset replayed (all of it for a plain retrain)."""
-        versions = self.store.versions()
-        newer = [v for v in versions if v > self._store_seen]
-        if not newer:
+        newer = [v for v in self.store.versions() if v > self._store_seen]
+        foreign = [v for v in newer if self.store.metrics(v).get("kind") != "online-snapshot"]
+        if not foreign:  # nothing, or a learner's own snapshots
+            self._store_seen = max(newer, default=self._store_seen)
             return
-        self._store_seen = newer[-1]
-        latest = newer[-1]
+        latest = foreign[-1]
         metrics = self.store.metrics(latest)
-        if metrics.get("kind") == "online-snapshot":
-            return  # a learner's own snapshot
+        if not self._adoptable(metrics):
+            self._store_seen = max(newer)
+            logger.error("not adopting v%s: it includes feedback up to offset %s, and the log after it was "
+                         "compacted (kept from %s); the current lineage stays", latest,
+                         metrics.get("log_offset", -1), self.log.first_offset)
+            self.history.append({"time": time.time(), "refused": latest, "published": False, "events": 0, "bytes": 0,
+                                 "reason": "log compacted below its offset"})
+            return
         rebase_from = self.pub
         self._adopt(latest, reason=f"adopting {metrics.get('kind', 'a retrained model')} v{latest}")
+        self._store_seen = max(newer)  # only once adopted: a failed load is retried next check
         self.pub = rebase_from  # replicas keep the current lineage until the new one has replayed
         self.history.append({"time": time.time(), "rebased_on": latest, "lineage": self.lineage, "published": False,
                              "log_offset": self.applied_offset, "bytes": 0, "events": 0})
+
+    def _adoptable(self, metrics: dict) -> bool:
+        """A base can start a lineage only if the log still holds every event after its offset."""
+        return metrics.get("log_offset", -1) + 1 >= self.log.first_offset
 
     def _read_state(self) -> dict:
         path = Path(self.s.state_dir) / STATE_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def _write_state(self) -> None:
-        """Durably: the numbers used so far are never reused after a crash."""
+    def _write_state(self, version: int) -> None:
+        """Durably, before `version` is published: numbers used are never reused after a crash."""
         path = Path(self.s.state_dir) / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        pub = self.pub
-        state = {"version": max(self._version_floor, pub.version if pub else 0), "holdout_salt": self._salt,
-                 "lineage": pub.lineage if pub else None, "log_offset": pub.log_offset if pub else None}
+        state = {"version": max(self._version_floor, version), "holdout_salt": self._salt,
+                 "lineage": self.lineage, "log_offset": self.applied_offset}
         with open(tmp, "w") as f:
             f.write(json.dumps(state))
             f.flush()
@@ -497,7 +539,8 @@ class OnlineLearner:
     async def _full_ref(self):
         """One full copy per published version, built off the event loop and shared by callers."""
         pub = self.pub
-        if self._full is None or self._full[0] != pub.version:
+        stale = self._full is None or self._full[0] != pub.version
+        if stale or (self._full[1].done() and self._full[1].exception() is not None):  # a failed build: retry
             future = asyncio.get_running_loop().run_in_executor(None, self._build_full)
             self._full = (pub.version, asyncio.ensure_future(future))
         return await asyncio.shield(self._full[1])
@@ -546,6 +589,8 @@ class OnlineLearner:
     async def check_health(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the learner's training thread stopped")
+        if self._failed_rounds >= 10:  # stuck (a store it cannot read, a log it cannot write): restart
+            raise RuntimeError(f"{self._failed_rounds} learner rounds in a row failed; see the log")
 
     def __del__(self):
         self._stop.set()

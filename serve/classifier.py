@@ -152,9 +152,12 @@ class Classifier:
         """Sync until this replica is ready: on the learner's lineage, or holding every event the
         learner had acknowledged when it began it (while it replays)."""
         while True:
-            await self._sync_with_learner()
-            if self._readiness()[0]:
-                return
+            try:
+                await self._sync_with_learner()
+                if self._learner_info is not None and self._readiness()[0]:
+                    return
+            except Exception as err:  # the learner still starting (a poll timed out): retry to the deadline
+                logger.info("waiting for the learner: %r", err)
             await asyncio.sleep(self.settings.learner.replica_poll_s)
 
     async def _sync_with_learner(self) -> None:

@@ -188,6 +188,7 @@ def test_a_hung_learner_is_reported_and_serving_goes_on(life):
         assert time.monotonic() - started < 2.0
     finally:
         os.kill(pid, signal.SIGCONT)
+    assert learner_pid(APP) == pid  # the same learner resumed (Serve did not replace it meanwhile)
     fresh = wait_until(lambda: (v := replica_views()) and all(not b["stale"] and not b["learner_sync_error"] for b in v)
                        and v, timeout=60, what="replicas back in sync")
     assert all(b["staleness_s"] < LEARNER["max_staleness_s"] for b in fresh)

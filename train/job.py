@@ -206,6 +206,8 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
         store.pin(latest, pin_owner)
         if latest in store.versions():
             break
+    else:
+        raise RuntimeError(f"the newest version in {store.uri} kept disappearing while being pinned; retry")
     # Read-only: the learner may be appending now; the reader stops before its write in flight.
     reader = FeedbackLogReader(cfg.feedback_dir)
     for attempt in range(3):  # the learner may compact the oldest segment while we read it
@@ -221,6 +223,11 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
         except OffsetCompacted:
             if attempt == 2:
                 raise
+    base_offset = store.metrics(latest).get("log_offset", -1)
+    if reader.first_offset > base_offset + 1:
+        raise RuntimeError(f"v{latest} includes feedback up to offset {base_offset}, but the log in {cfg.feedback_dir} "
+                           f"keeps only offsets from {reader.first_offset}: events between were compacted, so a "
+                           "fine-tune would lose them. Raise log_retain_events, or fine-tune from a newer snapshot")
     extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events]}
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
           f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round)")

@@ -290,7 +290,7 @@ class ModelStore:
                 try:
                     with self._fs.open_input_stream(info.path) as f:
                         highest = max(highest, int(json.loads(f.read())["up_to"]))
-                except (OSError, ValueError, KeyError):
+                except FileNotFoundError:
                     continue  # deleted or being replaced meanwhile
         return highest
 
@@ -318,8 +318,8 @@ class ModelStore:
                         pin = json.loads(f.read())
                     if pin["until"] > now:
                         found.add(int(pin["version"]))
-                except (OSError, ValueError, KeyError):
-                    continue
+                except FileNotFoundError:
+                    continue  # unpinned meanwhile; any other error fails gc rather than ignore a pin
         return found
 
     def highest_number(self) -> int:
