@@ -43,14 +43,17 @@ STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the
 RESERVE_BLOCK = 100  # version numbers reserved in the store at a time (one small write per block)
 
 
-def _lower_priority(nice: int) -> None:
-    """Raise the nice value of every thread of this process (and so of the threads they start):
-    on a machine it shares with replicas, training yields the CPU to serving. Linux nice is per
-    thread, hence each task; lowering priority needs no privilege."""
-    if nice <= 0:
+def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
+    """Raise the nice value of every thread of this process but `spare` (and so of the threads
+    they start): on a machine it shares with replicas, training (the learner's thread and
+    TensorFlow's pools) yields the CPU to serving, while the event loop that acknowledges
+    feedback and answers replicas keeps its priority. Linux nice is per thread, hence each task;
+    lowering priority needs no privilege."""
+    if nice <= 0 or not os.path.isdir("/proc/self/task"):
         return
-    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]
-    for tid in tasks:
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) in spare:
+            continue
         try:
             current = os.getpriority(os.PRIO_PROCESS, int(tid))
             os.setpriority(os.PRIO_PROCESS, int(tid), max(current, min(19, nice)))
@@ -80,7 +83,6 @@ class Published:
 class OnlineLearner:
     def __init__(self, model_store: str, settings: dict, tf_threads: int = 1):
         self.s = LearnerSettings(**settings)
-        _lower_priority(self.s.nice)  # before TensorFlow starts its thread pools: they inherit it
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
@@ -96,6 +98,7 @@ class OnlineLearner:
         self._version_floor = state.get("version", 0)  # no lineage may reuse a number at or below it
         self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
+        self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
         self._reserved_up_to = 0  # numbers up to this are reserved for us in the store
         self._taken_up_to = 0  # ...except those up to this, claimed by others before we reserved
         self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
@@ -222,6 +225,7 @@ class OnlineLearner:
     # -- feedback --------------------------------------------------------------------------
     async def admit(self, client: str, auth_ok: bool) -> int:
         """One app-wide rate budget per client (every replica asks here): 0, or Retry-After seconds."""
+        self._loop_threads.add(threading.get_native_id())
         return self._limiter.admit(client, auth_ok)
 
     async def submit(self, events: list[dict]) -> dict:
@@ -244,8 +248,7 @@ class OnlineLearner:
 
     # -- the training thread ---------------------------------------------------------------
     def _run(self) -> None:
-        _lower_priority(self.s.nice)  # this thread too, whichever thread started it
-        last_round, last_store_check = 0.0, 0.0
+        last_round, last_store_check, last_nice = 0.0, 0.0, 0.0
         while not self._stop.is_set():
             if not self.replaying:
                 self._wake.wait(timeout=self.s.publish_interval_s)
@@ -253,6 +256,9 @@ class OnlineLearner:
                 wait = self.s.publish_interval_s - (time.monotonic() - last_round)
                 if wait > 0 and self._stop.wait(wait):
                     return
+            if time.monotonic() - last_nice >= 10:  # again now and then: TensorFlow starts threads lazily
+                last_nice = time.monotonic()
+                _lower_priority(self.s.nice, spare=self._loop_threads)
             try:
                 if time.monotonic() - last_store_check >= STORE_CHECK_S:
                     last_store_check = time.monotonic()
@@ -516,6 +522,7 @@ class OnlineLearner:
         wait (no lineage published yet), none, relabel (same digest), deltas, or full weights.
         Never blocks the event loop: full weights are built once per version in a thread."""
         now = time.time()
+        self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
         self.replicas[replica] = {**identity, "reported_at": now}
         self._max_reported = max(self._max_reported, identity.get("version") or 0)
         self._forget_old_replicas(now)

@@ -29,8 +29,9 @@ class LearnerSettings(BaseModel):
                                description="hold back a candidate this much below the served feedback-holdout accuracy")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
                                  "this much below the lineage's anchor (the base it started from)")
-    nice: int = Field(10, ge=0, le=19, description="OS priority of the learner's threads (Linux nice): on a machine "
-                      "shared with replicas, training yields the CPU to serving; 0 keeps normal priority")
+    nice: int = Field(10, ge=0, le=19, description="OS priority (Linux nice) of the learner's training threads (not of "
+                      "the event loop answering feedback and replicas): on a machine shared with replicas, training "
+                      "yields the CPU to serving; 0 keeps normal priority")
     max_round_events: int = Field(2048, ge=1, description="new events trained in one round (read from the log)")
     staleness_hard_limit_s: float | None = Field(
         120.0, gt=0, description="a replica that reaches the learner but stays behind this long fails its health "
