@@ -403,8 +403,8 @@ class FeedbackLog(_LogView):
                 digest = payload_digest(ev.text, ev.label)
                 known = self._ids.get(ev.event_id) or sealed.get(ev.event_id) or fresh.get(ev.event_id)
                 if known is not None:
-                    if known[1] != digest:
-                        raise EventIdConflict(ev.event_id, known[0])
+                    if known[1] != digest:  # offset None: the clash is inside this request
+                        raise EventIdConflict(ev.event_id, None if ev.event_id in fresh else known[0])
                     out.append((known[0], True))
                     continue
                 fresh[ev.event_id] = (self._next + len(new), digest)

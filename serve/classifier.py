@@ -319,8 +319,10 @@ class Classifier:
         if "conflict" in reply:
             clash = reply["conflict"]
             return self._reject(RequestError(
-                409, "event_id_conflict", f"event_id {clash['event_id'][:200]!r} already names another event (offset "
-                f"{clash['offset']}) with a different text or label; nothing in this request was written. "
+                409, "event_id_conflict", f"event_id {clash['event_id'][:200]!r} " + (
+                    f"already names another event (offset {clash['offset']})" if clash["offset"] is not None
+                    else "appears twice in this request") + " with a different text or label; nothing in this "
+                "request was written. "
                 "Use a new event_id for a new event", detail={"event_id": clash["event_id"]}))
         results = reply["results"]
         dups = sum(1 for _, dup in results if dup)
@@ -390,8 +392,9 @@ class Classifier:
             "time": time.time(),
         })
 
-    @api.get("/healthz", summary="200 once this replica serves the learner's current weights (or the store's "
-                                 "newest while the learner is unreachable, said in 'learner'); 503 before")
+    @api.api_route("/healthz", methods=["GET", "HEAD"],  # HEAD: load balancer probes
+                   summary="200 once this replica serves the learner's current weights (or the store's newest "
+                           "while the learner is unreachable, said in 'learner'); 503 before")
     async def healthz(self):
         ready, why = self._readiness()
         if why == "no_model":

@@ -6,7 +6,7 @@ import hmac
 import os
 
 from serve.ingress import from_our_ingress
-from serve.requests import RequestError, check_text, decode_json
+from serve.requests import RequestError, check_text, decode_json, few_names as _few
 
 
 def check_token(authorization: str | None, token_env: str) -> None:
@@ -62,7 +62,7 @@ def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]
             raise RequestError(422, "invalid_request", f'{where}: expected an object {{"event_id", "text", "label"}}')
         unknown = set(ev) - {"event_id", "text", "label"}
         if unknown:
-            raise RequestError(422, "invalid_request", f"{where}: unknown field(s) {sorted(unknown)}")
+            raise RequestError(422, "invalid_request", f"{where}: unknown field(s) {_few(unknown)}")
         for key in ("event_id", "text", "label"):
             if not isinstance(ev.get(key), str):
                 raise RequestError(422, "invalid_type", f'{where}: "{key}" must be a string')

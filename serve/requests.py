@@ -16,6 +16,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 
+def few_names(names, limit: int = 10) -> str:
+    """Names for an error message, at most `limit` (a client may send thousands), each cut short."""
+    shown = [repr(str(n)[:40]) for n in sorted(names)[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return "[" + ", ".join(shown) + "]" + more
+
+
 class RequestError(Exception):
     """A bad request: HTTP status, a stable machine code, and a message that says how to fix it."""
 
@@ -193,7 +200,7 @@ def parse_predict(body: bytes, limits) -> tuple[list[str], bool, int]:
         raise RequestError(422, "invalid_request", 'send a JSON object: {"text": "..."} or {"texts": ["...", ...]}')
     unknown = set(payload) - {"text", "texts", "top_k"}
     if unknown:
-        raise RequestError(422, "invalid_request", f"unknown field(s) {sorted(unknown)}; allowed: text, texts, top_k")
+        raise RequestError(422, "invalid_request", f"unknown field(s) {few_names(unknown)}; allowed: text, texts, top_k")
     has_text, has_texts = "text" in payload, "texts" in payload
     if has_text == has_texts:
         raise RequestError(422, "invalid_request", 'give exactly one of "text" (a string) or "texts" (a list of strings)')

@@ -105,6 +105,11 @@ def test_conflicting_event_id_is_409_and_the_cli_loses_nothing(online, tmp_path,
     assert r.status_code == 409 and r.json()["error"] == {**r.json()["error"], "code": "event_id_conflict",
                                                           "event_id": "clash-1"}
     assert learner_status(url)["log_length"] == length  # not even clash-2 was written
+    twice = [{"event_id": "clash-3", "text": "open the garage", "label": "HassTurnOn"},
+             {"event_id": "clash-3", "text": "close the garage", "label": "HassTurnOn"}]
+    r = requests.post(f"{url}/v1/feedback", json=twice, headers=AUTH, timeout=10)
+    assert r.status_code == 409 and "appears twice in this request" in r.json()["error"]["message"]
+    assert learner_status(url)["log_length"] == length
     # Two files with the same name on two days: both learned (ids follow the content).
     for day, rows in (("day1", [{"text": "dim the hallway lamp please", "label": "HassLightSet"}]),
                       ("day2", [{"text": "switch the attic fan off", "label": "HassTurnOff"},

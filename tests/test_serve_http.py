@@ -37,6 +37,7 @@ def test_model_and_health_routes(base_url):
     assert info["batching"]["max_batch_size"] >= 1
     health = requests.get(f"{base_url}/healthz", timeout=5)
     assert health.status_code == 200 and health.json()["status"] == "ready"
+    assert requests.head(f"{base_url}/healthz", timeout=5).status_code == 200  # load balancers probe with HEAD
     spec = requests.get(f"{base_url}/openapi.json", timeout=5).json()
     assert "/v1/predict" in spec["paths"] and "/v1/model" in spec["paths"]
 
@@ -134,3 +135,11 @@ def test_reconfigure_changes_batching_without_restart(base_url, trained_store):
         assert sizes == {1}
     finally:
         serve.delete("reconf")
+
+
+def test_unknown_fields_are_named_briefly(base_url):
+    """A body with thousands of unknown keys gets a short 422, not its own keys echoed back."""
+    body = json.dumps({f"k{i}": 1 for i in range(350)})  # under this app's 4 KB body limit
+    r = requests.post(f"{base_url}/v1/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text[:200]
+    assert len(r.text) < 1000 and "and 340 more" in r.text
