@@ -124,7 +124,7 @@ class OnlineLearner:
         """The newest store version whose later feedback the log still holds (else the newest)."""
         versions = self.store.versions()
         if not versions:
-            raise FileNotFoundError(f"no model in {self.store.uri}; train one first: python -m train --size small")
+            raise FileNotFoundError(f"no model in {self.store.shown}; train one first: python -m train --size small")
         for v in reversed(versions):
             if self._adoptable(self.store.metrics(v)):
                 return v
@@ -464,7 +464,7 @@ class OnlineLearner:
         if dropped:
             logger.info("compacted %s feedback events below the snapshot's offset", dropped)
         logger.info("snapshot %s/v%s (log offset %s) written to %s", pub.lineage, pub.version, pub.log_offset,
-                    self.store.uri)
+                    self.store.shown)
 
     def _maybe_rebase(self) -> None:
         """Adopt a model someone else published to the store (a fine-tune or a plain retrain):

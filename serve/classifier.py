@@ -26,6 +26,7 @@ from serve.batcher import ModelBatcher
 from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, dumps, error_body, error_response, json_response,
                             parse_predict, read_asgi_body, read_body, send_json)
 from serve.settings import AppSettings, BatchSettings, parse_settings
+from train.store_cache import redact
 
 logger = logging.getLogger("ray.serve")
 
@@ -382,7 +383,7 @@ class Classifier:
             "pid": os.getpid(),
             "started_at": self._started_at,
             "model_version": served.version if served else None,
-            "model_store": self.settings.model_store,
+            "model_store": redact(self.settings.model_store),  # never credentials in an answer
             "size": served.loaded.size_name if served else None,
             "labels": served.loaded.labels if served else [],
             "metrics": served.loaded.metrics if served else {},

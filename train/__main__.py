@@ -9,6 +9,7 @@ import sys
 from train.data import SUPPORTED_LANGS, DataFileError, DataSpec
 from train.job import DEFAULT_EPOCHS, TrainConfig
 from train.model import SIZES
+from train.store_cache import redact
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = outcome.metrics
-    print(f"\npublished model version {outcome.version} -> {outcome.uri}")
+    print(f"\npublished model version {outcome.version} -> {redact(outcome.uri)}")
     print(f"  size {cfg.size}, {m['parameters']:,} parameters, best epoch {m['epoch']}")
     print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}")
     print(f"  training throughput {m['samples_per_s']:.0f} samples/s on {m['device']}, "

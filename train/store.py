@@ -117,6 +117,11 @@ class ModelStore:
         return f"ModelStore({redact(self.uri)!r})"
 
     @property
+    def shown(self) -> str:
+        """The URI as messages and logs show it: without credentials (pyarrow accepts them in it)."""
+        return redact(self.uri)
+
+    @property
     def is_local(self) -> bool:
         return isinstance(self._fs, pafs.LocalFileSystem)
 
@@ -166,7 +171,7 @@ class ModelStore:
                 names = sorted(p.name for p in Path(self._path(version)).iterdir() if p.is_file())
                 return {"version": version, "token": "legacy",
                         "files": {n: Path(self._path(version), n).stat().st_size for n in names}}
-            raise FileNotFoundError(f"model version {version} not in {self.uri} (has {self.versions()})") from None
+            raise FileNotFoundError(f"model version {version} not in {self.shown} (has {self.versions()})") from None
 
     def describe(self) -> list[VersionInfo]:
         """Every version prefix, committed or not, oldest first."""
@@ -200,7 +205,7 @@ class ModelStore:
             version = self.latest()
             if version is None:
                 raise FileNotFoundError(
-                    f"no model in {self.uri}; train one first: python -m train --size small"
+                    f"no model in {self.shown}; train one first: python -m train --size small"
                 )
         if self.is_local:
             loaded = load_model_dir(self.local_path(version))
@@ -348,20 +353,20 @@ class ModelStore:
                 self._fs.delete_file(self._path(candidate, f"{CLAIMS}/{token}"))  # reserved meanwhile
                 continue
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # both may lose a round: jitter apart
-        raise RuntimeError(f"could not claim a version number in {self.uri} after 50 tries")
+        raise RuntimeError(f"could not claim a version number in {self.shown} after 50 tries")
 
     def _claim_exact(self, version: int) -> tuple[int, str]:
         scan = self._scan()
         committed = [v for v, p in scan.items() if self._committed(p)]
         if committed and version <= max(committed):
-            raise VersionTaken(f"version {version} is not above the newest in {self.uri} ({max(committed)})")
+            raise VersionTaken(f"version {version} is not above the newest in {self.shown} ({max(committed)})")
         if version in scan:  # removing a crashed publish's leftovers here could race another claimer: gc does it
             age = scan[version].age_s(time.time())
-            raise VersionTaken(f"version {version} in {self.uri} is claimed by a publish in progress or left by one "
+            raise VersionTaken(f"version {version} in {self.shown} is claimed by a publish in progress or left by one "
                                f"that failed (last write {'?' if age is None else round(age)} s ago)")
         if token := self._claim(version):
             return version, token
-        raise VersionTaken(f"version {version} in {self.uri} was claimed by another publish at the same time")
+        raise VersionTaken(f"version {version} in {self.shown} was claimed by another publish at the same time")
 
     # -- retention -------------------------------------------------------------------------
     def gc(self, keep_last: int = 3, keep=(), grace_s: float | None = None, dry_run: bool = False) -> dict:
