@@ -11,13 +11,16 @@ import csv
 import io
 import itertools
 import json
+import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-SUPPORTED_LANGS = ("en", "ko")
+SPLIT_MODES = ("template", "sentence")
+SLOT_MODES = ("generated", "generated+placeholders", "bundled")
+MIN_INTENTS = 10  # a language needs this many intents with enough sentences to be worth training on
 
 
 class DataFileError(ValueError):
@@ -29,6 +32,7 @@ class Example:
     text: str
     label: str
     lang: str = "user"
+    group: str = ""  # the template it was expanded from ("en:HassTurnOn:0:3"); "" for user data
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,37 @@ class Splits:
     validation: list[Example]
     test: list[Example]
     labels: list[str]  # sorted; the model's output order
+    # Template split only: new expansions of the training templates (with training slot values),
+    # i.e. what the sentence split's test set measures. Empty for the sentence split.
+    test_seen: list[Example] = field(default_factory=list)
+
+
+def bundled_langs() -> list[str]:
+    """Every language the home-assistant-intents package bundles."""
+    from home_assistant_intents import get_languages
+
+    return sorted(get_languages())
+
+
+def _slot_values() -> dict:
+    text = resources.files("train").joinpath("slot_values.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+# The languages the bundled corpus can train: the package has their templates and
+# slot_values.json has areas, names and floors to fill them with (Home Assistant fills those from
+# a user's home; without them the device intents produce no sentences). Each yields at least
+# MIN_INTENTS intents with min_per_intent sentences (tests/test_data.py checks it).
+SUPPORTED_LANGS = tuple(sorted(_slot_values()))
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What to train on. Either bundled languages or a user file (path wins when set)."""
+    """What to train on. Either bundled languages or a user file (path wins when set).
+
+    New fields need defaults: the online learner rebuilds a version's DataSpec from the `data`
+    dict in its metrics.json, and versions trained before a field existed lack it.
+    """
 
     langs: tuple[str, ...] = ("en",)
     path: str | None = None
@@ -51,73 +81,165 @@ class DataSpec:
     min_per_intent: int = 10  # intents with fewer sentences cannot fill three splits
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    # "template": every expansion of one template lands in one split, and validation/test
+    # sentences carry slot values training never saw (honest); "sentence": sentences are split
+    # at random, so test sentences are siblings of training ones (the old split). A user file
+    # (path) has no templates and is always split by sentence.
+    split: str = "template"
+    slots: str = "generated"  # training slot values: one of SLOT_MODES (train/slot_pool.py)
     _scan_cap: int = field(default=2000, repr=False)  # expansions looked at per template
 
     def __post_init__(self) -> None:
         unknown = [lang for lang in self.langs if lang not in SUPPORTED_LANGS]
         if unknown:
+            bundled = [lang for lang in bundled_langs() if lang not in SUPPORTED_LANGS]
             raise ValueError(
-                f"unsupported language(s) {unknown}; the bundled corpus has {list(SUPPORTED_LANGS)}"
-                " (train on another language with --data your_file.csv)"
+                f"unsupported language(s) {unknown}; the bundled corpus trains {list(SUPPORTED_LANGS)}. "
+                f"The intents package also has templates for {', '.join(bundled)}, but no slot values "
+                "(areas, device names, floors) to expand them with: add them to train/slot_values.json, "
+                "or train on your own sentences with --data your_file.csv"
             )
         if not self.path and not self.langs:
             raise ValueError("no data: give --langs (e.g. en,ko) or --data FILE")
         if not 0 < self.validation_fraction + self.test_fraction < 1:
             raise ValueError("validation and test fractions must be > 0 and add up to less than 1")
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {list(SPLIT_MODES)}")
+        if self.slots not in SLOT_MODES:
+            raise ValueError(f"unknown slot values {self.slots!r}; choose one of {list(SLOT_MODES)}")
+
+    @property
+    def effective_split(self) -> str:
+        return "sentence" if self.path else self.split
 
 
-def _slot_values() -> dict:
-    text = resources.files("train").joinpath("slot_values.json").read_text(encoding="utf-8")
-    return json.loads(text)
+@dataclass(frozen=True)
+class _Template:
+    intent: str
+    group: str  # "lang:intent:data_index:sentence_index"
+    sentence: object  # hassil Sentence
+    rules: dict
+    lists: tuple[str, ...]  # slot list names it uses
+
+
+def _templates(lang: str):
+    from hassil.intents import Intents
+    from home_assistant_intents import get_intents
+
+    intents = Intents.from_dict(get_intents(lang))
+    templates = []
+    for intent_name, intent in sorted(intents.intents.items()):
+        for di, data in enumerate(intent.data):
+            rules = {**intents.expansion_rules, **(data.expansion_rules or {})}
+            for si, sentence in enumerate(data.sentences):
+                names = tuple(sorted(set(sentence.list_names(rules))))
+                if any(n in data.wildcard_list_names for n in names):
+                    continue  # free-text slots (messages, search queries) have no values to fill
+                templates.append(_Template(intent_name, f"{lang}:{intent_name}:{di}:{si}", sentence, rules, names))
+    return intents, templates
+
+
+def _assign_templates(templates: list[_Template], spec: DataSpec, lang: str) -> dict[str, str]:
+    """Template group -> split, per intent: about test_fraction / validation_fraction of its templates.
+
+    An intent needs 3 templates to have one in test and 4 to also have one in validation; with
+    fewer, all its templates stay in training (it is learned but not scored: the summary says so).
+    """
+    by_intent: dict[str, list[str]] = defaultdict(list)
+    for t in templates:
+        by_intent[t.intent].append(t.group)
+    assigned = {}
+    for intent, groups in sorted(by_intent.items()):
+        groups = sorted(groups)
+        random.Random(f"{spec.seed}:{lang}:{intent}:templates").shuffle(groups)
+        n = len(groups)
+        n_test = max(1, round(n * spec.test_fraction)) if n >= 3 else 0
+        n_val = max(1, round(n * spec.validation_fraction)) if n >= 4 else 0
+        for i, g in enumerate(groups):
+            assigned[g] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+    return assigned
+
+
+def _expand(lang: str, spec: DataSpec) -> dict[str, list[Example]]:
+    """Expand one language's templates into labelled sentences (seeded, deduplicated).
+
+    Template split: {"train", "validation", "test", "test_seen"}; sentence split: {"all"}.
+    """
+    from hassil.intents import RangeSlotList, TextSlotList
+    from hassil.sample import sample_sentence
+
+    from train.slot_pool import number_pools, slot_pools
+
+    intents, templates = _templates(lang)
+    grouped = spec.split == "template"
+    pools = slot_pools(lang, _slot_values()[lang], spec.seed, spec.slots)
+    numbers = {
+        name: number_pools([str(n) for n in range(slot.start, slot.stop + 1, slot.step or 1)], spec.seed, name)
+        for name, slot in intents.slot_lists.items() if isinstance(slot, RangeSlotList)
+    }
+    assigned = _assign_templates(templates, spec, lang) if grouped else {}
+    extra_seen = math.ceil(spec.per_template * spec.test_fraction) if grouped else 0
+
+    found: dict[str, dict[str, dict[str, str]]] = defaultdict(lambda: defaultdict(dict))  # part -> intent -> text -> group
+    for t in templates:
+        part = assigned.get(t.group, "train")
+        rng = random.Random(f"{spec.seed}:{t.group}")
+        lists = dict(intents.slot_lists)
+        for name in t.lists:  # a few values per template: the product of big pools would explode
+            if name in numbers:
+                values, k = numbers[name].for_split(part)[name], 4
+            elif name in pools.train:
+                values, k = pools.for_split(part)[name], 6
+            else:
+                continue
+            lists[name] = TextSlotList.from_strings(rng.sample(values, min(k, len(values))), name=name)
+        expanded = itertools.islice(sample_sentence(t.sentence, lists, t.rules, language=lang), spec._scan_cap)
+        texts = sorted({" ".join(x.split()) for x in expanded if x.strip()})
+        picked = rng.sample(texts, min(spec.per_template + (extra_seen if part == "train" else 0), len(texts)))
+        for i, text in enumerate(picked):
+            where = part if not grouped else ("test_seen" if part == "train" and i >= spec.per_template else part)
+            found[where if grouped else "all"][t.intent].setdefault(text, t.group)
+
+    owners: dict[str, set[str]] = defaultdict(set)
+    for by_intent in found.values():
+        for intent_name, texts in by_intent.items():
+            for text in texts:
+                owners[text.lower()].add(intent_name)
+    rng = random.Random(f"{spec.seed}:{lang}")
+    parts = ("train", "validation", "test", "test_seen") if grouped else ("all",)
+    caps = {"all": spec.max_per_intent,
+            "train": round(spec.max_per_intent * (1 - spec.validation_fraction - spec.test_fraction)),
+            "validation": round(spec.max_per_intent * spec.validation_fraction),
+            "test": round(spec.max_per_intent * spec.test_fraction),
+            "test_seen": round(spec.max_per_intent * spec.test_fraction)}
+    seen: set[str] = set()  # earlier parts win: a held-out sentence never repeats a training one
+    kept: dict[str, dict[str, list[tuple[str, str]]]] = {p: {} for p in parts}
+    for part in parts:
+        for intent_name, texts in sorted(found[part].items()):
+            # A sentence that several intents produce has no single right answer: drop it.
+            unique = sorted((t, g) for t, g in texts.items() if len(owners[t.lower()]) == 1 and t.lower() not in seen)
+            kept[part][intent_name] = unique
+        for unique in kept[part].values():
+            seen.update(t.lower() for t, _ in unique)
+    out: dict[str, list[Example]] = {p: [] for p in parts}
+    intents_kept = {i for i in kept[parts[0]]
+                    if sum(len(kept[p].get(i, [])) for p in parts if p != "test_seen") >= spec.min_per_intent}
+    for part in parts:
+        for intent_name, unique in sorted(kept[part].items()):
+            if intent_name not in intents_kept:
+                continue
+            chosen = rng.sample(unique, min(caps[part], len(unique)))
+            out[part].extend(Example(t, intent_name, lang, g) for t, g in sorted(chosen))
+    return out
 
 
 def intent_examples(lang: str, spec: DataSpec = DataSpec()) -> list[Example]:
-    """Expand one language's intent templates into labelled sentences (seeded, deduplicated)."""
-    from hassil.intents import Intents, RangeSlotList, TextSlotList
-    from hassil.sample import sample_sentence
-    from home_assistant_intents import get_intents
-
-    rng = random.Random(f"{spec.seed}:{lang}")
-    intents = Intents.from_dict(get_intents(lang))
-    slot_lists = dict(intents.slot_lists)
-    for name, values in _slot_values()[lang].items():
-        slot_lists[name] = TextSlotList.from_strings(values, name=name)
-    for name, slot in intents.slot_lists.items():
-        if isinstance(slot, RangeSlotList):  # 0..100 per number slot would explode the product
-            numbers = list(range(slot.start, slot.stop + 1, slot.step or 1))
-            picked = sorted(rng.sample(numbers, min(4, len(numbers))))
-            slot_lists[name] = TextSlotList.from_strings([str(n) for n in picked], name=name)
-
-    by_intent: dict[str, set[str]] = defaultdict(set)
-    for intent_name, intent in sorted(intents.intents.items()):
-        for data in intent.data:
-            rules = {**intents.expansion_rules, **(data.expansion_rules or {})}
-            for sentence in data.sentences:
-                if any(n in data.wildcard_list_names for n in sentence.list_names(rules)):
-                    continue  # free-text slots (messages, search queries) have no values to fill
-                expanded = itertools.islice(
-                    sample_sentence(sentence, slot_lists, rules, language=lang), spec._scan_cap
-                )
-                texts = sorted({" ".join(t.split()) for t in expanded if t.strip()})
-                by_intent[intent_name].update(rng.sample(texts, min(spec.per_template, len(texts))))
-
-    owners: dict[str, set[str]] = defaultdict(set)
-    for intent_name, texts in by_intent.items():
-        for text in texts:
-            owners[text.lower()].add(intent_name)
-    examples = []
-    for intent_name, texts in sorted(by_intent.items()):
-        # A sentence that several intents produce has no single right answer: drop it.
-        unique = sorted(t for t in texts if len(owners[t.lower()]) == 1)
-        if len(unique) < spec.min_per_intent:
-            continue
-        chosen = rng.sample(unique, min(spec.max_per_intent, len(unique)))
-        examples.extend(Example(t, intent_name, lang) for t in sorted(chosen))
-    return examples
+    """Every sentence one language's templates expand into (all splits together; seeded)."""
+    return [ex for part in _expand(lang, spec).values() for ex in part]
 
 
 def split(examples: list[Example], spec: DataSpec = DataSpec()) -> Splits:
-    """Stratified, seeded split: every label appears in train, and in the others when it can."""
+    """Sentence split, stratified and seeded: every label appears in train, and in the others when it can."""
     rng = random.Random(spec.seed)
     by_label: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
@@ -196,7 +318,15 @@ def _jsonl_rows(path: Path, content: str):
 def load_dataset(spec: DataSpec) -> Splits:
     """The splits a training run uses: a user file when given, else the bundled languages."""
     if spec.path:
-        examples = read_user_file(spec.path)
-    else:
-        examples = [ex for lang in spec.langs for ex in intent_examples(lang, spec)]
-    return split(examples, spec)
+        return split(read_user_file(spec.path), spec)
+    if spec.split == "sentence":
+        return split([ex for lang in spec.langs for ex in intent_examples(lang, spec)], spec)
+    parts: dict[str, list[Example]] = defaultdict(list)
+    for lang in spec.langs:
+        for part, examples in _expand(lang, spec).items():
+            parts[part].extend(examples)
+    rng = random.Random(spec.seed)
+    for examples in parts.values():
+        rng.shuffle(examples)
+    labels = sorted({e.label for e in parts["train"]})
+    return Splits(parts["train"], parts["validation"], parts["test"], labels, parts["test_seen"])
