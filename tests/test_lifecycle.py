@@ -65,12 +65,13 @@ def life(ray_cluster, base_url, trained_store, tmp_path_factory):
 
 
 class FeedbackProbe:
-    """Posts one feedback event every 0.2 s and records how long each 202 took."""
+    """Posts one feedback event every 0.2 s and records how long each 202 took; on leaving it
+    waits until at least `min_posts` were answered, so a window that closes fast still measures."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, min_posts: int = 5):
         import threading
 
-        self.url, self.latencies, self.statuses = url, [], []
+        self.url, self.latencies, self.statuses, self.min_posts = url, [], [], min_posts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -90,6 +91,8 @@ class FeedbackProbe:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is None:
+            wait_until(lambda: len(self.statuses) >= self.min_posts, timeout=30, what="feedback probe posts")
         self._stop.set()
         self._thread.join(timeout=15)
 
@@ -137,18 +140,20 @@ def test_plain_retrain_while_serving_is_adopted_by_every_replica(life):
     before = converge(life, "converged before the retrain")
     retrained = train_quick_model(life["store"], epochs=3)  # the store numbers it; the learner goes above
     replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Classifier"), ("state", "=", "ALIVE")])
-    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)  # Serve starts another
 
     def replaced():  # the new replica's process is up (it may still be syncing): the dead one is gone
         alive = {a.actor_id for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Classifier"),
                                                           ("state", "=", "ALIVE")])}
         return replicas[0].actor_id not in alive and len(alive) == len(replicas)
-    wait_until(replaced, timeout=60, what="a replica started in place of the killed one")
 
     def published():
         s = learner_status(url)
         return s.get("base_version") == retrained and s.get("replaying") is False and s
-    with FeedbackProbe(url) as probe:  # while the learner replays and a new replica takes full weights
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)  # Serve starts another
+    wait_until(replaced, timeout=60, what="a replica started in place of the killed one")
+    # Feedback flows while the learner replays the log onto the retrain and the new replica takes
+    # full weights (if the learner was quicker than the kill, the probe still posts a few events).
+    with FeedbackProbe(url) as probe:
         wait_until(published, timeout=180, what="the learner published a lineage on the retrain")
     # Feedback stopped: publishes stop after the follow-up rounds and every replica must hold the
     # learner's exact weights (under continuous publishing the reports always lag one poll).
