@@ -5,13 +5,14 @@ commands:
              single process, side by side (docs/BENCHMARKS.md)
   serving    Serve variants of this system: ingress, batching, replicas (docs/SERVING_BENCH.md)
   freshness  time from feedback to answers that use it (docs/FRESHNESS_BENCH.md)
+  drift      an English base learns Korean from feedback online; English must not drop (docs/DRIFT.md)
   profile    py-spy profile of a replica under load: where a request's time goes (docs/SERVING.md)
 """
 
 import sys
 
 COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
-            "profile": "bench.profile"}
+            "profile": "bench.profile", "drift": "bench.drift"}
 
 
 def main(argv: list[str]) -> int:

@@ -588,6 +588,7 @@ class OnlineLearner:
             "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
+            "followups_left": self._followups_left,
             "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
             "replicas": live, "history": list(self.history)[-50:],
