@@ -139,7 +139,7 @@ def summary_lines(report: dict) -> list[str]:
     return out
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
     ceiling = report["client_ceiling"]["tps"]
     out = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
            f"Model: {report.get('model', '?')}  ", f"Client: {report.get('client', '?')}  ",
@@ -147,7 +147,7 @@ def markdown(report: dict) -> str:
            "figures are medians, (min-max) where shown  ",
            f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
            f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
-           "![TPS and p99 against users](BENCHMARKS.png)", "", "## Summary", "", *summary_lines(report)]
+           f"![TPS and p99 against users]({image})", "", "## Summary", "", *summary_lines(report)]
     for name, data in report["systems"].items():
         out += ["", f"## {name}", "", data["description"], "",
                 "| " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * len(TABLE)]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                   model=f"{loaded_metrics.get('size', '?')} model, {loaded_metrics.get('parameters', 0):,} parameters")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(report, indent=2))
-    Path(a.out + ".md").write_text(markdown(report))
+    Path(a.out + ".md").write_text(markdown(report, Path(a.out).name + ".png"))
     plot(report, a.out + ".png")
     print("\n".join(summary_lines(report)))
     print(f"\nwrote {a.out}.md, {a.out}.json, {a.out}.png")
