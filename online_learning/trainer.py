@@ -3,7 +3,8 @@
 Plain Adam keeps moving every embedding row that still has momentum, so after a while every row
 ever touched changes on every step and a "delta" would be most of the model. Lazy Adam updates
 only the rows in the current mini-batch (their moments included), so the rows touched since the
-last publish are exactly the rows that changed. Dense weights (LSTM, output) use ordinary Adam.
+last publish are exactly the rows that changed. Dense weights (LSTM or Conv1D kernels, output)
+use ordinary Adam.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What a publish carries, and how a model copy applies it.
 
 An update is either a delta (the embedding rows touched since the previous version, plus every
-dense weight: LSTM and output, ~0.6M values for `large`) or a full set of weights, for a replica
-that missed versions or has just started. Both are plain numpy in a dict, put once into Ray's
+other weight: LSTM or Conv1D kernels and the output layer, ~0.6M values for the `large` LSTM,
+~0.9M for the `large` CNN) or a full set of weights, for a replica that missed versions or has
+just started. Every variable but the embedding counts as dense, whatever the model family. Both are plain numpy in a dict, put once into Ray's
 object store and fetched by each node's replicas.
 """
 

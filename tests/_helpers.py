@@ -24,7 +24,7 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
+def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10, arch: str = "lstm") -> int:
     """Fit the small model in-process (no Ray Train: seconds) and publish it; returns the version."""
     import dataclasses
     import tempfile
@@ -37,7 +37,7 @@ def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10) -> int:
 
     splits = load_dataset(DataSpec(langs=tuple(langs)))
     index = {label: i for i, label in enumerate(splits.labels)}
-    loaded = new_model("small", splits.labels)
+    loaded = new_model("small", splits.labels, arch)
     compile_for_training(loaded.model, 3e-3)
     ds = tf.data.Dataset.from_tensor_slices(
         ([e.text for e in splits.train], [index[e.label] for e in splits.train])).shuffle(10_000, seed=0).batch(64)

@@ -5,31 +5,70 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import json
+
 from train.model import SIZES, accuracy, load_model_dir, new_model, save_model_dir, size_named
 from train.store import ModelStore
 
 TEXTS = ["turn on the kitchen light", "거실 조명 켜줘", "", "!!!", "WHAT'S the TIME?", "x " * 100]
 
 
-def test_raw_strings_in_probabilities_out():
-    m = new_model("small", ["a", "b", "c"])
+ARCHS = ["lstm", "cnn"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_raw_strings_in_probabilities_out(arch):
+    m = new_model("small", ["a", "b", "c"], arch)
+    rng = np.random.default_rng(0)
+    for var in m.model.weights:  # biases start at 0, which would hide padded positions in a max pool
+        if var.path.endswith("bias"):
+            var.assign(rng.normal(0, 1, var.shape).astype("float32"))
     probs = m.predict(TEXTS)
     assert probs.shape == (len(TEXTS), 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # Tokenisation is case- and punctuation-insensitive, inside the model.
     same = m.predict(["what's the time", "WHAT'S the TIME?"])
     np.testing.assert_allclose(same[0], same[1], rtol=1e-6)
+    # A text's answer does not depend on its batch: padding to the longest neighbour (masks do not
+    # flow through Conv1D), one-token and empty texts included.
+    alone = np.concatenate([m.predict([t]) for t in TEXTS])
+    np.testing.assert_allclose(probs, alone, atol=1e-6)
 
 
-def test_save_load_round_trip_identical(tmp_path):
-    m = new_model("small", ["HassTurnOn", "HassTurnOff"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_identical(tmp_path, arch):
+    m = new_model("small", ["HassTurnOn", "HassTurnOff"], arch)
     m.metrics = {"test_accuracy": 0.5}
     before = m.predict(TEXTS)
     save_model_dir(m, tmp_path / "v")
     back = load_model_dir(tmp_path / "v")
-    assert back.labels == ["HassTurnOn", "HassTurnOff"] and back.size == m.size
+    assert back.labels == ["HassTurnOn", "HassTurnOff"] and back.size == m.size and back.arch == arch
+    assert json.loads((tmp_path / "v" / "config.json").read_text())["arch"] == arch
     assert back.metrics == {"test_accuracy": 0.5}
     np.testing.assert_array_equal(back.predict(TEXTS), before)
+
+
+def test_a_version_saved_before_the_cnn_family_loads_as_lstm(tmp_path):
+    m = new_model("small", ["a", "b"])
+    save_model_dir(m, tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    del config["arch"]  # the config.json of every version published before the CNN family
+    for key in ("conv_filters", "conv_widths"):
+        del config["size"][key]
+    (tmp_path / "v" / "config.json").write_text(json.dumps(config))
+    back = load_model_dir(tmp_path / "v")
+    assert back.arch == "lstm" and back.size == m.size
+    np.testing.assert_array_equal(back.predict(TEXTS), m.predict(TEXTS))
+
+
+def test_unknown_arch_rejected():
+    with pytest.raises(ValueError, match=r"unknown model family 'rnn'; choose one of \['lstm', 'cnn'\]"):
+        new_model("small", ["a"], "rnn")
+
+
+@pytest.mark.parametrize("size, arch", [("small", "lstm"), ("small", "cnn"), ("large", "cnn")])
+def test_parameter_count_matches_the_built_model(size, arch):
+    assert new_model(size, ["a"] * 34, arch).model.count_params() == SIZES[size].params(34, arch)
 
 
 def test_store_versions_are_numbered_and_loadable(tmp_path):
@@ -58,6 +97,7 @@ def test_large_size_is_the_production_shape():
     large = SIZES["large"]
     assert large.embed_dim == 300
     assert 78e6 <= large.params(num_labels=34) <= 82e6  # their model: 80,656,435
+    assert 78e6 <= large.params(num_labels=34, arch="cnn") <= 82e6
 
 
 def test_accuracy_counts_unknown_labels_wrong():

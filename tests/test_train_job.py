@@ -38,6 +38,7 @@ def run_cli(*args):
     "args, message",
     [
         (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--arch", "rnn"], "invalid choice: 'rnn'"),
         (["--langs", "en,xx"], "unsupported language(s) ['xx']"),
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--bogus"], "unrecognized arguments: --bogus"),
@@ -58,7 +59,7 @@ def test_cli_bad_data_file_named_before_ray_starts(tmp_path):
 
 def test_cli_help_lists_every_option():
     out = run_cli("--help").stdout
-    for option in ("--size", "--langs", "--data", "--epochs", "--use-gpu", "--gpus-per-worker", "--store",
+    for option in ("--size", "--arch", "--langs", "--data", "--epochs", "--use-gpu", "--gpus-per-worker", "--store",
                    "--steps-per-epoch"):
         assert option in out
 

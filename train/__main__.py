@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from train.data import SUPPORTED_LANGS, DataFileError, DataSpec
+from train.data import SLOT_MODES, SPLIT_MODES, SUPPORTED_LANGS, DataFileError, DataSpec
 from train.job import DEFAULT_EPOCHS, TrainConfig
-from train.model import SIZES
+from train.model import ARCHS, SIZES
+from train.evaluate import format_summary
 from train.store_cache import redact
 
 
@@ -20,10 +21,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="model size: small (tests, demo) or large (300-d embedding, ~80M parameters)")
+    p.add_argument("--arch", choices=ARCHS,
+                   help="model family: lstm (embedding -> LSTM; the default for a new model) or cnn (embedding -> "
+                        "Conv1D widths 3/4/5 -> max pool); --fine-tune keeps the base version's family")
     p.add_argument("--langs", default="en",
                    help=f"comma-separated bundled corpus languages, from {','.join(SUPPORTED_LANGS)} (default: en)")
     p.add_argument("--data", metavar="FILE",
                    help="train on your own .csv (header with text,label) or .jsonl ({text, label} per line) instead")
+    p.add_argument("--split", choices=SPLIT_MODES, default="template",
+                   help="template (default): each template's sentences in one split, validation/test with unseen "
+                        "templates and slot values; sentence: the old random split (a --data file always uses it)")
+    p.add_argument("--slots", choices=SLOT_MODES, default=DataSpec.slots,
+                   help=f"training slot values (areas, names, numbers; default {DataSpec.slots}): see docs/TRAINING.md")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus expansion and splits (default: 0)")
     p.add_argument("--epochs", type=int,
                    help=f"epochs (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EPOCHS.items())})")
@@ -52,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     try:
         langs = tuple(x.strip() for x in a.langs.split(",") if x.strip())
         return TrainConfig(
-            size=a.size, data=DataSpec(langs=langs, path=a.data, seed=a.seed), epochs=a.epochs,
+            size=a.size, arch=a.arch, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu or a.gpus_per_worker is not None, gpus_per_worker=a.gpus_per_worker,
             store_uri=a.store, storage_path=a.storage_path,
@@ -61,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         )
     except ValueError as err:
         p.error(str(err))
+
+
+def _both_accuracies(m: dict) -> str:
+    template, sentence = m.get("test_accuracy_template"), m.get("test_accuracy_sentence")
+    return (f"  test accuracy, unseen templates and names (template split): "
+            f"{'n/a with --split sentence' if template is None else f'{template:.4f}'}; "
+            f"new sentences of training templates (sentence split): "
+            f"{'n/a' if sentence is None else f'{sentence:.4f}'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,17 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         except DataFileError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    from train.job import NoGpuError, run_training
+    from train.job import ArchMismatchError, NoGpuError, run_training
 
     try:
         outcome = run_training(cfg)
-    except NoGpuError as err:
+    except (NoGpuError, ArchMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     m = outcome.metrics
     print(f"\npublished model version {outcome.version} -> {redact(outcome.uri)}")
-    print(f"  size {cfg.size}, {m['parameters']:,} parameters, best epoch {m['epoch']}")
-    print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f}")
+    print(f"  size {cfg.size}, arch {m['arch']}, {m['parameters']:,} parameters, best epoch {m['epoch']}")
+    print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f} ({m['split']} split)")
+    print(_both_accuracies(m))
+    print(format_summary(m["confusion"]))
     print(f"  training throughput {m['samples_per_s']:.0f} samples/s on {m['device']}, "
           f"wall {m['train_wall_s']:.0f} s")
     return 0

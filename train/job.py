@@ -9,6 +9,7 @@ runs only with N > 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -24,6 +25,7 @@ DEFAULT_EPOCHS = {"small": 15, "large": 2}
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "small"
+    arch: str | None = None  # lstm or cnn; None: lstm, or a fine-tune's base family
     data: DataSpec = field(default_factory=DataSpec)
     epochs: int | None = None  # None: DEFAULT_EPOCHS for the size
     batch_size: int = 64  # the production team's setting
@@ -42,6 +44,10 @@ class TrainConfig:
         from train.model import size_named
 
         size_named(self.size)  # raises with the list of sizes
+        if self.arch is not None:
+            from train.model import arch_named
+
+            arch_named(self.arch)  # raises with the list of families
         for name in ("epochs", "batch_size", "steps_per_epoch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -54,6 +60,28 @@ class TrainConfig:
     @property
     def num_epochs(self) -> int:
         return self.epochs or DEFAULT_EPOCHS[self.size]
+
+
+class ArchMismatchError(ValueError):
+    """--fine-tune with an --arch other than the base version's model family."""
+
+
+def fine_tune_arch(cfg: TrainConfig, store, version: int | None = None) -> str | None:
+    """The family a fine-tune continues: the base version's (newest by default; None when the
+    store is empty). An explicit other `cfg.arch` is refused: weights cannot change family."""
+    from train.model import CONFIG_FILE, saved_arch
+
+    version = store.latest() if version is None else version
+    if version is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        store.read_file(version, CONFIG_FILE, Path(tmp, CONFIG_FILE))
+        base = saved_arch(tmp)
+    if cfg.arch is not None and cfg.arch != base:
+        raise ArchMismatchError(
+            f"--fine-tune continues v{version}, a {base} model; --arch {cfg.arch} cannot start from its weights. "
+            f"Drop --arch (or pass --arch {base}), or train a new {cfg.arch} model without --fine-tune")
+    return base
 
 
 @dataclass(frozen=True)
@@ -102,11 +130,11 @@ def _train_loop_per_worker(config: dict) -> None:
         return (ds.repeat() if config["steps_per_epoch"] else ds).prefetch(2)
 
     with strategy.scope():
-        loaded = base if start else new_model(config["size"], labels)
+        loaded = base if start else new_model(config["size"], labels, config["arch"])
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
-    print(f"[train] {config['size']} model, {loaded.model.count_params():,} parameters, on {device}; "
+    print(f"[train] {config['size']} {loaded.arch} model, {loaded.model.count_params():,} parameters, on {device}; "
           f"{len(splits.train)} train / {len(splits.validation)} validation examples")
 
     class ReportEachEpoch(keras.callbacks.Callback):
@@ -148,6 +176,8 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from train.store import ModelStore
 
     store = ModelStore(cfg.store_uri)
+    if cfg.fine_tune:
+        fine_tune_arch(cfg, store)  # a mismatched --arch fails here, before Ray starts
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()  # with the dashboard: Train V2's clean-up watcher asks the state API
@@ -228,7 +258,8 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
         raise RuntimeError(f"v{latest} includes feedback up to offset {base_offset}, but the log in {cfg.feedback_dir} "
                            f"keeps only offsets from {reader.first_offset}: events between were compacted, so a "
                            "fine-tune would lose them. Raise log_retain_events, or fine-tune from a newer snapshot")
-    extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events]}
+    extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events],
+             "arch": fine_tune_arch(cfg, store, latest)}
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
           f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round)")
     return extra, last
@@ -249,11 +280,13 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     from ray.train.tensorflow import TensorflowTrainer
 
     from train.data import load_dataset
-    from train.model import accuracy, load_model_dir, save_model_dir
+    from train.evaluate import CONFUSION_FILE, evaluate
+    from train.model import load_model_dir, save_model_dir
 
     extra, log_offset = _fine_tune_inputs(cfg, store, pin_owner) if cfg.fine_tune else ({}, None)
     loop_config = {
         "size": cfg.size,
+        "arch": cfg.arch or "lstm",
         "data": dataclasses.asdict(cfg.data),
         "epochs": cfg.num_epochs,
         "batch_size": cfg.batch_size,
@@ -289,20 +322,23 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     splits = load_dataset(cfg.data)
     with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as out:
         loaded = load_model_dir(ckpt_dir)
-        test_acc = accuracy(loaded, [e.text for e in splits.test], [e.label for e in splits.test])
+        scores, confusion = evaluate(loaded, splits, cfg.data.effective_split)
         loaded.metrics = {
             **best,
-            "test_accuracy": test_acc,
+            **scores,
+            "confusion": {k: confusion[k] for k in ("worst_intents", "most_confused")},
             "parameters": loaded.model.count_params(),
             "size": cfg.size,
+            "arch": loaded.arch,
             "data": dataclasses.asdict(cfg.data),
             "examples": {"train": len(splits.train), "validation": len(splits.validation),
-                         "test": len(splits.test)},
+                         "test": len(splits.test), "test_seen": len(splits.test_seen)},
             "train_wall_s": time.time() - started,
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if cfg.fine_tune:  # the online learner rebases on this version and replays after log_offset
             loaded.metrics.update(kind="fine-tune", log_offset=log_offset, fine_tuned_from=extra["init_from"]["version"])
         save_model_dir(loaded, out)
+        Path(out, CONFUSION_FILE).write_text(json.dumps(confusion, indent=2), encoding="utf-8")
         version = store.publish(out)  # above every version and every number the learner reserved
     return TrainOutcome(version, store.version_uri(version), loaded.metrics)

@@ -3,6 +3,11 @@
 Tokenisation lives inside the model (lower-case, strip punctuation, split on whitespace, hash
 each token into a bucket), so training, serving and online learning can never tokenise
 differently, and a word never seen before still gets an embedding row of its own to learn.
+
+Two families share that front end and the layer names "tokens" and "embedding" (online learning
+updates the embedding sparsely and publishes its touched rows): `lstm` (embedding -> LSTM ->
+softmax) and `cnn` (embedding -> parallel Conv1D of widths 3/4/5 -> global max pool -> dropout ->
+softmax: the seed study's "simple word CNN").
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 FORMAT_VERSION = 1
+ARCHS = ("lstm", "cnn")  # model families; a config.json without "arch" (older versions) is lstm
 WEIGHTS_FILE = "model.weights.h5"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -30,18 +36,32 @@ class ModelSize:
     embed_dim: int
     lstm_units: int
     max_tokens: int  # longer texts are cut: chatbot queries are short
+    conv_filters: int = 64  # cnn: filters per width
+    conv_widths: tuple[int, ...] = (3, 4, 5)  # cnn: one Conv1D per width, in parallel
 
-    def params(self, num_labels: int) -> int:
+    def params(self, num_labels: int, arch: str = "lstm") -> int:
+        """Parameters of the model this size builds for `arch` (what Keras' count_params says)."""
+        embedding = self.num_buckets * self.embed_dim
+        if arch == "cnn":
+            convs = sum(w * self.embed_dim * self.conv_filters + self.conv_filters for w in self.conv_widths)
+            return embedding + convs + (self.conv_filters * len(self.conv_widths) + 1) * num_labels
         lstm = 4 * ((self.embed_dim + self.lstm_units) * self.lstm_units + self.lstm_units)
         dense = (self.lstm_units + 1) * num_labels
-        return self.num_buckets * self.embed_dim + lstm + dense
+        return embedding + lstm + dense
 
 
 SIZES = {
-    "small": ModelSize(num_buckets=2**15, embed_dim=48, lstm_units=48, max_tokens=32),
+    "small": ModelSize(num_buckets=2**15, embed_dim=48, lstm_units=48, max_tokens=32, conv_filters=64),
     # The production model: 300-d embedding, ~80M parameters, nearly all in the embedding.
-    "large": ModelSize(num_buckets=265_000, embed_dim=300, lstm_units=256, max_tokens=32),
+    "large": ModelSize(num_buckets=265_000, embed_dim=300, lstm_units=256, max_tokens=32, conv_filters=256),
 }
+CNN_DROPOUT = 0.5  # before the softmax, as in Kim (2014)'s sentence CNN
+
+
+def arch_named(name: str) -> str:
+    if name not in ARCHS:
+        raise ValueError(f"unknown model family {name!r}; choose one of {list(ARCHS)}")
+    return name
 
 
 def size_named(name: str) -> ModelSize:
@@ -75,13 +95,36 @@ class HashedTokens(keras.layers.Layer):
         return {**super().get_config(), "num_buckets": self.num_buckets, "max_tokens": self.max_tokens}
 
 
-def build_model(size: ModelSize, labels: list[str]) -> keras.Model:
+def build_model(size: ModelSize, labels: list[str], arch: str = "lstm") -> keras.Model:
     texts = keras.Input(shape=(), dtype="string", name="text")
     ids = HashedTokens(size.num_buckets, size.max_tokens, name="tokens")(texts)
-    x = keras.layers.Embedding(size.num_buckets, size.embed_dim, mask_zero=True, name="embedding")(ids)
-    x = keras.layers.LSTM(size.lstm_units, name="lstm")(x)
+    if arch_named(arch) == "lstm":
+        x = keras.layers.Embedding(size.num_buckets, size.embed_dim, mask_zero=True, name="embedding")(ids)
+        x = keras.layers.LSTM(size.lstm_units, name="lstm")(x)
+    else:
+        x = _conv_features(size, ids)
     probs = keras.layers.Dense(len(labels), activation="softmax", name="classes")(x)
     return keras.Model(texts, probs, name="text_classifier")
+
+
+def _conv_features(size: ModelSize, ids):
+    """Parallel Conv1D widths -> global max pool over the text's own positions -> dropout.
+
+    Masks do not flow through Conv1D, so padding is handled here, and a text's answer never
+    depends on how long its batch neighbours are: padded positions' embeddings are zeroed (the
+    same zeros "same" padding adds at the edges), and only positions inside the text are pooled
+    (ReLU outputs are >= 0, so zeroing the rest cannot raise the max). A text of one token (or
+    none: empty after stripping, one all-padding column) still gets one position per width.
+    """
+    x = keras.layers.Embedding(size.num_buckets, size.embed_dim, name="embedding")(ids)
+    inside = keras.ops.expand_dims(keras.ops.cast(keras.ops.not_equal(ids, 0), x.dtype), -1)
+    x = x * inside
+    pooled = []
+    for width in size.conv_widths:
+        c = keras.layers.Conv1D(size.conv_filters, width, padding="same", activation="relu", name=f"conv{width}")(x)
+        pooled.append(keras.layers.GlobalMaxPooling1D(name=f"pool{width}")(c * inside))
+    x = keras.layers.Concatenate(name="features")(pooled) if len(pooled) > 1 else pooled[0]
+    return keras.layers.Dropout(CNN_DROPOUT, name="dropout")(x)
 
 
 def compile_for_training(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
@@ -101,6 +144,7 @@ class LoadedModel:
     size: ModelSize
     metrics: dict
     version: int | None = None  # set when it came from a model store
+    arch: str = "lstm"  # model family: lstm or cnn
 
     def predict_fn(self):
         """A compiled function texts -> probabilities; ~20x cheaper per call than model.predict."""
@@ -124,6 +168,7 @@ def save_model_dir(loaded: LoadedModel, directory: str | Path) -> Path:
     config = {
         "format": FORMAT_VERSION,
         "size_name": loaded.size_name,
+        "arch": loaded.arch,
         "size": asdict(loaded.size),
         "labels": list(loaded.labels),
     }
@@ -144,17 +189,24 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {FORMAT_VERSION}")
-    size = ModelSize(**config["size"])
-    model = build_model(size, config["labels"])
+    size = ModelSize(**{k: tuple(v) if k == "conv_widths" else v for k, v in config["size"].items()})
+    arch = config.get("arch", "lstm")  # versions saved before the CNN family are LSTMs
+    model = build_model(size, config["labels"], arch)
     model.load_weights(str(directory / WEIGHTS_FILE))
     metrics_path = directory / METRICS_FILE
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    return LoadedModel(model, list(config["labels"]), config["size_name"], size, metrics)
+    return LoadedModel(model, list(config["labels"]), config["size_name"], size, metrics, arch=arch)
 
 
-def new_model(size_name: str, labels: list[str]) -> LoadedModel:
+def saved_arch(directory: str | Path) -> str:
+    """The model family a saved version (its folder) holds, without building it."""
+    config = json.loads(Path(directory, CONFIG_FILE).read_text(encoding="utf-8"))
+    return config.get("arch", "lstm")
+
+
+def new_model(size_name: str, labels: list[str], arch: str = "lstm") -> LoadedModel:
     size = size_named(size_name)
-    return LoadedModel(build_model(size, labels), list(labels), size_name, size, {})
+    return LoadedModel(build_model(size, labels, arch), list(labels), size_name, size, {}, arch=arch)
 
 
 def accuracy(loaded: LoadedModel, texts: list[str], labels: list[str], batch_size: int = 256) -> float:
