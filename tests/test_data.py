@@ -77,3 +77,108 @@ def test_bad_user_file_names_file_and_row(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(DataFileError, match=message):
         read_user_file(path)
+
+
+def test_template_split_keeps_each_template_in_one_split(english):
+    where: dict[str, set[str]] = {}
+    for part in ("train", "validation", "test"):
+        for e in getattr(english, part):
+            assert e.group.startswith(f"en:{e.label}:")
+            where.setdefault(e.group, set()).add(part)
+    assert all(len(parts) == 1 for parts in where.values())
+    assert {e.group for e in english.test_seen} <= {e.group for e in english.train}  # seen: training templates
+    texts = {e.text.lower() for e in english.train}
+    assert not texts & {e.text.lower() for e in english.test + english.validation + english.test_seen}
+    # stratified: most intents are scored, each on templates of its own
+    assert len({e.label for e in english.test}) >= 25
+    assert set(english.labels) == {e.label for e in english.train}
+
+
+def test_held_out_slot_values_never_in_training():
+    from train.data import _slot_values
+    from train.slot_pool import slot_pools
+
+    pools = slot_pools("en", _slot_values()["en"], 0, "generated")
+    for slot in ("area", "name", "floor"):
+        assert pools.test[slot] and pools.validation[slot]
+        assert not set(pools.test[slot]) & set(pools.train[slot])
+        assert not set(pools.validation[slot]) & set(pools.train[slot])
+        assert not set(pools.test[slot]) & set(pools.validation[slot])
+        assert set(_slot_values()["en"][slot]) <= set(pools.train[slot])  # the bundled ones train
+    # The test sentences really carry them, and no training sentence does.
+    english = load_dataset(DataSpec(langs=("en",)))
+    areas = [a for a in pools.test["area"] if any(f" {a}" in e.text for e in english.test)]
+    assert len(areas) >= 5
+    train_text = "\n".join(" " + e.text + " " for e in english.train)
+    leaked = [a for a in areas if f" {a} " in train_text]  # only by chance, inside a longer training value
+    assert len(leaked) <= len(areas) // 10, leaked
+
+
+def test_sentence_split_option_and_user_files_split_by_sentence(tmp_path):
+    spec = DataSpec(langs=("ko",), split="sentence")
+    ko = load_dataset(spec)
+    assert not ko.test_seen and len({e.label for e in ko.test}) == len(ko.labels)  # every intent in test
+    assert {e.group for e in ko.test} & {e.group for e in ko.train}  # siblings on both sides
+    rows = [{"text": f"sentence {i}", "label": f"l{i % 2}"} for i in range(40)]
+    user = DataSpec(path=str(write_jsonl(tmp_path / "u.jsonl", rows)))
+    assert user.split == "template" and user.effective_split == "sentence"
+    with pytest.raises(ValueError, match="unknown split 'words'"):
+        DataSpec(split="words")
+
+
+def test_metrics_data_from_older_versions_still_builds_a_spec():
+    import dataclasses
+
+    old = {"langs": ["en"], "path": None, "seed": 0, "per_template": 12, "max_per_intent": 600,
+           "min_per_intent": 10, "validation_fraction": 0.1, "test_fraction": 0.1, "_scan_cap": 2000}
+    spec = DataSpec(**{**old, "langs": tuple(old["langs"])})  # as online_learning/learner.py does
+    assert spec.split == "template" and spec.slots == DataSpec.slots
+    new = dataclasses.asdict(spec)  # what metrics.json records now round-trips
+    assert DataSpec(**{**new, "langs": tuple(new["langs"])}) == spec
+
+
+def test_unsupported_bundled_language_lists_what_exists():
+    with pytest.raises(ValueError) as err:
+        DataSpec(langs=("en", "fr"))
+    message = str(err.value)
+    assert "['fr']" in message and "['en', 'ko']" in message and " de, " in message and "--data" in message
+
+
+def test_every_supported_language_has_enough_intents():
+    from train.data import MIN_INTENTS, SUPPORTED_LANGS, bundled_langs
+
+    assert set(SUPPORTED_LANGS) <= set(bundled_langs())
+    for lang in SUPPORTED_LANGS:
+        splits = load_dataset(DataSpec(langs=(lang,)))
+        assert len(splits.labels) >= MIN_INTENTS, lang
+
+
+def test_stats_cli_prints_per_intent_counts(capsys):
+    from train.data import main
+
+    assert main(["stats", "--langs", "ko"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable languages: en, ko" in out
+    ko = load_dataset(DataSpec(langs=("ko",)))
+    turn_on = [line for line in out.splitlines() if line.startswith("HassTurnOn ")]
+    assert len(turn_on) == 1
+    counts = [int(x) for x in turn_on[0].split()[1:]]
+    assert counts[:3] == [sum(e.label == "HassTurnOn" for e in getattr(ko, p)) for p in ("train", "validation", "test")]
+    total = [line for line in out.splitlines() if line.startswith("total ")][0].split()
+    assert int(total[1]) == len(ko.train) and int(total[3]) == len(ko.test)
+    with pytest.raises(SystemExit):
+        main(["stats", "--langs", "xx"])
+    assert "unsupported language(s) ['xx']" in capsys.readouterr().err
+
+
+def test_confusion_summary_names_worst_intents_and_pairs():
+    from train.evaluate import confusion_summary, format_summary
+
+    truth = ["a"] * 4 + ["b"] * 4 + ["c"] * 2
+    guess = ["a"] * 4 + ["a", "a", "c", "b"] + ["c", "c"]
+    s = confusion_summary(truth, guess)
+    assert s["accuracy"] == 0.7
+    assert s["worst_intents"][0] == {"intent": "b", "n": 4, "accuracy": 0.25}
+    assert s["most_confused"][0] == {"true": "b", "predicted": "a", "count": 2}
+    assert s["errors"] == {"b": {"a": 2, "c": 1}}
+    assert "b -> a x2" in format_summary(s)

@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -330,3 +330,58 @@ def load_dataset(spec: DataSpec) -> Splits:
         rng.shuffle(examples)
     labels = sorted({e.label for e in parts["train"]})
     return Splits(parts["train"], parts["validation"], parts["test"], labels, parts["test_seen"])
+
+
+def stats(langs: tuple[str, ...], seed: int = 0, slots: str = DataSpec.slots) -> str:
+    """Per language and intent: train/validation/test counts under the template and the sentence split."""
+    lines = [f"trainable languages: {', '.join(SUPPORTED_LANGS)} "
+             f"(the intents package bundles {len(bundled_langs())}: train/slot_values.json has slot values for these)"]
+    for lang in langs:
+        template = load_dataset(DataSpec(langs=(lang,), seed=seed, slots=slots, split="template"))
+        sentence = load_dataset(DataSpec(langs=(lang,), seed=seed, slots=slots, split="sentence"))
+        count = {name: {part: Counter(e.label for e in getattr(s, part)) for part in ("train", "validation", "test")}
+                 for name, s in (("template", template), ("sentence", sentence))}
+        count["template"]["test_seen"] = Counter(e.label for e in template.test_seen)
+        intents = sorted(set(template.labels) | set(sentence.labels))
+        width = max(len(i) for i in intents) + 2
+        lines += ["", f"{lang}: {len(intents)} intents, "
+                  f"{sum(len(getattr(sentence, p)) for p in ('train', 'validation', 'test')):,} sentences (sentence split)",
+                  f"{'intent':<{width}}{'template split: train':>22}{'val':>6}{'test':>6}{'seen':>6}"
+                  f"{'sentence split: train':>24}{'val':>6}{'test':>6}"]
+        for intent in intents + ["total"]:
+            def n(mode, part):
+                c = count[mode][part]
+                return sum(c.values()) if intent == "total" else c[intent]
+            lines.append(f"{intent:<{width}}{n('template', 'train'):>22}{n('template', 'validation'):>6}"
+                         f"{n('template', 'test'):>6}{n('template', 'test_seen'):>6}"
+                         f"{n('sentence', 'train'):>24}{n('sentence', 'validation'):>6}{n('sentence', 'test'):>6}")
+    lines += ["", "template split: validation/test hold templates (and slot values) training never saw; an intent "
+              "with fewer than 3 templates has none in test (4 for validation). seen: new sentences of training "
+              "templates (the sentence-split accuracy of a template-split run)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m train.data", description="Inspect the bundled training data.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stats", help="per-language, per-intent sentence counts in each split")
+    s.add_argument("--langs", default=",".join(SUPPORTED_LANGS),
+                   help=f"comma-separated languages (default: {','.join(SUPPORTED_LANGS)})")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--slots", choices=SLOT_MODES, default=DataSpec.slots)
+    a = p.parse_args(argv)
+    langs = tuple(x.strip() for x in a.langs.split(",") if x.strip())
+    try:
+        DataSpec(langs=langs)
+    except ValueError as err:
+        p.error(str(err))
+    print(stats(langs, a.seed, a.slots))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
