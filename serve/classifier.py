@@ -166,7 +166,7 @@ class Classifier:
 
         served = self._model
         # Bounded: a hung learner (stopped, deadlocked) must read as unreachable, not freeze the poller.
-        reply = await asyncio.wait_for(self._learner.updates_since.remote(self._replica, served.identity),
+        reply = await asyncio.wait_for(self._learner.updates_since.remote(self._replica, served.poll_identity),
                                        timeout=max(5.0, 4 * self.settings.learner.replica_poll_s))
         info, kind = reply["learner"], reply["kind"]
         loop = asyncio.get_running_loop()
@@ -176,7 +176,7 @@ class Classifier:
             elif kind in ("deltas", "full"):
                 updates = list(await asyncio.gather(*reply["refs"]))  # from this node's object store
                 await loop.run_in_executor(self._pool, served.apply, updates)
-        except DigestMismatch as err:  # the next poll brings full weights
+        except DigestMismatch as err:  # nothing written; the next poll brings full weights
             logger.error("replica %s: %s", self._replica, err)
         self._learner_info = info
         if not info["published"] or served.identity == {k: info[k] for k in ("lineage", "version", "digest", "log_offset")}:

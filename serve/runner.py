@@ -6,6 +6,8 @@ lands between two batches, never inside one, and each answer names the version t
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import tensorflow as tf
 
@@ -67,32 +69,49 @@ class ServedModel:
     def identity(self) -> dict:
         return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
 
+    @property
+    def poll_identity(self) -> dict:
+        """What the replica tells the learner it holds: after a refused update it names no
+        lineage, so the learner's answer is full weights (answers keep the true identity)."""
+        return {**self.identity, "lineage": "resync"} if self._resync else self.identity
+
+    _resync = False
+
     def apply(self, updates: list[dict]) -> None:
-        """Runs on the model thread. Deltas apply only in order on their own lineage; after each
-        update the digest of the weights now held must be the one the learner published, else
-        this replica names no lineage (its next poll gets full weights) and DigestMismatch."""
-        from online_learning.digest import model_digest
-        from online_learning.weights import apply_update
+        """Runs on the model thread. Each update is checked before anything is written: a delta
+        must follow this lineage and version, and the digest the weights would have after it must
+        be the one the learner published. A refused update leaves the weights, and the identity
+        that names them, as they were; the next poll asks for full weights (DigestMismatch)."""
+        from online_learning.digest import WeightsDigest
+        from online_learning.weights import apply_update, dense_variables, embedding_variable
 
         for update in updates:
             if update["kind"] == "delta" and (update["lineage"] != self.lineage or update["version"] != self.version + 1):
-                # nothing applied: the weights still match the identity
                 raise DigestMismatch(f"delta {update['lineage']}/v{update['version']} does not follow "
                                      f"{self.lineage}/v{self.version}")
-            apply_update(self.loaded.model, update, self._digest)
             if update["kind"] == "full":
-                self._digest = model_digest(self.loaded.model)
+                after = WeightsDigest(update["embedding"], update["dense"])
+            else:
+                after = copy.copy(self._digest)
+                if update["rows"].size:
+                    old = tf.gather(embedding_variable(self.loaded.model).value, update["rows"]).numpy()
+                    after.update_rows(update["rows"], old, update["row_values"])
+                after.set_dense(update["dense"])
+            if after.hexdigest() != update["digest"]:
+                self._resync = True
+                raise DigestMismatch(f"{update['kind']} {update['lineage']}/v{update['version']} would give digest "
+                                     f"{after.hexdigest()}, the learner published {update['digest']}; not applied")
+            if [tuple(v.shape) for v in dense_variables(self.loaded.model)] != [a.shape for a in update["dense"]]:
+                self._resync = True
+                raise DigestMismatch(f"{update['lineage']}/v{update['version']}: dense shapes do not fit this model")
+            apply_update(self.loaded.model, update)
+            self._digest, self._resync = after, False
             self.version, self.log_offset, self.lineage = update["version"], update["log_offset"], update["lineage"]
-            self.digest = self._digest.hexdigest()
-            if self.digest != update["digest"]:
-                # Never answer under a number these weights do not have: version 0 names no
-                # published version; the next poll brings full weights.
-                self.lineage, self.version, self.log_offset = f"diverged-{self.digest}", 0, -1
-                raise DigestMismatch(f"weights after {update['lineage']}/v{update['version']} have digest "
-                                     f"{self.digest}, the learner published {update['digest']}")
+            self.digest = after.hexdigest()
 
     def relabel(self, identity: dict) -> None:
         """Same weights (equal digests), the learner's name for them: no weights move."""
         if identity["digest"] != self.digest:
             raise DigestMismatch(f"relabel to {identity['digest']} but this replica holds {self.digest}")
         self.lineage, self.version, self.log_offset = identity["lineage"], identity["version"], identity["log_offset"]
+        self._resync = False

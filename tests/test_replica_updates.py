@@ -1,0 +1,83 @@
+"""A replica checks every update before it writes: an update whose result would not be the
+weights the learner published is refused whole, the replica keeps answering under the version
+its weights really are, and its next poll asks for full weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from online_learning.digest import model_digest
+from online_learning.weights import embedding_variable, make_delta, make_full
+
+TEXTS = ["turn on the lights in the kitchen", "turn off the fan"]
+
+
+def _published(model, update: dict, lineage: str) -> dict:
+    """What the learner sends: the update named by its lineage, with the digest of its weights."""
+    return {**update, "lineage": lineage, "digest": model_digest(model).hexdigest()}
+
+
+@pytest.fixture()
+def served_and_learner(trained_store):
+    from serve.runner import ServedModel
+    from train.store import ModelStore
+
+    served = ServedModel(ModelStore(trained_store).load())
+    learner = ModelStore(trained_store).load().model  # the learner's own copy
+    return served, learner
+
+
+def _train_rows(model, rows, scale):
+    emb = embedding_variable(model)
+    values = emb.numpy()
+    values[rows] += scale
+    emb.assign(values)
+
+
+def test_a_good_delta_is_applied_and_a_bad_one_changes_nothing(served_and_learner):
+    served, learner = served_and_learner
+    lineage = served.lineage
+    rows = np.array([3, 17, 4000])
+    _train_rows(learner, rows, 0.25)
+    good = _published(learner, make_delta(learner, rows, served.version + 1, 10), lineage)
+    served.apply([good])
+    assert served.identity == {"lineage": lineage, "version": good["version"], "digest": good["digest"], "log_offset": 10}
+    np.testing.assert_array_equal(embedding_variable(served.loaded.model).numpy(), embedding_variable(learner).numpy())
+
+    from serve.runner import DigestMismatch
+
+    _train_rows(learner, rows, 0.5)
+    bad = _published(learner, make_delta(learner, rows, served.version + 1, 11), lineage)
+    bad["row_values"] = bad["row_values"] + 1.0  # corrupted on the way: not the published weights
+    before_weights = [w.copy() for w in served.loaded.model.get_weights()]
+    before_identity, before_answers = served.identity, served.classify(TEXTS, [3, 3])
+    with pytest.raises(DigestMismatch, match="not applied"):
+        served.apply([bad])
+    for was, now in zip(before_weights, served.loaded.model.get_weights()):
+        np.testing.assert_array_equal(was, now)
+    assert served.identity == before_identity
+    assert served.classify(TEXTS, [3, 3]) == before_answers  # answers still name the true version
+    assert served.poll_identity["lineage"] != lineage  # so the learner answers with full weights
+
+    full = _published(learner, make_full(learner, served.version + 1, 11), lineage)
+    served.apply([full])
+    assert served.poll_identity == served.identity and served.digest == full["digest"]
+    np.testing.assert_array_equal(embedding_variable(served.loaded.model).numpy(), embedding_variable(learner).numpy())
+
+
+def test_a_delta_out_of_order_or_a_corrupted_full_is_refused(served_and_learner):
+    from serve.runner import DigestMismatch
+
+    served, learner = served_and_learner
+    before = served.identity
+    _train_rows(learner, np.array([5]), 0.3)
+    skipped = _published(learner, make_delta(learner, np.array([5]), served.version + 2, 12), served.lineage)
+    with pytest.raises(DigestMismatch, match="does not follow"):
+        served.apply([skipped])
+    full = _published(learner, make_full(learner, served.version + 1, 12), "another-lineage")
+    full["embedding"] = full["embedding"].copy()
+    full["embedding"][5] = 0.0
+    with pytest.raises(DigestMismatch, match="not applied"):
+        served.apply([full])
+    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before["digest"]
