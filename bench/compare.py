@@ -4,7 +4,8 @@ Each system is started in turn on the same model-store version and gets the same
 closed loop over a ramp of concurrent users (the 2017 study's 1, 11, ..., 91 and 300, 310, ...,
 400 by default), each step `--repeat` times (median and min-max reported), optionally open-loop
 fixed rates. The client's own ceiling is measured first against a no-op server. Writes OUT.json,
-OUT.md and OUT.png.
+OUT.md and OUT.png. The `-cnn` system serves the newest version of `--cnn-store` instead (a CNN
+model, `python -m train --arch cnn`), so both model families are measured in one run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SYSTEMS = {
     "flask-2017": "Flask, threaded, model.predict per request (the 2017 architecture)",
     "tuned-single": "one process: aiohttp + micro-batcher + compiled model, no Ray",
     "textserve-batched-1": "this system: Ray Serve, fast ingress, batched, 1 replica",
+    "textserve-batched-1-cnn": "this system, batched, 1 replica, serving the CNN family's model (--cnn-store)",
     "textserve-unbatched-1": "this system, max_batch_size 1, 1 replica",
     "textserve-batched-2": "this system, batched, 2 replicas",
     "textserve-noop-1": "Serve's floor: a plain `async def __call__` answering a fixed body, 1 replica, same ingress",
@@ -36,6 +38,7 @@ SYSTEMS = {
 }
 VARIANTS = {
     "textserve-batched-1": ServeVariant("textserve-batched-1"),
+    "textserve-batched-1-cnn": ServeVariant("textserve-batched-1-cnn"),
     "textserve-unbatched-1": ServeVariant("textserve-unbatched-1", max_batch_size=1),
     "textserve-batched-2": ServeVariant("textserve-batched-2", replicas=2),
     "textserve-noop-1": ServeVariant("textserve-noop-1", kind="noop"),
@@ -46,8 +49,19 @@ TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_
          ("p99_ms", "p99 ms"), ("max_ms", "max ms")]
 
 
+NEEDS_CNN_STORE = {"textserve-batched-1-cnn"}
+
+
 def start_system(name: str, store: str):
     return start_variant(VARIANTS[name], store) if name in VARIANTS else start_baseline(name, store)
+
+
+def model_line(store: str) -> str:
+    """What a store's newest version is: family, size, parameters (from its metrics and config)."""
+    from train.store import ModelStore
+
+    loaded = ModelStore(store).load()
+    return f"{loaded.arch} {loaded.size_name} model, {loaded.model.count_params():,} parameters"
 
 
 def cores() -> dict:
@@ -59,7 +73,7 @@ def cores() -> dict:
 
 
 def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
-        keepalive: bool, repeat: int = 1) -> dict:
+        keepalive: bool, repeat: int = 1, cnn_store: str | None = None) -> dict:
     texts = bench_texts()
     report = {"systems": {}, "users": users, "rates": rates, "duration_s": duration_s, "keepalive": keepalive,
               "repeat": repeat, "client": "bench.load aiohttp closed loop, " + (
@@ -70,7 +84,7 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
     tqdm.write(f"client ceiling (no-op server, {max(users)} users): {ceiling.summary()['tps']:.0f} req/s")
     for name in systems:
         rows, open_rows = [], []
-        with start_system(name, store) as system:
+        with start_system(name, cnn_store if name in NEEDS_CNN_STORE else store) as system:
             url = f"{system.url}/v1/predict"
             asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
             for n in tqdm(users, desc=name, unit="step", leave=False):
@@ -109,7 +123,8 @@ RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) /
           ("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture", ""),
           ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched", ""),
           ("textserve-batched-2", "textserve-batched-1", "2 replicas / 1 replica", ""),
-          ("textserve-batched-1", "tuned-single", "this system (1 replica) / tuned single process", "")]
+          ("textserve-batched-1", "tuned-single", "this system (1 replica) / tuned single process", ""),
+          ("textserve-batched-1-cnn", "textserve-batched-1", "CNN family / LSTM family (batched, 1 replica)", "")]
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -142,7 +157,10 @@ def summary_lines(report: dict) -> list[str]:
 def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
     ceiling = report["client_ceiling"]["tps"]
     out = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
-           f"Model: {report.get('model', '?')}  ", f"Client: {report.get('client', '?')}  ",
+           f"Model: {report.get('model', '?')}  ",
+           *([f"Models: --store {report['models']['store']}; --cnn-store (the -cnn system) "
+              f"{report['models']['cnn_store']}  "] if "cnn_store" in report.get("models", {}) else []),
+           f"Client: {report.get('client', '?')}  ",
            f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each; "
            "figures are medians, (min-max) where shown  ",
            f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
@@ -189,7 +207,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, checked: systems, users and rates come back as lists."""
     p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="model store; its newest version is served by every system")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
+    p.add_argument("--cnn-store", help="model store whose newest version (a CNN) textserve-batched-1-cnn serves")
+    p.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEMS)} (default: all; the -cnn one "
+                                     "with --cnn-store)")
     p.add_argument("--users", default=",".join(map(str, DEFAULT_USERS)), help="closed-loop steps (default: as in 2017)")
     p.add_argument("--rates", default="", help="open-loop arrival rates, req/s (default: none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
@@ -199,9 +219,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
-    systems = [s for s in a.systems.split(",") if s]
+    default = [s for s in SYSTEMS if a.cnn_store or s not in NEEDS_CNN_STORE]
+    systems = [s for s in a.systems.split(",") if s] if a.systems else default
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    if not a.cnn_store and (cnn := sorted(set(systems) & NEEDS_CNN_STORE)):
+        p.error(f"{', '.join(cnn)} serves a CNN model: give --cnn-store (a store trained with --arch cnn)")
     users = [int(u) for u in a.users.split(",") if u]
     a.rates = [float(r) for r in a.rates.split(",") if r]
     a.systems, a.users = systems, users
@@ -214,12 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     from train.store import ModelStore
 
     loaded_metrics = ModelStore(a.store).load().metrics
-    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat)
+    models = {"store": model_line(a.store)}
+    if a.cnn_store:
+        models["cnn_store"] = model_line(a.cnn_store)
+        if not models["cnn_store"].startswith("cnn "):
+            print(f"error: --cnn-store {a.cnn_store} serves a {models['cnn_store']}, not a CNN", file=sys.stderr)
+            return 2
+    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store)
     report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
                   cores=cores(), machine=f"{platform.machine()}, {cores()['usable']} usable cores ({cores()['logical']} "
                   f"logical, {cores()['physical']} physical, measured), client and servers on the same machine",
                   date=time.strftime("%Y-%m-%d"),
-                  model=f"{loaded_metrics.get('size', '?')} model, {loaded_metrics.get('parameters', 0):,} parameters")
+                  model=f"{loaded_metrics.get('size', '?')} model, {loaded_metrics.get('parameters', 0):,} parameters",
+                  models=models)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(report, indent=2))
     Path(a.out + ".md").write_text(markdown(report, Path(a.out).name + ".png"))

@@ -127,7 +127,11 @@ def test_compare_options_parse():
     assert a.no_keepalive and a.repeat == 5 and a.rates == []
     d = parse_args(["--store", "s"])
     assert d.repeat == 3 and not d.no_keepalive
-    for bad in (["--repeat", "0"], ["--systems", "nope"]):
+    assert "textserve-batched-1-cnn" not in d.systems  # needs a CNN store
+    both = parse_args(["--store", "s", "--cnn-store", "c", "--systems", "textserve-batched-1,textserve-batched-1-cnn"])
+    assert both.cnn_store == "c" and both.systems == ["textserve-batched-1", "textserve-batched-1-cnn"]
+    assert "textserve-batched-1-cnn" in parse_args(["--store", "s", "--cnn-store", "c"]).systems
+    for bad in (["--repeat", "0"], ["--systems", "nope"], ["--systems", "textserve-batched-1-cnn"]):
         with pytest.raises(SystemExit):
             parse_args(["--store", "s", *bad])
 
