@@ -13,6 +13,7 @@ Writes OUT.json, OUT.md and OUT.png (accuracy of both languages over the run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -119,8 +120,8 @@ def run(store: str | None, epochs: int | None, timeout_s: float, learner: dict) 
         else:
             shutil.copytree(store, work / "store")  # the learner writes snapshots: keep the source clean
         spec = base_spec(str(work / "store"))
-        en, ko = load_dataset(spec).test, load_dataset(DataSpec(langs=("ko",), seed=spec.seed)).train
-        ko_test = load_dataset(DataSpec(langs=("ko",), seed=spec.seed)).test
+        korean = load_dataset(dataclasses.replace(spec, langs=("ko",)))  # same split mode and seed
+        en, ko, ko_test = load_dataset(spec).test, korean.train, korean.test
         report["base_data"] = {k: v for k, v in vars(spec).items() if not k.startswith("_")}
         report["sizes"] = {"english_test": len(en), "korean_feedback_events": len(ko), "korean_test": len(ko_test)}
 

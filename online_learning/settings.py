@@ -19,12 +19,14 @@ class LearnerSettings(BaseModel):
     replay_events: int = Field(128, ge=0, description="earlier feedback re-trained with each round, at least")
     replay_ratio: int = Field(2, ge=0, description="...or this many times the round's new events, if more")
     followup_rounds: int = Field(6, ge=0, description="replay-only rounds after new events: a burst is learned, not skimmed")
+    followup_replay_events: int = Field(512, ge=0, description="earlier feedback re-trained in each follow-up round")
     base_replay_events: int = Field(32, ge=0, description="base training examples per round, at least, against forgetting")
-    base_replay_ratio: float = Field(1.0, ge=0, description="...or this many times the round's new events, if more")
+    base_replay_ratio: float = Field(1.0, ge=0, description="...or this many per feedback example the round trains "
+                                     "(new and replayed), if more: the rehearsal ratio")
     base_repair_rounds: int = Field(2, ge=0, description="base rehearsal passes for a candidate that failed only the base check")
     base_repair_examples: int = Field(256, ge=1, description="base examples per rehearsal pass")
     holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
-    holdout_base_examples: int = Field(600, ge=0, description="base test examples in the gate's holdout")
+    holdout_base_examples: int = Field(600, ge=0, description="base validation examples in the gate's holdout")
     gate_margin: float = Field(0.05, ge=0, le=1,
                                description="hold back a candidate this much below the served feedback-holdout accuracy")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
@@ -32,7 +34,8 @@ class LearnerSettings(BaseModel):
     nice: int = Field(10, ge=0, le=19, description="OS priority (Linux nice) of the learner's training threads (not of "
                       "the event loop answering feedback and replicas): on a machine shared with replicas, training "
                       "yields the CPU to serving; 0 keeps normal priority")
-    max_round_events: int = Field(2048, ge=1, description="new events trained in one round (read from the log)")
+    max_round_events: int = Field(512, ge=1, description="new events trained in one round (read from the log): a "
+                                  "bigger round moves the base further than its rehearsal can hold (docs/DRIFT.md)")
     staleness_hard_limit_s: float | None = Field(
         120.0, gt=0, description="a replica that reaches the learner but stays behind this long fails its health "
         "check so Serve replaces it (null: never)")

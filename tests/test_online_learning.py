@@ -144,7 +144,9 @@ def test_rate_limit_answers_429_with_retry_after(online):
 def test_drift_korean_feedback_is_learned_and_served(online):
     url = online["url"]
     ko = load_dataset(DataSpec(langs=("ko",)))
+    en = load_dataset(DataSpec(langs=("en",))).test  # the base's test split: no gate decision sees it
     before, _ = served_accuracy(url, ko.test)
+    en_before, _ = served_accuracy(url, en)
     assert before < 0.35, f"an English-only model should be near chance on Korean, got {before}"
     summary = send(url, events_from(ko.train, "ko"), FEEDBACK_TOKEN, batch=128, progress=False)
     last_ack = time.monotonic()
@@ -158,6 +160,23 @@ def test_drift_korean_feedback_is_learned_and_served(online):
     took = time.monotonic() - last_ack
     print(f"\nKorean test accuracy served: {before:.3f} -> {acc:.3f}, {took:.1f} s after the last ack; versions {versions}")
     assert min(versions) > 1  # every answer names its version; all came from learned versions
+
+    # No forgetting (issue 13): once the learner is done with the stream (its follow-up rounds
+    # too) and every replica serves its final version, English is at most 1 point below before.
+    offset = learner_status(url)["log_length"] - 1
+    final = wait_until(lambda: learner_settled(url, offset), timeout=120, what="replicas on the final version")
+    en_after, _ = served_accuracy(url, en)
+    ko_after, _ = served_accuracy(url, ko.test)
+    print(f"final v{final['version']}: English {en_before:.4f} -> {en_after:.4f}, Korean {ko_after:.4f}")
+    assert en_after >= en_before - 0.01, f"English forgotten: {en_before:.4f} -> {en_after:.4f}"
+    assert ko_after >= 0.8, ko_after
+
+
+def learner_settled(url, offset: int) -> dict | None:
+    """The learner's status once it has applied everything up to `offset`, has no follow-up
+    rounds left (publishes nothing more) and every live replica holds its final version."""
+    s = replicas_converged(url)
+    return s if s and s["applied_offset"] >= offset and s["followups_left"] == 0 and not s["pending"] else None
 
 
 def test_staleness_bound_holds_on_every_replica(online):
