@@ -21,10 +21,10 @@ class LearnerSettings(BaseModel):
     followup_rounds: int = Field(6, ge=0, description="replay-only rounds after new events: a burst is learned, not skimmed")
     followup_replay_events: int = Field(512, ge=0, description="earlier feedback re-trained in each follow-up round")
     base_replay_events: int = Field(32, ge=0, description="base training examples per round, at least, against forgetting")
-    base_replay_ratio: float = Field(1.0, ge=0, description="...or this many per feedback example the round trains "
+    base_replay_ratio: float = Field(2.0, ge=0, description="...or this many per feedback example the round trains "
                                      "(new and replayed), if more: the rehearsal ratio")
-    base_repair_rounds: int = Field(2, ge=0, description="base rehearsal passes for a candidate that failed only the base check")
-    base_repair_examples: int = Field(256, ge=1, description="base examples per rehearsal pass")
+    base_repair_rounds: int = Field(4, ge=0, description="base rehearsal passes for a candidate that failed only the base check")
+    base_repair_examples: int = Field(512, ge=1, description="base examples per rehearsal pass")
     holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
     holdout_base_examples: int = Field(600, ge=0, description="base validation examples in the gate's holdout")
     gate_margin: float = Field(0.05, ge=0, le=1,
