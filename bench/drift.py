@@ -30,7 +30,7 @@ import requests
 
 from online_learning.send import send
 from serve.process import RunningServe, local_config
-from train.data import DataSpec, load_dataset
+from train.data import DataSpec, load_dataset, spec_from_record
 
 ENGLISH_MAX_DROP = 0.01  # issue 13: English test accuracy at most 1 point below its value before
 KOREAN_TARGET = 0.85
@@ -58,7 +58,7 @@ def base_spec(store: str) -> DataSpec:
 
     s = ModelStore(store)
     data = s.metrics(s.versions()[-1])["data"]
-    return DataSpec(**{**data, "langs": tuple(data.get("langs") or ())})
+    return spec_from_record(data)
 
 
 def served_accuracy(url: str, examples, per_request: int = 64) -> tuple[float, set]:

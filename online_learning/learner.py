@@ -160,13 +160,13 @@ class OnlineLearner:
                     self.ready_offset - offset)
 
     def _set_base_data(self, data: dict | None) -> None:
-        from train.data import DataSpec, load_dataset
+        from train.data import load_dataset, spec_from_record
 
         self._base_data_spec = data
         base = None
         if data:
             try:
-                base = load_dataset(DataSpec(**{**data, "langs": tuple(data.get("langs") or ())}))
+                base = load_dataset(spec_from_record(data))
             except (OSError, ValueError) as err:  # e.g. a user file that is not on this node
                 logger.warning("base data unavailable (%s); the gate uses the feedback holdout only", err)
         rng = random.Random(0)

@@ -26,7 +26,7 @@ class LearnerSettings(BaseModel):
     base_repair_rounds: int = Field(4, ge=0, description="base rehearsal passes for a candidate that failed only the base check")
     base_repair_examples: int = Field(512, ge=1, description="base examples per rehearsal pass")
     holdout_percent: int = Field(10, ge=0, le=50, description="share of feedback kept out of training, for the gate")
-    holdout_base_examples: int = Field(600, ge=0, description="base validation examples in the gate's holdout")
+    holdout_base_examples: int = Field(1000, ge=0, description="base validation examples in the gate's holdout (the bundled English validation split is 658: all of it)")
     gate_margin: float = Field(0.05, ge=0, le=1,
                                description="hold back a candidate this much below the served feedback-holdout accuracy")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from tests._helpers import write_jsonl
-from train.data import DataFileError, DataSpec, intent_examples, load_dataset, read_user_file
+from train.data import DataFileError, DataSpec, intent_examples, load_dataset, read_user_file, spec_from_record
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +132,11 @@ def test_metrics_data_from_older_versions_still_builds_a_spec():
 
     old = {"langs": ["en"], "path": None, "seed": 0, "per_template": 12, "max_per_intent": 600,
            "min_per_intent": 10, "validation_fraction": 0.1, "test_fraction": 0.1, "_scan_cap": 2000}
-    spec = DataSpec(**{**old, "langs": tuple(old["langs"])})  # as online_learning/learner.py does
-    assert spec.split == "template" and spec.slots == DataSpec.slots
-    new = dataclasses.asdict(spec)  # what metrics.json records now round-trips
-    assert DataSpec(**{**new, "langs": tuple(new["langs"])}) == spec
+    spec = spec_from_record(old)  # as online_learning/learner.py does
+    assert spec.split == "sentence" and spec.slots == DataSpec.slots  # what that version trained on
+    assert load_dataset(spec).test == load_dataset(DataSpec(split="sentence")).test
+    new = dataclasses.asdict(DataSpec())  # what metrics.json records now round-trips
+    assert spec_from_record(new) == DataSpec() and DataSpec().split == "template"
 
 
 def test_unsupported_bundled_language_lists_what_exists():

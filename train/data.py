@@ -318,6 +318,13 @@ def _jsonl_rows(path: Path, content: str):
         yield line_no, obj.get("text"), obj.get("label")
 
 
+def spec_from_record(data: dict) -> DataSpec:
+    """The DataSpec a version's metrics.json "data" records. Versions trained before the
+    template split existed record no "split": they were trained on the sentence split, and the
+    online learner's gate must judge them on the examples they did not train on."""
+    return DataSpec(**{"split": "sentence", **data, "langs": tuple(data.get("langs") or ())})
+
+
 def load_dataset(spec: DataSpec) -> Splits:
     """The splits a training run uses: a user file when given, else the bundled languages."""
     if spec.path:
