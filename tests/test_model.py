@@ -53,12 +53,25 @@ def test_a_version_saved_before_the_cnn_family_loads_as_lstm(tmp_path):
     save_model_dir(m, tmp_path / "v")
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     del config["arch"]  # the config.json of every version published before the CNN family
-    for key in ("conv_filters", "conv_widths"):
-        del config["size"][key]
     (tmp_path / "v" / "config.json").write_text(json.dumps(config))
     back = load_model_dir(tmp_path / "v")
     assert back.arch == "lstm" and back.size == m.size
     np.testing.assert_array_equal(back.predict(TEXTS), m.predict(TEXTS))
+
+
+def test_versions_saved_now_are_read_or_refused_clearly_by_older_code(tmp_path):
+    """An LSTM is saved exactly as before the CNN family (format 1, the four size fields older
+    code's ModelSize takes); a CNN says format 2, which older code refuses by name."""
+    save_model_dir(new_model("small", ["a", "b"], "lstm"), tmp_path / "lstm")
+    save_model_dir(new_model("small", ["a", "b"], "cnn"), tmp_path / "cnn")
+    lstm = json.loads((tmp_path / "lstm" / "config.json").read_text())
+    cnn = json.loads((tmp_path / "cnn" / "config.json").read_text())
+    assert lstm["format"] == 1 and set(lstm["size"]) == {"num_buckets", "embed_dim", "lstm_units", "max_tokens"}
+    assert cnn["format"] == 2 and cnn["size"]["conv_widths"] == [3, 4, 5]
+    cnn["format"] = 3
+    (tmp_path / "cnn" / "config.json").write_text(json.dumps(cnn))
+    with pytest.raises(ValueError, match=r"model format 3, this code reads \[1, 2\]"):
+        load_model_dir(tmp_path / "cnn")
 
 
 def test_unknown_arch_rejected():

@@ -23,7 +23,9 @@ import keras  # noqa: E402  (Keras 3; never tf.keras: Ray Train sets TF_USE_LEGA
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # an LSTM: readable by code from before the CNN family
+CNN_FORMAT_VERSION = 2  # a CNN: code from before the CNN family refuses it with a clear error
+READABLE_FORMATS = (FORMAT_VERSION, CNN_FORMAT_VERSION)
 ARCHS = ("lstm", "cnn")  # model families; a config.json without "arch" (older versions) is lstm
 WEIGHTS_FILE = "model.weights.h5"
 CONFIG_FILE = "config.json"
@@ -165,11 +167,14 @@ def save_model_dir(loaded: LoadedModel, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     loaded.model.save_weights(str(directory / WEIGHTS_FILE))
+    size = asdict(loaded.size)
+    if loaded.arch == "lstm":  # exactly what older code reads (ModelSize(**size) with its 4 fields)
+        size = {k: v for k, v in size.items() if not k.startswith("conv_")}
     config = {
-        "format": FORMAT_VERSION,
+        "format": CNN_FORMAT_VERSION if loaded.arch == "cnn" else FORMAT_VERSION,
         "size_name": loaded.size_name,
         "arch": loaded.arch,
-        "size": asdict(loaded.size),
+        "size": size,
         "labels": list(loaded.labels),
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -187,8 +192,8 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} is not a saved model: it has no {CONFIG_FILE}")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {FORMAT_VERSION}")
+    if config.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {list(READABLE_FORMATS)}")
     size = ModelSize(**{k: tuple(v) if k == "conv_widths" else v for k, v in config["size"].items()})
     arch = config.get("arch", "lstm")  # versions saved before the CNN family are LSTMs
     model = build_model(size, config["labels"], arch)
