@@ -120,6 +120,9 @@ def run(store: str | None, epochs: int | None, timeout_s: float, learner: dict) 
         else:
             shutil.copytree(store, work / "store")  # the learner writes snapshots: keep the source clean
         spec = base_spec(str(work / "store"))
+        if spec.path or tuple(spec.langs) != ("en",):
+            raise SystemExit(f"error: the drift scenario needs an English-only base on the bundled data; the store's "
+                             f"newest version was trained on {spec.path or ','.join(spec.langs)}")
         korean = load_dataset(dataclasses.replace(spec, langs=("ko",)))  # same split mode and seed
         en, ko, ko_test = load_dataset(spec).test, korean.train, korean.test
         report["base_data"] = {k: v for k, v in vars(spec).items() if not k.startswith("_")}

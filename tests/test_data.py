@@ -134,7 +134,6 @@ def test_metrics_data_from_older_versions_still_builds_a_spec():
            "min_per_intent": 10, "validation_fraction": 0.1, "test_fraction": 0.1, "_scan_cap": 2000}
     spec = spec_from_record(old)  # as online_learning/learner.py does
     assert spec.split == "sentence" and spec.slots == DataSpec.slots  # what that version trained on
-    assert load_dataset(spec).test == load_dataset(DataSpec(split="sentence")).test
     new = dataclasses.asdict(DataSpec())  # what metrics.json records now round-trips
     assert spec_from_record(new) == DataSpec() and DataSpec().split == "template"
 

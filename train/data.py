@@ -320,8 +320,10 @@ def _jsonl_rows(path: Path, content: str):
 
 def spec_from_record(data: dict) -> DataSpec:
     """The DataSpec a version's metrics.json "data" records. Versions trained before the
-    template split existed record no "split": they were trained on the sentence split, and the
-    online learner's gate must judge them on the examples they did not train on."""
+    template split existed record no "split": they were trained on a sentence split, so they are
+    rebuilt on today's sentence split. The expansion changed with the template split, so that is
+    close to, not the same as, what they trained on (a few of its validation sentences were
+    training sentences then): retrain or fine-tune to judge them exactly."""
     return DataSpec(**{"split": "sentence", **data, "langs": tuple(data.get("langs") or ())})
 
 
