@@ -83,4 +83,7 @@ def test_serve_status_against_python_m_serve_run(trained_store, tmp_path):
             status = yaml.safe_load(ok.stdout)
             assert status["applications"]["textserve"]["status"] == "RUNNING", ok.stdout
     finally:
-        stop_new_haproxy(before)
+        # A fallback (python -m serve run stops its own HAProxy): never the test session's own,
+        # which Ray may have reloaded meanwhile under a new PID (its config path names its folder).
+        session_dir = os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", ""))
+        stop_new_haproxy(before | (haproxy_pids(session_dir) if session_dir else set()))
