@@ -103,3 +103,15 @@ def http_ok(url: str, timeout: float = 3.0) -> bool:
         return requests.get(url, timeout=timeout).status_code == 200
     except requests.RequestException:
         return False
+
+
+def stop_stray_haproxy(before: set[int]) -> list[int]:
+    """Stop the HAProxy processes a subprocess's Serve left behind (new since `before`), never the
+    test session's own: Ray reloads that one under a new PID when apps change, and its config
+    path names the session's ingress folder."""
+    import os
+
+    from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+
+    session_dir = os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", ""))
+    return stop_new_haproxy(before | (haproxy_pids(session_dir) if session_dir else set()))

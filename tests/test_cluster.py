@@ -67,8 +67,8 @@ def test_multinode_roles_and_serving_without_a_node(trained_store, s3_server, tm
     shared. The learner's feedback log is on the head's folder: it needs shared storage only where
     the learner may restart on another node (see tests/multinode_scenario.py)."""
     out = tmp_path / "report.json"
-    from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
-    from tests._helpers import FEEDBACK_TOKEN
+    from serve.haproxy_cleanup import haproxy_pids
+    from tests._helpers import FEEDBACK_TOKEN, stop_stray_haproxy
 
     env = {**os.environ, "PYTHONPATH": str(CLUSTER.parent), "TEXTSERVE_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
            "AWS_ENDPOINT_URL": f"http://{s3_server['endpoint']}"}  # the standard variable, not URI options
@@ -80,7 +80,7 @@ def test_multinode_roles_and_serving_without_a_node(trained_store, s3_server, tm
              str(tmp_path / "nodes"), s3_server["bucket"], str(free_port()), str(out)],
             cwd=CLUSTER.parent, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        stop_new_haproxy(before)
+        stop_stray_haproxy(before)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert proc.returncode == 0, (r, proc.stderr[-3000:])

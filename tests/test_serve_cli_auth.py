@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from serve.haproxy_cleanup import haproxy_pids, stop_new_haproxy
+from serve.haproxy_cleanup import haproxy_pids
 from serve.process import ServerProcess, local_config
+from tests._helpers import stop_stray_haproxy
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +84,4 @@ def test_serve_status_against_python_m_serve_run(trained_store, tmp_path):
             status = yaml.safe_load(ok.stdout)
             assert status["applications"]["textserve"]["status"] == "RUNNING", ok.stdout
     finally:
-        # A fallback (python -m serve run stops its own HAProxy): never the test session's own,
-        # which Ray may have reloaded meanwhile under a new PID (its config path names its folder).
-        session_dir = os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", ""))
-        stop_new_haproxy(before | (haproxy_pids(session_dir) if session_dir else set()))
+        stop_stray_haproxy(before)  # a fallback: python -m serve run stops its own HAProxy
