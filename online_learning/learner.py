@@ -535,7 +535,8 @@ class OnlineLearner:
         self._prune_acked()
         pub = self.pub
         info = {"ready_offset": self.ready_offset, "published": pub is not None,
-                "published_at": pub.published_at if pub else None, **(pub.identity() if pub else {})}
+                "published_at": pub.published_at if pub else None, "base_version": pub.base if pub else None,
+                **(pub.identity() if pub else {})}
         if pub is None:
             return {"kind": "wait", "learner": info}
         same_weights = identity.get("digest") == pub.digest

@@ -161,8 +161,18 @@ class Classifier:
                 logger.info("waiting for the learner: %r", err)
             await asyncio.sleep(self.settings.learner.replica_poll_s)
 
+    def _model_for(self, info: dict, updates: list[dict]):
+        """Full weights of another model than the one served (a retrain into another family or
+        label set): load the lineage's base version from the store, then take the weights."""
+        from serve.runner import ServedModel
+        from train.store import ModelStore
+
+        served = ServedModel(ModelStore(self.settings.model_store).load(info["base_version"]))
+        served.apply(updates)
+        return served
+
     async def _sync_with_learner(self) -> None:
-        from serve.runner import DigestMismatch
+        from serve.runner import DigestMismatch, ModelMismatch
 
         served = self._model
         # Bounded: a hung learner (stopped, deadlocked) must read as unreachable, not freeze the poller.
@@ -175,7 +185,12 @@ class Classifier:
                 await loop.run_in_executor(self._pool, served.relabel, info)
             elif kind in ("deltas", "full"):
                 updates = list(await asyncio.gather(*reply["refs"]))  # from this node's object store
-                await loop.run_in_executor(self._pool, served.apply, updates)
+                try:
+                    await loop.run_in_executor(self._pool, served.apply, updates)
+                except ModelMismatch as err:
+                    logger.warning("replica %s: %s; loading v%s from the store", self._replica, err, info["base_version"])
+                    served = await loop.run_in_executor(self._pool, self._model_for, info, updates)
+                    self._install(served)  # swapped whole: a batch in flight finishes on the old model
         except DigestMismatch as err:  # nothing written; the next poll brings full weights
             logger.error("replica %s: %s", self._replica, err)
         self._learner_info = info
@@ -215,8 +230,10 @@ class Classifier:
         if poller is not None and poller.done() and poller.exception() is not None:
             raise RuntimeError(f"model store polling failed: {poller.exception()!r}")
         limit = self.settings.learner.staleness_hard_limit_s if self.settings.learner else None
-        # Only while the learner answers: if it is down, a new replica would be no fresher.
-        if limit and self._sync_error is None and self._staleness_s() > limit:
+        # Only with a learner, and while it answers: if it is down, a new replica would be no
+        # fresher (without one, nothing ever refreshes the clock: every replica would be replaced
+        # 120 s after it started).
+        if limit and self._learner is not None and self._sync_error is None and self._staleness_s() > limit:
             raise RuntimeError(f"{self._staleness_s():.0f} s behind the learner (hard limit {limit} s)")
 
     @functools.cached_property

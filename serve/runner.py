@@ -19,6 +19,11 @@ class DigestMismatch(RuntimeError):
     """The weights after an update are not the ones the learner published under that version."""
 
 
+class ModelMismatch(DigestMismatch):
+    """Full weights of another model (family, size or label set): the replica must load the
+    lineage's base version from the store (config + weights) before it can take them."""
+
+
 class ServedModel:
     def __init__(self, loaded: LoadedModel):
         from online_learning.digest import model_digest
@@ -87,8 +92,17 @@ class ServedModel:
 
         for update in updates:
             if update["kind"] == "delta" and (update["lineage"] != self.lineage or update["version"] != self.version + 1):
+                self._resync = True
                 raise DigestMismatch(f"delta {update['lineage']}/v{update['version']} does not follow "
                                      f"{self.lineage}/v{self.version}")
+            shapes = [tuple(v.shape) for v in dense_variables(self.loaded.model)]
+            if shapes != [a.shape for a in update["dense"]] or (
+                    update["kind"] == "full" and update["embedding"].shape != tuple(embedding_variable(self.loaded.model).shape)):
+                if update["kind"] == "full":  # checked before hashing: nothing spent on weights that cannot fit
+                    raise ModelMismatch(f"{update['lineage']}/v{update['version']} is another model (family, size "
+                                        "or labels) than this replica's")
+                self._resync = True
+                raise DigestMismatch(f"{update['lineage']}/v{update['version']}: dense shapes do not fit this model")
             if update["kind"] == "full":
                 after = WeightsDigest(update["embedding"], update["dense"])
             else:
@@ -101,9 +115,6 @@ class ServedModel:
                 self._resync = True
                 raise DigestMismatch(f"{update['kind']} {update['lineage']}/v{update['version']} would give digest "
                                      f"{after.hexdigest()}, the learner published {update['digest']}; not applied")
-            if [tuple(v.shape) for v in dense_variables(self.loaded.model)] != [a.shape for a in update["dense"]]:
-                self._resync = True
-                raise DigestMismatch(f"{update['lineage']}/v{update['version']}: dense shapes do not fit this model")
             apply_update(self.loaded.model, update)
             self._digest, self._resync = after, False
             self.version, self.log_offset, self.lineage = update["version"], update["log_offset"], update["lineage"]

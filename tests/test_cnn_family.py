@@ -13,7 +13,7 @@ import sys
 import pytest
 import requests
 
-from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until, write_jsonl
+from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, train_quick_model, wait_until, write_jsonl
 from train.data import DataSpec
 from train.job import ArchMismatchError, TrainConfig, run_training
 from train.store import ModelStore
@@ -97,5 +97,18 @@ def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, t
             return s.get("base_version") == tuned.version and s.get("pending") == 0 and s
         wait_until(rebased, timeout=120, what="learner rebased on the fine-tuned CNN")
         assert predict(url, PROBE)["label"] == target  # the fine-tune trained on the logged feedback
+
+        # A plain retrain into another family and label set (an English LSTM) while the CNN serves:
+        # the learner adopts it and the replica, whose CNN cannot take LSTM weights, loads the new
+        # base from the store and ends on the learner's exact weights, answering English intents.
+        retrained = train_quick_model(store, epochs=3, arch="lstm")
+
+        def switched():
+            s = (converged() or {})
+            return s.get("base_version") == retrained and s.get("pending") == 0 and s
+        wait_until(switched, timeout=180, what="replica switched to the LSTM retrain")
+        info = learner(url)
+        assert info["arch"] == "lstm" and "HassTurnOn" in info["labels"], {k: info.get(k) for k in ("arch", "labels")}
+        assert predict(url, "turn on the lights in the kitchen")["label"] == "HassTurnOn"
     finally:
         serve.delete("cnn")

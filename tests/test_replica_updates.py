@@ -75,9 +75,25 @@ def test_a_delta_out_of_order_or_a_corrupted_full_is_refused(served_and_learner)
     skipped = _published(learner, make_delta(learner, np.array([5]), served.version + 2, 12), served.lineage)
     with pytest.raises(DigestMismatch, match="does not follow"):
         served.apply([skipped])
+    assert served.poll_identity["lineage"] != served.lineage  # its next poll asks for full weights
     full = _published(learner, make_full(learner, served.version + 1, 12), "another-lineage")
     full["embedding"] = full["embedding"].copy()
     full["embedding"][5] = 0.0
     with pytest.raises(DigestMismatch, match="not applied"):
+        served.apply([full])
+    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before["digest"]
+
+
+def test_full_weights_of_another_model_are_refused_before_any_work(served_and_learner):
+    """A CNN's (or another label set's) weights cannot go into this LSTM: ModelMismatch, so the
+    replica loads the lineage's base version from the store instead (tests/test_cnn_family.py)."""
+    from serve.runner import ModelMismatch
+    from train.model import new_model
+
+    served, _ = served_and_learner
+    before = served.identity
+    other = new_model("small", served.loaded.labels, "cnn").model
+    full = _published(other, make_full(other, served.version + 1, 13), "cnn-lineage")
+    with pytest.raises(ModelMismatch, match="another model"):
         served.apply([full])
     assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before["digest"]

@@ -260,6 +260,16 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
                            "fine-tune would lose them. Raise log_retain_events, or fine-tune from a newer snapshot")
     extra = {"init_from": {"store": store.uri, "version": latest}, "feedback": [(e.text, e.label) for e in events],
              "arch": fine_tune_arch(cfg, store, latest)}
+    recorded = store.metrics(latest).get("data")
+    if recorded:
+        from train.data import spec_from_record
+
+        keys = ("langs", "path", "split", "seed", "slots")
+        base_spec = spec_from_record(recorded)
+        if any(getattr(base_spec, k) != getattr(cfg.data, k) for k in keys):
+            print(f"[fine-tune] warning: v{latest} was trained on {({k: getattr(base_spec, k) for k in keys})}, this run "
+                  f"uses {({k: getattr(cfg.data, k) for k in keys})}: its test accuracy and the learner's gate follow "
+                  "this run's data (pass the base's --langs/--data/--split/--seed/--slots to keep them)")
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
           f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round)")
     return extra, last
