@@ -63,7 +63,7 @@ def test_serve_status_against_python_m_serve_run(trained_store, tmp_path):
         # Its HAProxy's stats and metrics listeners on free ports: the test session's own Ray (when
         # other tests started it) already holds the defaults, 8404 and 9101.
         # Its replicas' direct-ingress ports from a range of their own: Serve numbers them from
-        # 30000 per Ray instance, and a second instance on the machine took the session app's.
+        # 30000 in every Ray instance, so they never meet the test session's replicas' ports.
         env = _shell_env(PYTHONPATH=str(ROOT), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
                          RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
                          RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT="31000", RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="32000",
