@@ -13,6 +13,7 @@ import time
 import pytest
 import requests
 
+from bench.drift import served_accuracy  # English/Korean accuracy as served, over HTTP
 from online_learning.feedback_log import FeedbackLogReader
 from online_learning.send import send
 from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until
@@ -47,16 +48,6 @@ def learner_status(url) -> dict:
     return body.get("learner") or {"error": body}
 
 
-def served_accuracy(url, examples) -> tuple[float, set[int]]:
-    correct, versions = 0, set()
-    for start in range(0, len(examples), 200):
-        chunk = examples[start : start + 200]
-        r = requests.post(f"{url}/v1/predict", json={"texts": [e.text for e in chunk]}, timeout=30)
-        r.raise_for_status()
-        preds = r.json()["predictions"]
-        versions |= {p["model_version"] for p in preds}
-        correct += sum(p["label"] == e.label for p, e in zip(preds, chunk))
-    return correct / len(examples), versions
 
 
 def events_from(examples, prefix):
