@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if hint := auth_hint():
         print(hint, flush=True)
     with HardenedIngress() as ingress_env:
-        child = subprocess.Popen([serve_cli, "run", *rest], env={**os.environ, **ingress_env})
+        # A shell's background job starts with SIGINT ignored, and a child inherits that: give
+        # serve run Ctrl-C's default back so the SIGINT passed on below stops it.
+        child = subprocess.Popen([serve_cli, "run", *rest], env={**os.environ, **ingress_env},
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for sig in (signal.SIGINT, signal.SIGTERM):  # pass Ctrl-C / kill on to serve run
             signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
         return child.wait()

@@ -32,7 +32,8 @@ class PythonMServeRun(ServerProcess):
         self.config_path, self.env = config_path, env
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "serve", "run", str(self.config_path)]
+        # As a shell's background job (`... &`) starts it: with SIGINT ignored, which children inherit.
+        return ["sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable, "-m", "serve", "run", str(self.config_path)]
 
     def environment(self) -> dict:
         return self.env
@@ -87,5 +88,8 @@ def test_serve_status_against_python_m_serve_run(trained_store, tmp_path):
             assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
             status = yaml.safe_load(ok.stdout)
             assert status["applications"]["textserve"]["status"] == "RUNNING", ok.stdout
+        # Ctrl-C (SIGINT, what PythonMServeRun stops it with) ended it; before, a background
+        # job's serve run ignored it and the stop escalated to SIGKILL after 60 s.
+        assert server.proc.returncode is not None and server.proc.returncode != -signal.SIGKILL, server.proc.returncode
     finally:
         stop_stray_haproxy(before)  # a fallback: python -m serve run stops its own HAProxy
