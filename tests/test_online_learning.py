@@ -339,5 +339,9 @@ def test_fine_tune_while_feedback_streams_loses_nothing_and_the_learner_rebases(
     acc, versions = served_accuracy(url, ko.test)
     assert acc >= 0.8, acc  # the fine-tune trained on the Korean feedback in the log
     assert min(versions) > outcome.version
-    kept = ModelStore(online["store"]).versions()  # snapshots every 3 s here; retention keeps 5 + the bases
-    assert len(kept) <= 5 + 2, kept
+    # Snapshots every 3 s here; each is followed by retention: the newest 5 plus the bases the
+    # learner stood on when it ran (the lineage before the fine-tune's, the fine-tune). Whatever
+    # else older than the newest 5 is a leak. Sampled at any moment: a snapshot just written and
+    # its gc not yet done makes it 6 (the full suite caught that moment once).
+    kept = ModelStore(online["store"]).versions()
+    assert set(kept[:-6]) <= {before["base_version"], outcome.version}, (kept, before["base_version"], outcome.version)
