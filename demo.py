@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         pub = [h for h in learner["history"] if h["published"]]
         print(f"\n  learner v{learner['version']}: {len(pub)} publishes, {learner['held_back']} held back, "
               f"largest publish {max((h['bytes'] for h in pub), default=0) / 1e3:.0f} kB, staleness {learner['staleness_s']:.1f} s")
+        for h in [h for h in learner["history"] if h.get("reason")][-5:]:  # why, when something was held back
+            print(f"    held back at log offset {h['log_offset']}: {h['reason']}")
     print("\nstopped the app. Serve it yourself: python -m serve run   (see README)")
     return 0 if acc >= 0.8 else 1
 

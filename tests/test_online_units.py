@@ -60,6 +60,26 @@ def test_lazy_adam_delta_is_exactly_what_changed_and_applies(tmp_path, arch):
     np.testing.assert_array_equal(replica.predict(texts), learner.predict(texts))
 
 
+def test_reset_optimizer_restarts_like_a_fresh_one(tmp_path):
+    """After a held-back candidate (weights restored, optimiser reset), the next step is the one a
+    fresh learner would take from the same weights: zeroed moments under an old step count would
+    make it several times the learning rate (what kept a `make demo` run holding back)."""
+    labels = ["HassTurnOn", "HassTurnOff"]
+    save_model_dir(new_model("small", labels), tmp_path / "base")
+    used, fresh = load_model_dir(tmp_path / "base"), load_model_dir(tmp_path / "base")
+    start = used.model.get_weights()
+    trainer = OnlineTrainer(used, 3e-3)
+    for _ in range(50):  # a candidate that is then held back
+        trainer.train(["turn on the lamp", "switch off the fan now"], labels, batch_size=2)
+    used.model.set_weights(start)
+    trainer.reset_optimizer(trainer.take_touched())
+    batch = (["turn on the fan", "switch off the lamp"], ["HassTurnOn", "HassTurnOff"])
+    trainer.train(*batch, batch_size=2)
+    OnlineTrainer(fresh, 3e-3).train(*batch, batch_size=2)
+    for a, b in zip(used.model.get_weights(), fresh.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_learner_settings_reject_unreachable_staleness_and_typos():
     with pytest.raises(ValueError, match="max_staleness_s .* must exceed"):
         LearnerSettings(publish_interval_s=5, max_staleness_s=2)
