@@ -12,7 +12,7 @@ One process writes (`FeedbackLog`, the learner); others read with `FeedbackLogRe
 never writes, truncates or creates anything. Segments rotate at `segment_events` events or
 `segment_bytes` bytes; `compact(below_offset)` deletes whole segments below an offset; the ids of
 deleted segments stay in small sidecar indexes (log_index.py), so resends stay duplicates.
-`mark(offsets, "holdout" | "rejected")` annotates events in `marks.jsonl`.
+`mark(offsets, "holdout" | "rejected" | "deferred")` annotates events in `marks.jsonl`.
 
 The folder must be on storage every node sees when the learner may restart on another node (NFS,
 a mounted volume); see docs/ONLINE_LEARNING.md.
@@ -68,7 +68,7 @@ __all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "
 
 logger = logging.getLogger(__name__)
 LOG_FILE = LEGACY_FILE  # the single file of earlier versions; renamed to the first segment on open
-MARKS = ("holdout", "rejected")
+MARKS = ("holdout", "rejected", "deferred")
 MERGE_FAN_IN = 8  # id indexes of compacted segments merge 8 of one size class into one ...
 MERGE_MAX_IDS = 1 << 20  # ... up to 1M ids (24 MB): lookups search O(8 log8 n) files, not one per segment
 
@@ -88,7 +88,9 @@ class LoggedEvent:
     label: str
     ts: float
     holdout: bool = False  # the gate held it out of training
-    rejected: bool = False  # its round was held back by the gate
+    rejected: bool = False  # its round was held back by the gate as harmful: never trained on
+    deferred: bool = False  # its round was held back on the base check alone: the learner does not
+    # replay it, a fine-tune (all base data, several epochs) still learns it
 
 
 class EventIdConflict(ValueError):
@@ -166,7 +168,7 @@ class _LogView:
         return self._events(segments, stop, marks, max(offset, 0), limit)
 
     def _events(self, segments, stop, marks, offset, limit) -> Iterator[LoggedEvent]:
-        holdout, rejected = marks.get("holdout", set()), marks.get("rejected", set())
+        holdout, rejected, deferred = (marks.get(m, set()) for m in MARKS)
         i = max(bisect_right([f for f, _ in segments], offset) - 1, 0)
         given, nxt = 0, None
         while True:
@@ -190,7 +192,7 @@ class _LogView:
                         if off < offset:
                             continue
                         yield LoggedEvent(off, record["event_id"], record["text"], record["label"], record["ts"],
-                                          off in holdout, off in rejected)
+                                          off in holdout, off in rejected, off in deferred)
                         given += 1
                         if limit is not None and given >= limit:
                             return
@@ -428,7 +430,8 @@ class FeedbackLog(_LogView):
 
     def mark(self, offsets: Iterable[int], mark: str) -> int:
         """Record durably that these events were held out by the gate (`"holdout"`) or belong to a
-        round the gate held back (`"rejected"`); readers see it as LoggedEvent.holdout/.rejected.
+        round the gate held back, as harmful (`"rejected"`) or on the base check alone
+        (`"deferred"`); readers see LoggedEvent.holdout/.rejected/.deferred.
         Offsets already compacted are skipped. Returns how many offsets were newly marked.
         Raises ValueError for an unknown mark or an offset not in the log, LogWriteError if the
         write fails (nothing kept)."""

@@ -31,6 +31,15 @@ class LearnerSettings(BaseModel):
                                description="hold back a candidate this much below the served feedback-holdout accuracy")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
                                  "this much below the lineage's anchor (the base it started from)")
+    max_contradiction_share: float = Field(0.5, ge=0, le=1, description="refuse new events, untrained and marked "
+                                           "rejected, while this share of the recent stream gives another label than a "
+                                           "confident served answer (relabelling attacks; 1 turns the check off)")
+    contradiction_confidence: float = Field(0.9, ge=0, le=1, description="a served answer at least this sure counts "
+                                            "for the contradiction check")
+    contradiction_window: int = Field(512, ge=1, description="recent new events the contradiction share is taken over")
+    contradiction_min_events: int = Field(32, ge=1, description="a round this big is judged on its own share; a smaller "
+                                          "one with the recent stream, once that holds this many (a single correction "
+                                          "of a confident mistake in clean traffic is judged by the gate as usual)")
     nice: int = Field(10, ge=0, le=19, description="OS priority (Linux nice) of the learner's training threads (not of "
                       "the event loop answering feedback and replicas): on a machine shared with replicas, training "
                       "yields the CPU to serving; 0 keeps normal priority")

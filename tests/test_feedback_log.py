@@ -211,6 +211,8 @@ def test_marks_are_durable_and_reach_the_reader(tmp_path):
     assert [e.offset for e in log.read_from(0) if e.holdout or e.rejected] == [3, 4, 5, 9, 10, 12, 13, 14]
     assert log.mark([1], "rejected") == 1
     assert [e.offset for e in FeedbackLogReader(tmp_path).read_from(0) if e.rejected] == [1, 12, 13, 14]
+    assert log.mark([15, 16], "deferred") == 2  # held back on the base check alone: a fine-tune learns it
+    assert [(e.offset, e.rejected) for e in FeedbackLogReader(tmp_path).read_from(0) if e.deferred] == [(15, False), (16, False)]
 
 
 FAILED_WRITES = """

@@ -222,6 +222,13 @@ def test_poisoned_stream_is_held_back(online):
     # The outcome: what the replicas answer on English held-out sentences barely moved (the gate
     # allows 1 point against the lineage's anchor on its own base holdout; 2 here for sampling).
     assert after_acc >= base_acc - 0.02, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
+    # ...and the poison is out of what later rounds replay and a fine-tune reads: marked rejected
+    # in the log (holdout-marked ones are left out of fine-tunes either way).
+    reader = FeedbackLogReader(online["state"])
+    logged = [e for e in reader.read_from(offset - len(poison) + 1) if e.event_id.startswith("poison-")]
+    assert len(logged) == len(poison)
+    accepted = [e.event_id for e in logged if not (e.rejected or e.holdout)]
+    assert len(accepted) <= len(poison) // 10, f"{len(accepted)} poison events accepted, e.g. {accepted[:3]}"
 
 
 def learner_pid(app: str = "online") -> int | None:
@@ -341,7 +348,14 @@ def test_fine_tune_while_feedback_streams_loses_nothing_and_the_learner_rebases(
     assert min(versions) > outcome.version
     # Snapshots every 3 s here; each is followed by retention: the newest 5 plus the bases the
     # learner stood on when it ran (the lineage before the fine-tune's, the fine-tune). Whatever
-    # else older than the newest 5 is a leak. Sampled at any moment: a snapshot just written and
-    # its gc not yet done makes it 6 (the full suite caught that moment once).
-    kept = ModelStore(online["store"]).versions()
-    assert set(kept[:-6]) <= {before["base_version"], outcome.version}, (kept, before["base_version"], outcome.version)
+    # else older than the newest 5 is a leak. Polled: between a snapshot's write and its gc there
+    # are more (the suite sampled 7 once: the old newest 5, the fine-tune, the first snapshot after).
+    bases, seen = {before["base_version"], outcome.version}, {}
+
+    def retained():
+        seen["kept"] = kept = ModelStore(online["store"]).versions()
+        return set(kept[:-5]) <= bases
+    try:
+        wait_until(retained, timeout=60, what=f"store retention: the newest 5 plus the bases {bases}")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}; the store holds {seen['kept']}") from None

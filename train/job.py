@@ -241,14 +241,15 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
     # Read-only: the learner may be appending now; the reader stops before its write in flight.
     reader = FeedbackLogReader(cfg.feedback_dir)
     for attempt in range(3):  # the learner may compact the oldest segment while we read it
-        events, excluded, last = [], 0, -1
+        events, excluded, deferred, last = [], 0, 0, -1
         try:
             for e in reader.iter_from(reader.first_offset):
                 last = e.offset
-                if e.holdout or e.rejected:  # the gate's holdout, or a round the gate held back
+                if e.holdout or e.rejected:  # the gate's holdout, or a round the gate judged harmful
                     excluded += 1
-                else:
+                else:  # deferred ones too: held back only for the base check, which a full fit can meet
                     events.append(e)
+                    deferred += e.deferred
             break
         except OffsetCompacted:
             if attempt == 2:
@@ -271,7 +272,8 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
                   f"uses {({k: getattr(cfg.data, k) for k in keys})}: its test accuracy and the learner's gate follow "
                   "this run's data (pass the base's --langs/--data/--split/--seed/--slots to keep them)")
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
-          f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round)")
+          f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round; {deferred} "
+          "included that the learner deferred on its base check)")
     return extra, last
 
 
