@@ -71,6 +71,13 @@ class LearnerSettings(BaseModel):
         return str(Path(path).resolve())  # resolved where the config is read, not per replica
 
     @model_validator(mode="after")
+    def _window_holds_a_verdict(self):
+        if self.contradiction_window < self.contradiction_min_events:
+            raise ValueError(f"contradiction_window ({self.contradiction_window}) must be at least "
+                             f"contradiction_min_events ({self.contradiction_min_events}): a trickle could never be judged")
+        return self
+
+    @model_validator(mode="after")
     def _staleness_reachable(self):
         floor = self.publish_interval_s + self.replica_poll_s
         if self.max_staleness_s <= floor:

@@ -200,11 +200,14 @@ def test_staleness_bound_holds_on_every_replica(online):
         assert lag <= max_staleness, f"event {offset} reached every replica after {lag:.2f} s"
 
 
-def test_poisoned_stream_is_held_back(online):
+def test_poisoned_stream_is_refused(online):
+    """600 English training sentences relabelled at random: refused by the contradiction check
+    before training (not merely absorbed by rehearsal), out of what is replayed and fine-tuned on,
+    and what the replicas answer barely moves."""
     url = online["url"]
     en = load_dataset(DataSpec(langs=("en",)))
     status = learner_status(url)
-    held_before = status["held_back"]
+    refused_before = status["refused"]
     base_acc, _ = served_accuracy(url, en.test)
     rng = random.Random(7)
     labels = sorted({e.label for e in en.train})
@@ -214,21 +217,23 @@ def test_poisoned_stream_is_held_back(online):
     offset = learner_status(url)["log_length"] - 1
     wait_until(lambda: (s := learner_status(url))["applied_offset"] >= offset and s["pending"] == 0,
                timeout=120, what="poison processed")
-    try:
-        wait_until(lambda: learner_status(url)["held_back"] > held_before, timeout=60, what="a held-back candidate")
-    finally:
-        print(json.dumps(learner_status(url)["history"][-8:], indent=0))
+    status = learner_status(url)
+    print(json.dumps(status["history"][-8:], indent=0))
+    reasons = [h.get("refused_reason", "") for h in status["history"] if h.get("refused")]
+    assert status["refused"] - refused_before >= len(poison) * 0.8 and reasons[-1].startswith("contradicts")
     after_acc, _ = served_accuracy(url, en.test)
     # The outcome: what the replicas answer on English held-out sentences barely moved (the gate
     # allows 1 point against the lineage's anchor on its own base holdout; 2 here for sampling).
     assert after_acc >= base_acc - 0.02, f"served English accuracy {base_acc:.3f} -> {after_acc:.3f}"
-    # ...and the poison is out of what later rounds replay and a fine-tune reads: marked rejected
-    # in the log (holdout-marked ones are left out of fine-tunes either way).
+    # ...and the poison is out of what later rounds replay and a fine-tune reads: marked in the log.
     reader = FeedbackLogReader(online["state"])
     logged = [e for e in reader.read_from(offset - len(poison) + 1) if e.event_id.startswith("poison-")]
     assert len(logged) == len(poison)
     accepted = [e.event_id for e in logged if not (e.rejected or e.holdout)]
     assert len(accepted) <= len(poison) // 10, f"{len(accepted)} poison events accepted, e.g. {accepted[:3]}"
+    # The sentences it refused are still answered as the base answered them.
+    probe = [e for e in en.train if e.text in {p["text"] for p in poison[:64]}][:64]
+    assert served_accuracy(url, probe)[0] >= 0.9
 
 
 def learner_pid(app: str = "online") -> int | None:

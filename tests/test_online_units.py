@@ -80,6 +80,37 @@ def test_reset_optimizer_restarts_like_a_fresh_one(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_contradiction_check_flags_confident_disagreement_and_judges_rounds_and_trickles():
+    from online_learning.contradiction import ContradictionCheck
+
+    labels = ["HassTurnOn", "HassTurnOff"]
+    sure = new_model("small", labels)
+    classes = sure.model.get_layer("classes")
+    kernel, _ = classes.get_weights()
+    classes.set_weights([np.zeros_like(kernel), np.array([12.0, 0.0], dtype=np.float32)])  # always On, p~0.99999
+    check = ContradictionCheck(share=0.5, confidence=0.9, window=64, min_events=8)
+    assert check.flags(sure, ["turn it on", "switch it off"], ["HassTurnOn", "HassTurnOff"]) == [False, True]
+    unsure = new_model("small", labels)  # untrained: ~0.5 each, never confident
+    assert check.flags(unsure, ["switch it off"] * 3, ["HassTurnOff"] * 3) == [False] * 3
+
+    def fresh(**kw):
+        return ContradictionCheck(**{"share": 0.5, "confidence": 0.9, "window": 64, "min_events": 8, **kw})
+    assert fresh().verdict([True] * 8).startswith("contradicts")  # a round big enough on its own
+    assert fresh().verdict([True] * 7) is None  # too small, and no stream yet
+    assert fresh().verdict([True] * 4 + [False] * 5) is None  # under half
+    trickle = fresh()
+    verdicts = [trickle.verdict([True]) for _ in range(10)]  # one poisoned event per round
+    assert verdicts[:7] == [None] * 7 and all(v and "last 8 events" in v for v in verdicts[7:8])
+    assert trickle.verdict([False, False]) is None  # clean events right after: not refused for the window
+    corrections = fresh()
+    for _ in range(10):
+        assert corrections.verdict([False] * 9) is None
+    assert corrections.verdict([True]) is None  # one correction of a confident mistake in clean traffic
+    assert fresh(share=1.0).verdict([True] * 20) is None  # 1: off
+    with pytest.raises(ValueError, match="contradiction_window"):
+        LearnerSettings(contradiction_window=8, contradiction_min_events=32)
+
+
 def test_learner_settings_reject_unreachable_staleness_and_typos():
     with pytest.raises(ValueError, match="max_staleness_s .* must exceed"):
         LearnerSettings(publish_interval_s=5, max_staleness_s=2)
