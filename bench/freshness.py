@@ -54,19 +54,19 @@ def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[f
     return lags
 
 
-def run(store: str, users: int, duration_s: float, replicas: int) -> dict:
+def run(store: str, users: int, duration_s: float, replicas: int, learner: dict | None = None) -> dict:
     token = secrets.token_urlsafe(16)
     os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = token
     work = Path(tempfile.mkdtemp(prefix="freshness-"))
     shutil.copytree(store, work / "store")  # the learner writes snapshots: keep the source clean
     config = local_config(str(work / "store"))
     app_cfg = config["applications"][0]
-    app_cfg["args"]["learner"]["state_dir"] = str(work / "state")
+    app_cfg["args"]["learner"].update({**(learner or {}), "state_dir": str(work / "state")})
     dep = app_cfg["deployments"][0]
     dep.pop("autoscaling_config", None)
     dep["num_replicas"] = replicas
     texts = bench_texts()
-    report = {"users": users, "duration_s": duration_s, "replicas": replicas}
+    report = {"users": users, "duration_s": duration_s, "replicas": replicas, "learner_settings": learner or {}}
     try:
         with RunningServe(config, name="freshness") as app:
             predict = f"{app.url}/v1/predict"
@@ -85,6 +85,7 @@ def run(store: str, users: int, duration_s: float, replicas: int) -> dict:
             pubs = [h for h in learner["history"] if h["published"]]
             report["publishes"] = len(pubs)
             report["held_back"] = learner["held_back"]
+            report["held_back_reasons"] = [h["reason"] for h in learner["history"] if h.get("reason")]
             report["bytes_per_publish"] = {"mean": sum(h["bytes"] for h in pubs) / max(1, len(pubs)),
                                            "max": max((h["bytes"] for h in pubs), default=0)}
             info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
@@ -101,12 +102,13 @@ def markdown(r: dict, command: str) -> str:
     lags = sorted(r["ack_to_all_replicas_s"])
     return "\n".join([
         f"Command: `{command}`  \nMachine: 2-core VM, client and server on it; {r['replicas']} Classifier replica(s), "
-        f"{r['users']} closed-loop users, {r['duration_s']:.0f} s per phase\n",
+        f"{r['users']} closed-loop users, {r['duration_s']:.0f} s per phase; learner settings over the shipped ones: "
+        f"{json.dumps(r.get('learner_settings') or {})}\n",
         "| phase | req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|",
         f"| no publishes | {a['tps']:.0f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['failed']} |",
         f"| feedback stream, learner publishing | {b['tps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {b['failed']} |",
         "",
-        f"Publishes: {r['publishes']} ({r['held_back']} held back) from {r['feedback_events_sent']} events; bytes per "
+        f"Publishes: {r['publishes']} ({r['held_back']} held back{': ' + '; '.join(r.get('held_back_reasons') or []) if r.get('held_back_reasons') else ''}) from {r['feedback_events_sent']} events; bytes per "
         f"publish mean {r['bytes_per_publish']['mean'] / 1e6:.2f} MB, max {r['bytes_per_publish']['max'] / 1e6:.2f} MB, "
         f"vs full weights {r['full_weights_bytes'] / 1e6:.1f} MB ({r['parameters']:,} parameters).",
         "",
@@ -116,17 +118,44 @@ def markdown(r: dict, command: str) -> str:
     ])
 
 
+def plot(r: dict, path: str) -> None:
+    """Throughput and p99 of both phases side by side, and the acknowledged -> served lags."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [("no publishes", r["without_publishes"]), ("learner publishing", r["during_publishes"])]
+    fig, (tps, p99, lag) = plt.subplots(1, 3, figsize=(10, 3.5))
+    names = [n for n, _ in phases]
+    tps.bar(names, [p["tps"] for _, p in phases], color=["tab:blue", "tab:orange"])
+    tps.set_ylabel("req/s")
+    p99.bar(names, [p["p99_ms"] for _, p in phases], color=["tab:blue", "tab:orange"])
+    p99.set_ylabel("p99 ms")
+    lag.plot(sorted(r["ack_to_all_replicas_s"]), marker="o")
+    lag.set_ylabel("ack -> every replica, s")
+    lag.set_xlabel("probe (sorted)")
+    fig.suptitle(f"/v1/predict at {r['users']} users, {r['replicas']} replica(s); learner "
+                 f"{json.dumps(r['learner_settings']) if r.get('learner_settings') else 'as shipped'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench freshness", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="model store with the model to serve (copied; left unchanged)")
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--learner", type=json.loads, default={}, metavar="JSON",
+                   help='learner settings over the shipped ones, e.g. \'{"train_duty_cycle": 0.5}\'')
     p.add_argument("--out", default="docs/FRESHNESS_BENCH")
     a = p.parse_args(argv)
-    report = run(a.store, a.users, a.duration, a.replicas)
+    report = run(a.store, a.users, a.duration, a.replicas, a.learner)
     command = "python -m bench freshness " + " ".join(argv if argv is not None else [])
     Path(a.out + ".json").write_text(json.dumps(report, indent=2))
-    Path(a.out + ".md").write_text(markdown(report, command))
+    plot(report, a.out + ".png")
+    Path(a.out + ".md").write_text(markdown(report, command) + f"\n![both phases and the lags]({Path(a.out).name}.png)\n")
     print(Path(a.out + ".md").read_text())
     return 0

@@ -111,6 +111,7 @@ class OnlineLearner:
         self.held_back = 0
         self.replayed = 0
         self.refused = 0  # events refused by the contradiction check
+        self._rest_until = 0.0  # the duty cycle's rest after the last round (monotonic)
         self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
                                         self.s.auth_fail_burst, self.s.rate_limit_clients)
         self._base_data_spec = None
@@ -260,7 +261,7 @@ class OnlineLearner:
             if not self.replaying:
                 self._wake.wait(timeout=self.s.publish_interval_s)
                 self._wake.clear()
-                wait = self.s.publish_interval_s - (time.monotonic() - last_round)
+                wait = max(self.s.publish_interval_s - (time.monotonic() - last_round), self._rest_until - time.monotonic())
                 if wait > 0 and self._stop.wait(wait):
                     return
             if time.monotonic() - last_nice >= 10:  # again now and then: TensorFlow starts threads lazily
@@ -290,6 +291,12 @@ class OnlineLearner:
                 self._round(batch)
                 self._maybe_snapshot()
                 self._failed_rounds = 0
+                # The duty cycle: after a round of t seconds, rest t * (1 - d) / d, so training
+                # takes at most a share d of the time (the CPU it leaves goes to serving).
+                took, duty = time.monotonic() - last_round, self.s.train_duty_cycle
+                self._rest_until = time.monotonic() + took * (1 - duty) / duty
+                if self.history:  # the entry `_round` just appended
+                    self.history[-1]["round_s"] = round(took, 3)
             except Exception:  # a failed round must not end learning: log it, retry next round
                 self._failed_rounds += 1
                 logger.exception("learner round failed (%s in a row)", self._failed_rounds)
@@ -380,7 +387,8 @@ class OnlineLearner:
     def _gate(self, entry: dict) -> bool:
         """Base data and feedback scored apart. Hold back when base accuracy falls more than
         `max_base_drop` below the lineage's anchor (so losses cannot ratchet over publishes),
-        when the feedback holdout falls more than `gate_margin` below the served version's, or
+        when the feedback holdout falls more than `gate_margin` below the served version's (and by
+        at least `gate_min_losses` answers: 1 of 3 held-out events is not evidence), or
         when there is no holdout at all to judge by."""
         from train.model import accuracy
 
@@ -398,7 +406,8 @@ class OnlineLearner:
             entry["reason"] = "no holdout to judge by"
         elif base_acc is not None and base_acc < self.anchor_base_accuracy - self.s.max_base_drop:
             entry["reason"] = f"base accuracy {base_acc:.3f} < anchor {self.anchor_base_accuracy:.3f} - {self.s.max_base_drop}"
-        elif fb_acc is not None and fb_acc < served_fb - self.s.gate_margin:
+        elif (fb_acc is not None and fb_acc < served_fb - self.s.gate_margin
+              and round((served_fb - fb_acc) * len(fb_texts)) >= self.s.gate_min_losses):
             entry["reason"] = f"feedback holdout {fb_acc:.3f} < served {served_fb:.3f} - {self.s.gate_margin}"
         else:
             return True

@@ -29,6 +29,8 @@ class LearnerSettings(BaseModel):
     holdout_base_examples: int = Field(1000, ge=0, description="base validation examples in the gate's holdout (the bundled English validation split is 658: all of it)")
     gate_margin: float = Field(0.05, ge=0, le=1,
                                description="hold back a candidate this much below the served feedback-holdout accuracy")
+    gate_min_losses: int = Field(3, ge=1, description="...and only when it answers at least this many more held-out "
+                                 "feedback events wrong (a holdout of a few events is noise, not evidence)")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
                                  "this much below the lineage's anchor (the base it started from)")
     max_contradiction_share: float = Field(0.5, ge=0, le=1, description="refuse new events, untrained and marked "
@@ -43,6 +45,9 @@ class LearnerSettings(BaseModel):
     nice: int = Field(10, ge=0, le=19, description="OS priority (Linux nice) of the learner's training threads (not of "
                       "the event loop answering feedback and replicas): on a machine shared with replicas, training "
                       "yields the CPU to serving; 0 keeps normal priority")
+    train_duty_cycle: float = Field(1.0, gt=0, le=1, description="share of the time the learner's training may take: "
+                                    "after a round of t seconds it rests t * (1 - d) / d (on a machine shared with "
+                                    "replicas, below 1 leaves them CPU while a stream trains, at the cost of freshness)")
     max_round_events: int = Field(512, ge=1, description="new events trained in one round (read from the log): a "
                                   "bigger round moves the base further than its rehearsal can hold (docs/DRIFT.md)")
     staleness_hard_limit_s: float | None = Field(
