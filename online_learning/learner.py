@@ -144,7 +144,7 @@ class OnlineLearner:
         if self._base_data_spec is None or metrics.get("data"):
             self._set_base_data(metrics.get("data"))
         offset = metrics.get("log_offset", -1)
-        self.trainer = OnlineTrainer(loaded, self.s.learning_rate)
+        self.trainer = OnlineTrainer(loaded, self.s.learning_rate, self.s.dense_learning_rate)
         self._next_mirror = mirror  # becomes the served mirror when this lineage is published
         self._adopted_at = time.monotonic()
         self.lineage = uuid.uuid4().hex[:12]

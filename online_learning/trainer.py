@@ -26,13 +26,16 @@ _B1, _B2, _EPS = 0.9, 0.999, 1e-7
 
 
 class OnlineTrainer:
-    def __init__(self, loaded: LoadedModel, learning_rate: float):
+    def __init__(self, loaded: LoadedModel, learning_rate: float, dense_learning_rate: float | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.index = {label: i for i, label in enumerate(loaded.labels)}
         self._emb = embedding_variable(self.model)
         self._dense = [v for v in dense_variables(self.model) if v.trainable]
-        self._opt = keras.optimizers.Adam(learning_rate)
+        # The shared dense weights carry what the base knows; new words and languages live in
+        # embedding rows of their own. A lower rate for the dense part (learner setting
+        # `dense_learning_rate`) keeps the base's answers while new rows learn fast.
+        self._opt = keras.optimizers.Adam(dense_learning_rate or learning_rate)
         self._opt.build(self._dense)
         self._lr = learning_rate
         self._m = tf.Variable(tf.zeros(self._emb.shape), trainable=False)

@@ -149,7 +149,11 @@ def test_drift_korean_feedback_is_learned_and_served(online):
         acc, versions = served_accuracy(url, ko.test)
         return acc >= 0.8 and (acc, versions)
 
-    acc, versions = wait_until(learned, timeout=240, interval=1.0, what="served Korean accuracy >= 0.8")
+    try:
+        acc, versions = wait_until(learned, timeout=240, interval=1.0, what="served Korean accuracy >= 0.8")
+    except TimeoutError:  # say why: the learner's rounds, published or held back and why
+        print(json.dumps(learner_status(url).get("history", [])[-15:], indent=0))
+        raise
     took = time.monotonic() - last_ack
     print(f"\nKorean test accuracy served: {before:.3f} -> {acc:.3f}, {took:.1f} s after the last ack; versions {versions}")
     assert min(versions) > 1  # every answer names its version; all came from learned versions
