@@ -9,9 +9,13 @@ with an English base: sentences relabelled at random contradict 85%, the Korean 
 the gate's base check (a CI run published 512 random labels at 0.3 points under the anchor),
 and an accepted event is replayed in later rounds and fine-tuned on.
 
-What it does not catch, by design or by limit: a sender who mixes in enough agreeing events
-(the served answers are public) or relabels only texts the model is unsure of; those are left
-to rehearsal and the gate's base check.
+The share is 0.2 by default: an attack on one intent with 47.5% contradictions per round (the
+rest agreeing events) went live under 0.5 (HassTurnOn test accuracy 0.933 -> 0.867, found by an
+attacking client); honest English traffic measured 0.5%. What it does not catch, by design or by
+limit: a sender who mixes in four or more agreeing events per contradiction (the served answers
+are public) or relabels only texts the model is unsure of; those are left to rehearsal and the
+gate, and rounds held back on the base check are deferred, which a fine-tune trains on only
+with --include-deferred.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class LearnerSettings(BaseModel):
                                  "feedback events wrong (a holdout of a few events is noise, not evidence)")
     max_base_drop: float = Field(0.01, ge=0, le=1, description="hold back a candidate whose base-holdout accuracy is "
                                  "this much below the lineage's anchor (the base it started from)")
-    max_contradiction_share: float = Field(0.5, ge=0, le=1, description="refuse new events, untrained and marked "
+    max_contradiction_share: float = Field(0.2, ge=0, le=1, description="refuse new events, untrained and marked "
                                            "rejected, while this share of the recent stream gives another label than a "
                                            "confident served answer (relabelling attacks; 1 turns the check off)")
     contradiction_confidence: float = Field(0.9, ge=0, le=1, description="a served answer at least this sure counts "

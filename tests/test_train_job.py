@@ -106,3 +106,31 @@ def test_a_ray_up_gpu_node_type_counts_as_gpu_capacity(tmp_path):
     bootstrap.write_text("available_node_types:\n  head: {resources: {learner: 1}}\n"
                          "  gpu_trainer: {resources: {GPU: 4, trainer: 1}}\n")
     assert _autoscaled_gpus(bootstrap) == 4
+
+
+def test_fine_tune_reads_the_log_as_the_gate_marked_it(tmp_path, capsys):
+    """Holdout and rejected events never reach a fine-tune; deferred ones (held back on the base
+    check alone: a new language, or relabels of texts the model was unsure of) only when asked."""
+    from online_learning.feedback_log import FeedbackEvent, FeedbackLog
+    from train.job import _fine_tune_inputs
+    from train.model import new_model, save_model_dir
+
+    store = ModelStore(str(tmp_path / "store"))
+    store.publish(save_model_dir(new_model("small", ["HassTurnOn", "HassTurnOff"]), tmp_path / "base"))
+    log = FeedbackLog(tmp_path / "state")
+    log.append([FeedbackEvent(f"e{i}", f"text {i}", "HassTurnOn") for i in range(8)])
+    log.mark([1], "holdout")
+    log.mark([2, 3], "rejected")
+    log.mark([4, 5], "deferred")
+    log.close()
+    texts = {}
+    for include in (False, True):
+        cfg = TrainConfig(fine_tune=True, feedback_dir=str(tmp_path / "state"), store_uri=str(tmp_path / "store"),
+                          include_deferred=include)
+        extra, last = _fine_tune_inputs(cfg, store, f"test-{include}")
+        texts[include] = sorted(t for t, _ in extra["feedback"])
+        assert last == 7
+    assert texts[False] == ["text 0", "text 6", "text 7"]
+    assert texts[True] == ["text 0", "text 4", "text 5", "text 6", "text 7"]
+    out = capsys.readouterr().out
+    assert "2 deferred by the learner's base check, left out (--include-deferred trains on them)" in out

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the newest version in the store and add the feedback log to the training data; "
                         "the running online learner rebases on the result")
+    p.add_argument("--include-deferred", action="store_true",
+                   help="with --fine-tune: also train on feedback the learner deferred (rounds it held back on its base "
+                        "check alone: often a new language, but also what a poisoner relabelled among texts the model "
+                        "was unsure of); left out by default")
     p.add_argument("--feedback-dir", default="artifacts/online",
                    help="the learner's state_dir holding the feedback log (default: ./artifacts/online)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves for the training worker")
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu or a.gpus_per_worker is not None, gpus_per_worker=a.gpus_per_worker,
             store_uri=a.store, storage_path=a.storage_path,
-            fine_tune=a.fine_tune, feedback_dir=a.feedback_dir, cpus_per_worker=a.cpus_per_worker,
+            fine_tune=a.fine_tune, feedback_dir=a.feedback_dir, include_deferred=a.include_deferred,
+            cpus_per_worker=a.cpus_per_worker,
             worker_resources=a.worker_resources,
         )
     except ValueError as err:

@@ -39,6 +39,7 @@ class TrainConfig:
     worker_resources: dict = field(default_factory=dict)  # e.g. {"trainer": 1}: pin to the training node
     fine_tune: bool = False  # start from the newest version and add the feedback log to the data
     feedback_dir: str = "artifacts/online"  # the learner's state_dir (its feedback log)
+    include_deferred: bool = False  # also train on feedback the learner held back on its base check alone
 
     def __post_init__(self) -> None:
         from train.model import size_named
@@ -247,9 +248,10 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
                 last = e.offset
                 if e.holdout or e.rejected:  # the gate's holdout, or a round the gate judged harmful
                     excluded += 1
-                else:  # deferred ones too: held back only for the base check, which a full fit can meet
-                    events.append(e)
-                    deferred += e.deferred
+                else:  # deferred: held back on the base check alone; the operator's call (a new
+                    deferred += e.deferred  # language, or relabels of texts the model was unsure of)
+                    if cfg.include_deferred or not e.deferred:
+                        events.append(e)
             break
         except OffsetCompacted:
             if attempt == 2:
@@ -273,7 +275,7 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
                   "this run's data (pass the base's --langs/--data/--split/--seed/--slots to keep them)")
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
           f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round; {deferred} "
-          "included that the learner deferred on its base check)")
+          f"deferred by the learner's base check, {'included' if cfg.include_deferred else 'left out (--include-deferred trains on them)'})")
     return extra, last
 
 
