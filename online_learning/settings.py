@@ -15,7 +15,7 @@ class LearnerSettings(BaseModel):
     max_staleness_s: float = Field(10.0, gt=0, description="an acknowledged event is served by every replica within this")
     replica_poll_s: float = Field(0.25, gt=0, description="how often a replica asks the learner for a newer version")
     learning_rate: float = Field(3e-3, gt=0, description="Adam rate of the embedding rows (new words and languages)")
-    dense_learning_rate: float = Field(1e-4, gt=0, description="Adam rate of the dense weights (LSTM or convolutions, "
+    dense_learning_rate: float = Field(3e-4, gt=0, description="Adam rate of the dense weights (LSTM or convolutions, "
                                        "output layer), shared with everything the base knows: lower, against forgetting")
     batch_size: int = Field(32, ge=1)
     replay_events: int = Field(128, ge=0, description="earlier feedback re-trained with each round, at least")
