@@ -81,14 +81,14 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
             stop.set()
             streamer.join()
             report["feedback_events_sent"] = sent.get("n", 0)
-            learner = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]
+            info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+            learner = info["learner"]
             pubs = [h for h in learner["history"] if h["published"]]
             report["publishes"] = len(pubs)
             report["held_back"] = learner["held_back"]
             report["held_back_reasons"] = [h["reason"] for h in learner["history"] if h.get("reason")]
             report["bytes_per_publish"] = {"mean": sum(h["bytes"] for h in pubs) / max(1, len(pubs)),
                                            "max": max((h["bytes"] for h in pubs), default=0)}
-            info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
             report["parameters"] = info["metrics"].get("parameters")
             report["full_weights_bytes"] = 4 * (report["parameters"] or 0)
             report["ack_to_all_replicas_s"] = time_to_serve(app.url, token, 10)
