@@ -6,13 +6,15 @@ commands:
   serving    Serve variants of this system: ingress, batching, replicas (docs/SERVING_BENCH.md)
   freshness  time from feedback to answers that use it (docs/FRESHNESS_BENCH.md)
   drift      an English base learns Korean from feedback online; English must not drop (docs/DRIFT.md)
+  features   word against word + character n-gram features, by seed (docs/FEATURES.md)
   profile    py-spy profile of a replica under load: where a request's time goes (docs/SERVING.md)
 """
 
 import sys
 
 COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
-            "profile": "bench.profile", "drift": "bench.drift"}
+            "profile": "bench.profile", "drift": "bench.drift",
+            "features": "bench.features"}
 
 
 def main(argv: list[str]) -> int:

@@ -14,11 +14,12 @@ TEXTS = ["turn on the kitchen light", "거실 조명 켜줘", "", "!!!", "WHAT'S
 
 
 ARCHS = ["lstm", "cnn"]
+FEATURES = [("lstm", ()), ("cnn", ()), ("lstm", (2, 3, 4)), ("cnn", (3, 4))]  # (family, character n-grams)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_raw_strings_in_probabilities_out(arch):
-    m = new_model("small", ["a", "b", "c"], arch)
+@pytest.mark.parametrize("arch, char_ngrams", FEATURES)
+def test_raw_strings_in_probabilities_out(arch, char_ngrams):
+    m = new_model("small", ["a", "b", "c"], arch, char_ngrams)
     rng = np.random.default_rng(0)
     for var in m.model.weights:  # biases start at 0, which would hide padded positions in a max pool
         if var.path.endswith("bias"):
@@ -35,9 +36,9 @@ def test_raw_strings_in_probabilities_out(arch):
     np.testing.assert_allclose(probs, alone, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip_identical(tmp_path, arch):
-    m = new_model("small", ["HassTurnOn", "HassTurnOff"], arch)
+@pytest.mark.parametrize("arch, char_ngrams", FEATURES)
+def test_save_load_round_trip_identical(tmp_path, arch, char_ngrams):
+    m = new_model("small", ["HassTurnOn", "HassTurnOff"], arch, char_ngrams)
     m.metrics = {"test_accuracy": 0.5}
     before = m.predict(TEXTS)
     save_model_dir(m, tmp_path / "v")
@@ -68,10 +69,28 @@ def test_versions_saved_now_are_read_or_refused_clearly_by_older_code(tmp_path):
     cnn = json.loads((tmp_path / "cnn" / "config.json").read_text())
     assert lstm["format"] == 1 and set(lstm["size"]) == {"num_buckets", "embed_dim", "lstm_units", "max_tokens"}
     assert cnn["format"] == 2 and cnn["size"]["conv_widths"] == [3, 4, 5]
-    cnn["format"] = 3
+    cnn["format"] = 4
     (tmp_path / "cnn" / "config.json").write_text(json.dumps(cnn))
-    with pytest.raises(ValueError, match=r"model format 3, this code reads \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"model format 4, this code reads \[1, 2, 3\]"):
         load_model_dir(tmp_path / "cnn")
+
+
+def test_subword_features_share_rows_across_spellings_and_stay_bounded(tmp_path):
+    """Character n-grams give "조명을" and "조명 을" (particle attached or not) common rows, a word
+    and an n-gram of the same letters different rows, and a 3,000-letter token no more columns
+    than a 20-letter one. A subword version says format 3, which code from before refuses."""
+    m = new_model("small", ["a", "b"], "lstm", (2, 3))
+    tokens = m.model.get_layer("tokens")
+    ids = lambda text: set(tokens(np.array([text])).numpy().ravel().tolist()) - {0}  # noqa: E731
+    assert ids("조명을") & ids("조명 을")
+    word_on = tokens(np.array(["on"])).numpy()[0, 0, 0]
+    assert word_on not in tokens(np.array(["lemon"])).numpy()[0, 0, 1:]
+    assert tokens(np.array(["x" * 3000])).shape == tokens(np.array(["x" * 20])).shape
+    words_only = new_model("small", ["a", "b"], "lstm")
+    assert not ids("조명을") & set(words_only.model.get_layer("tokens")(np.array(["조명 을"])).numpy().ravel().tolist())
+    save_model_dir(m, tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["format"] == 3 and config["size"]["char_ngrams"] == [2, 3]
 
 
 def test_unknown_arch_rejected():

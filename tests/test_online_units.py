@@ -37,10 +37,10 @@ def test_log_survives_reopen_and_drops_a_torn_last_write(tmp_path):
     assert [e.offset for e in again.read_from(0)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("arch", ["lstm", "cnn"])
-def test_lazy_adam_delta_is_exactly_what_changed_and_applies(tmp_path, arch):
+@pytest.mark.parametrize("arch, char_ngrams", [("lstm", ()), ("cnn", ()), ("lstm", (2, 3, 4))])
+def test_lazy_adam_delta_is_exactly_what_changed_and_applies(tmp_path, arch, char_ngrams):
     labels = ["HassTurnOn", "HassTurnOff"]
-    base = new_model("small", labels, arch)
+    base = new_model("small", labels, arch, char_ngrams)
     save_model_dir(base, tmp_path / "base")
     learner, replica = load_model_dir(tmp_path / "base"), load_model_dir(tmp_path / "base")
     before = embedding_variable(learner.model).numpy().copy()

@@ -18,7 +18,7 @@ def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
     rows = [{"text": f"please switch on lamp {i}", "label": "on"} for i in range(30)]
     rows += [{"text": f"please switch off lamp {i}", "label": "off"} for i in range(30)]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    cfg = TrainConfig(size="small", data=DataSpec(path=str(data)), epochs=3, batch_size=16,
+    cfg = TrainConfig(size="small", data=DataSpec(path=str(data)), epochs=3, batch_size=16, char_ngrams=(2, 3),
                       store_uri=str(tmp_path / "store"), storage_path=str(tmp_path / "runs"))
     outcome = run_training(cfg)
     assert outcome.version == 1
@@ -26,6 +26,7 @@ def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
     assert outcome.metrics["samples_per_s"] > 0
     loaded = ModelStore(str(tmp_path / "store")).load()
     assert loaded.version == 1 and loaded.labels == ["off", "on"]
+    assert loaded.size.char_ngrams == (2, 3) and outcome.metrics["char_ngrams"] == [2, 3]  # subwords: through Ray Train
     assert loaded.metrics["test_accuracy"] == outcome.metrics["test_accuracy"]
     assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 
@@ -43,6 +44,9 @@ def run_cli(*args):
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--gpus-per-worker", "0"], "gpus_per_worker (0.0) needs use_gpu and a positive number"),
+        (["--char-ngrams", "2,x"], "--char-ngrams takes comma-separated widths (e.g. 2,3,4) or none, got '2,x'"),
+        (["--char-ngrams", "0,3"], "char_ngrams widths must be between 1 and 8, got [0, 3]"),
+        (["--char-ngrams", "2,3", "--fine-tune"], "a fine-tune keeps its base version's features"),
     ],
 )
 def test_cli_rejects_bad_options(args, message):
@@ -60,7 +64,7 @@ def test_cli_bad_data_file_named_before_ray_starts(tmp_path):
 def test_cli_help_lists_every_option():
     out = run_cli("--help").stdout
     for option in ("--size", "--arch", "--langs", "--data", "--epochs", "--use-gpu", "--gpus-per-worker", "--store",
-                   "--steps-per-epoch"):
+                   "--steps-per-epoch", "--char-ngrams"):
         assert option in out
 
 

@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--arch", choices=ARCHS,
                    help="model family: lstm (embedding -> LSTM; the default for a new model) or cnn (embedding -> "
                         "Conv1D widths 3/4/5 -> max pool); --fine-tune keeps the base version's family")
+    p.add_argument("--char-ngrams", default="none", metavar="WIDTHS",
+                   help="subword features for a new model: comma-separated character n-gram widths, e.g. 2,3,4 "
+                        "(a token's vector is the mean of its word row and its n-grams' rows); none (the default): "
+                        "words alone. See docs/TRAINING.md for what each measured")
     p.add_argument("--langs", default="en",
                    help=f"comma-separated bundled corpus languages, from {','.join(SUPPORTED_LANGS)} (default: en)")
     p.add_argument("--data", metavar="FILE",
@@ -64,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = p.parse_args(argv)
     try:
         langs = tuple(x.strip() for x in a.langs.split(",") if x.strip())
+        char_ngrams = _widths(a.char_ngrams)
         return TrainConfig(
-            size=a.size, arch=a.arch, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots), epochs=a.epochs,
+            size=a.size, arch=a.arch, char_ngrams=char_ngrams, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu or a.gpus_per_worker is not None, gpus_per_worker=a.gpus_per_worker,
             store_uri=a.store, storage_path=a.storage_path,
@@ -75,6 +80,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         )
     except ValueError as err:
         p.error(str(err))
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    if text.strip() == "none":
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--char-ngrams takes comma-separated widths (e.g. 2,3,4) or none, got {text!r}") from None
 
 
 def _both_accuracies(m: dict) -> str:
@@ -108,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = outcome.metrics
     print(f"\npublished model version {outcome.version} -> {redact(outcome.uri)}")
-    print(f"  size {cfg.size}, arch {m['arch']}, {m['parameters']:,} parameters, best epoch {m['epoch']}")
+    grams = m.get("char_ngrams")
+    features = f"words + character {'/'.join(map(str, grams))}-grams" if grams else "words"
+    print(f"  size {cfg.size}, arch {m['arch']}, features {features}, {m['parameters']:,} parameters, "
+          f"best epoch {m['epoch']}")
     print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f} ({m['split']} split)")
     print(_both_accuracies(m))
     print(format_summary(m["confusion"]))

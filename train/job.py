@@ -26,6 +26,7 @@ DEFAULT_EPOCHS = {"small": 15, "large": 2}
 class TrainConfig:
     size: str = "small"
     arch: str | None = None  # lstm or cnn; None: lstm, or a fine-tune's base family
+    char_ngrams: tuple[int, ...] = ()  # subword features of a new model (widths); () words alone
     data: DataSpec = field(default_factory=DataSpec)
     epochs: int | None = None  # None: DEFAULT_EPOCHS for the size
     batch_size: int = 64  # the production team's setting
@@ -49,6 +50,10 @@ class TrainConfig:
             from train.model import arch_named
 
             arch_named(self.arch)  # raises with the list of families
+        if any(not 1 <= n <= 8 for n in self.char_ngrams):
+            raise ValueError(f"char_ngrams widths must be between 1 and 8, got {list(self.char_ngrams)}")
+        if self.char_ngrams and self.fine_tune:
+            raise ValueError("a fine-tune keeps its base version's features: drop --char-ngrams")
         for name in ("epochs", "batch_size", "steps_per_epoch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -131,7 +136,7 @@ def _train_loop_per_worker(config: dict) -> None:
         return (ds.repeat() if config["steps_per_epoch"] else ds).prefetch(2)
 
     with strategy.scope():
-        loaded = base if start else new_model(config["size"], labels, config["arch"])
+        loaded = base if start else new_model(config["size"], labels, config["arch"], tuple(config["char_ngrams"]))
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
@@ -301,6 +306,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     loop_config = {
         "size": cfg.size,
         "arch": cfg.arch or "lstm",
+        "char_ngrams": list(cfg.char_ngrams),
         "data": dataclasses.asdict(cfg.data),
         "epochs": cfg.num_epochs,
         "batch_size": cfg.batch_size,
@@ -344,6 +350,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
             "parameters": loaded.model.count_params(),
             "size": cfg.size,
             "arch": loaded.arch,
+            "char_ngrams": list(loaded.size.char_ngrams),
             "data": dataclasses.asdict(cfg.data),
             "examples": {"train": len(splits.train), "validation": len(splits.validation),
                          "test": len(splits.test), "test_seen": len(splits.test_seen)},

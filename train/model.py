@@ -12,6 +12,7 @@ softmax: the seed study's "simple word CNN").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,8 @@ import tensorflow as tf  # noqa: E402
 
 FORMAT_VERSION = 1  # an LSTM: readable by code from before the CNN family
 CNN_FORMAT_VERSION = 2  # a CNN: code from before the CNN family refuses it with a clear error
-READABLE_FORMATS = (FORMAT_VERSION, CNN_FORMAT_VERSION)
+SUBWORD_FORMAT_VERSION = 3  # character n-grams: older code would tokenise it by words alone, so it refuses it
+READABLE_FORMATS = (FORMAT_VERSION, CNN_FORMAT_VERSION, SUBWORD_FORMAT_VERSION)
 ARCHS = ("lstm", "cnn")  # model families; a config.json without "arch" (older versions) is lstm
 WEIGHTS_FILE = "model.weights.h5"
 CONFIG_FILE = "config.json"
@@ -41,6 +43,11 @@ class ModelSize:
     max_tokens: int  # longer texts are cut: chatbot queries are short
     conv_filters: int = 64  # cnn: filters per width
     conv_widths: tuple[int, ...] = (3, 4, 5)  # cnn: one Conv1D per width, in parallel
+    # Subword features: a token's vector is the mean of its word row and the rows of its character
+    # n-grams of these widths (hashed into the same buckets); () is words alone. Only the first
+    # max_token_chars characters of a token are split, so one long token cannot make a batch huge.
+    char_ngrams: tuple[int, ...] = ()
+    max_token_chars: int = 20
 
     def params(self, num_labels: int, arch: str = "lstm") -> int:
         """Parameters of the model this size builds for `arch` (what Keras' count_params says)."""
@@ -75,35 +82,56 @@ def size_named(name: str) -> ModelSize:
 
 @keras.saving.register_keras_serializable(package="textserve")
 class HashedTokens(keras.layers.Layer):
-    """Strings -> padded token ids in [1, num_buckets); 0 pads. Stateless, so no vocabulary."""
+    """Strings -> padded token ids in [1, num_buckets); 0 pads. Stateless, so no vocabulary.
 
-    def __init__(self, num_buckets: int, max_tokens: int, **kwargs):
+    Words alone: ids of shape (batch, tokens). With `char_ngrams`: (batch, tokens, 1 + n-grams),
+    each token's word id first, then the ids of its character n-grams ("lamp" -> "<la", "lam",
+    "amp", "mp>" for width 3; "조명을" shares "<조명" with "조명 을"). N-grams are hashed with a
+    "#" prefix, so the n-gram "on" and the word "on" are different rows."""
+
+    def __init__(self, num_buckets: int, max_tokens: int, char_ngrams: tuple[int, ...] = (),
+                 max_token_chars: int = 20, **kwargs):
         super().__init__(**kwargs)
         self.num_buckets = num_buckets
         self.max_tokens = max_tokens
+        self.char_ngrams = tuple(char_ngrams)
+        self.max_token_chars = max_token_chars
 
     def call(self, texts):
         texts = tf.strings.lower(tf.reshape(texts, [-1]), encoding="utf-8")
         texts = tf.strings.regex_replace(texts, r"[^\p{L}\p{N}\s]", " ")
         tokens = tf.strings.split(texts)[:, : self.max_tokens]
+        if self.char_ngrams:
+            tokens = tf.strings.substr(tokens, 0, self.max_token_chars, unit="UTF8_CHAR")
+            chars = tf.strings.unicode_split(tokens, "UTF-8")
+            grams = tf.strings.ngrams(chars, list(self.char_ngrams), separator="", pad_values=("<", ">"),
+                                      padding_width=1)
+            grams = tf.ragged.map_flat_values(lambda g: tf.constant("#") + g, grams)
+            tokens = tf.concat([tf.expand_dims(tokens, -1), grams], axis=-1)
         ids = tf.strings.to_hash_bucket_fast(tokens, self.num_buckets - 1) + 1
         dense = ids.to_tensor(default_value=0)
-        # An all-empty batch has zero columns; the LSTM needs at least one step.
-        return tf.pad(dense, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(dense)[1])]])
+        # An all-empty batch has zero columns; the LSTM needs at least one step (and a word id).
+        return tf.pad(dense, [[0, 0]] + [[0, tf.maximum(0, 1 - tf.shape(dense)[d])] for d in range(1, dense.shape.rank)])
 
     def compute_output_spec(self, texts):
-        return keras.KerasTensor((texts.shape[0], None), dtype="int64")
+        shape = (texts.shape[0], None, None) if self.char_ngrams else (texts.shape[0], None)
+        return keras.KerasTensor(shape, dtype="int64")
 
     def get_config(self):
-        return {**super().get_config(), "num_buckets": self.num_buckets, "max_tokens": self.max_tokens}
+        return {**super().get_config(), "num_buckets": self.num_buckets, "max_tokens": self.max_tokens,
+                "char_ngrams": list(self.char_ngrams), "max_token_chars": self.max_token_chars}
 
 
 def build_model(size: ModelSize, labels: list[str], arch: str = "lstm") -> keras.Model:
     texts = keras.Input(shape=(), dtype="string", name="text")
-    ids = HashedTokens(size.num_buckets, size.max_tokens, name="tokens")(texts)
-    if arch_named(arch) == "lstm":
+    ids = HashedTokens(size.num_buckets, size.max_tokens, size.char_ngrams, size.max_token_chars,
+                       name="tokens")(texts)
+    if arch_named(arch) == "lstm" and not size.char_ngrams:
         x = keras.layers.Embedding(size.num_buckets, size.embed_dim, mask_zero=True, name="embedding")(ids)
         x = keras.layers.LSTM(size.lstm_units, name="lstm")(x)
+    elif arch == "lstm":
+        x, words = _subword_embedding(size, ids)
+        x = keras.layers.LSTM(size.lstm_units, name="lstm")(x, mask=keras.ops.not_equal(words, 0))
     else:
         x = _conv_features(size, ids)
     probs = keras.layers.Dense(len(labels), activation="softmax", name="classes")(x)
@@ -119,7 +147,10 @@ def _conv_features(size: ModelSize, ids):
     (ReLU outputs are >= 0, so zeroing the rest cannot raise the max). A text of one token (or
     none: empty after stripping, one all-padding column) still gets one position per width.
     """
-    x = keras.layers.Embedding(size.num_buckets, size.embed_dim, name="embedding")(ids)
+    if size.char_ngrams:
+        x, ids = _subword_embedding(size, ids)
+    else:
+        x = keras.layers.Embedding(size.num_buckets, size.embed_dim, name="embedding")(ids)
     inside = keras.ops.expand_dims(keras.ops.cast(keras.ops.not_equal(ids, 0), x.dtype), -1)
     x = x * inside
     pooled = []
@@ -128,6 +159,14 @@ def _conv_features(size: ModelSize, ids):
         pooled.append(keras.layers.GlobalMaxPooling1D(name=f"pool{width}")(c * inside))
     x = keras.layers.Concatenate(name="features")(pooled) if len(pooled) > 1 else pooled[0]
     return keras.layers.Dropout(CNN_DROPOUT, name="dropout")(x)
+
+
+def _subword_embedding(size: ModelSize, ids):
+    """(batch, tokens, 1 + n-grams) ids -> each token's mean row, and the word ids (0: padding)."""
+    rows = keras.layers.Embedding(size.num_buckets, size.embed_dim, name="embedding")(ids)
+    present = keras.ops.expand_dims(keras.ops.cast(keras.ops.not_equal(ids, 0), rows.dtype), -1)
+    x = keras.ops.sum(rows * present, axis=2) / keras.ops.maximum(keras.ops.sum(present, axis=2), 1.0)
+    return x, ids[:, :, 0]
 
 
 def compile_for_training(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
@@ -177,10 +216,13 @@ def save_model_dir(loaded: LoadedModel, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     loaded.model.save_weights(str(directory / WEIGHTS_FILE))
     size = asdict(loaded.size)
+    if not loaded.size.char_ngrams:  # words alone: the fields code from before subwords reads
+        size = {k: v for k, v in size.items() if k not in ("char_ngrams", "max_token_chars")}
     if loaded.arch == "lstm":  # exactly what older code reads (ModelSize(**size) with its 4 fields)
         size = {k: v for k, v in size.items() if not k.startswith("conv_")}
+    fmt = CNN_FORMAT_VERSION if loaded.arch == "cnn" else FORMAT_VERSION
     config = {
-        "format": CNN_FORMAT_VERSION if loaded.arch == "cnn" else FORMAT_VERSION,
+        "format": SUBWORD_FORMAT_VERSION if loaded.size.char_ngrams else fmt,
         "size_name": loaded.size_name,
         "arch": loaded.arch,
         "size": size,
@@ -203,7 +245,7 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {list(READABLE_FORMATS)}")
-    size = ModelSize(**{k: tuple(v) if k == "conv_widths" else v for k, v in config["size"].items()})
+    size = ModelSize(**{k: tuple(v) if k in ("conv_widths", "char_ngrams") else v for k, v in config["size"].items()})
     arch = config.get("arch", "lstm")  # versions saved before the CNN family are LSTMs
     model = build_model(size, config["labels"], arch)
     model.load_weights(str(directory / WEIGHTS_FILE))
@@ -218,8 +260,8 @@ def saved_arch(directory: str | Path) -> str:
     return config.get("arch", "lstm")
 
 
-def new_model(size_name: str, labels: list[str], arch: str = "lstm") -> LoadedModel:
-    size = size_named(size_name)
+def new_model(size_name: str, labels: list[str], arch: str = "lstm", char_ngrams: tuple[int, ...] = ()) -> LoadedModel:
+    size = dataclasses.replace(size_named(size_name), char_ngrams=tuple(char_ngrams))
     return LoadedModel(build_model(size, labels, arch), list(labels), size_name, size, {}, arch=arch)
 
 
