@@ -34,6 +34,7 @@ SYSTEMS = {
     "textserve-unbatched-1": "this system, max_batch_size 1, 1 replica",
     "textserve-batched-2": "this system, batched, 2 replicas",
     "textserve-noop-1": "Serve's floor: a plain `async def __call__` answering a fixed body, 1 replica, same ingress",
+    "textserve-noop-2": "Serve's floor with 2 replicas (the shipped replica count), same ingress",
     "textserve-default": "this system as shipped: cluster/serve_local.yaml (learner on, autoscaling as shipped)",
 }
 VARIANTS = {
@@ -42,6 +43,7 @@ VARIANTS = {
     "textserve-unbatched-1": ServeVariant("textserve-unbatched-1", max_batch_size=1),
     "textserve-batched-2": ServeVariant("textserve-batched-2", replicas=2),
     "textserve-noop-1": ServeVariant("textserve-noop-1", kind="noop"),
+    "textserve-noop-2": ServeVariant("textserve-noop-2", kind="noop", replicas=2),
     "textserve-default": ServeVariant("textserve-default", kind="shipped"),
 }
 TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_kb_s", "KB/s"),
@@ -119,6 +121,8 @@ def _cell(row: dict, key: str) -> str:
 # (numerator, denominator, what, goal): TPS ratios at every user count both systems ran.
 RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) / Serve's no-op floor (1 replica)", ">= 0.7x"),
           ("textserve-default", "tuned-single", "default config / tuned single process", ">= 0.8x"),
+          ("textserve-noop-2", "tuned-single", "Serve's no-op floor (2 replicas) / tuned single process", ""),
+          ("textserve-default", "textserve-noop-2", "default config / Serve's no-op floor (2 replicas)", ""),
           ("textserve-default", "flask-2017", "default config / the 2017 architecture", ">= 100x"),
           ("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture", ""),
           ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched", ""),
