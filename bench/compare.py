@@ -52,6 +52,7 @@ TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_
 
 
 NEEDS_CNN_STORE = {"textserve-batched-1-cnn"}
+ON_REQUEST = {"textserve-noop-2"}  # not in the default set: named in --systems when wanted
 
 
 def start_system(name: str, store: str):
@@ -212,8 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="model store; its newest version is served by every system")
     p.add_argument("--cnn-store", help="model store whose newest version (a CNN) textserve-batched-1-cnn serves")
-    p.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEMS)} (default: all; the -cnn one "
-                                     "with --cnn-store)")
+    p.add_argument("--systems", help=f"comma-separated, from {','.join(SYSTEMS)} (default: all but textserve-noop-2; "
+                                     "the -cnn one with --cnn-store)")
     p.add_argument("--users", default=",".join(map(str, DEFAULT_USERS)), help="closed-loop steps (default: as in 2017)")
     p.add_argument("--rates", default="", help="open-loop arrival rates, req/s (default: none)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
@@ -223,7 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
-    default = [s for s in SYSTEMS if a.cnn_store or s not in NEEDS_CNN_STORE]
+    default = [s for s in SYSTEMS if (a.cnn_store or s not in NEEDS_CNN_STORE) and s not in ON_REQUEST]
     systems = [s for s in a.systems.split(",") if s] if a.systems else default
     if unknown := set(systems) - set(SYSTEMS):
         p.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")

@@ -20,11 +20,16 @@ from pathlib import Path
 
 
 def parse_features(text: str) -> list[tuple[int, ...]]:
-    """"none,2-3-4" -> [(), (2, 3, 4)]."""
+    """"none,2-3-4" -> [(), (2, 3, 4)], checked before any model trains."""
     out = []
     for item in text.split(","):
         item = item.strip()
-        out.append(() if item == "none" else tuple(int(n) for n in item.split("-")))
+        grams = () if item == "none" else tuple(int(n) for n in item.split("-"))
+        if any(not 1 <= n <= 8 for n in grams) or list(grams) != sorted(set(grams)):
+            raise ValueError(f"{item!r}: widths must be distinct, increasing and between 1 and 8")
+        if grams in out:
+            raise ValueError(f"{item!r} is named twice")
+        out.append(grams)
     return out
 
 
@@ -81,7 +86,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             if mine:
                 out.append({"lang": lang, "features": features, "seeds": len(mine),
                             "test_mean": statistics.mean(r["test_accuracy"] for r in mine),
-                            "test_seen_mean": statistics.mean(r["test_seen_accuracy"] for r in mine),
+                            "test_seen_mean": statistics.mean(r["test_seen_accuracy"] or 0.0 for r in mine),
                             "train_s_mean": statistics.mean(r["train_s"] for r in mine)})
     return out
 
@@ -102,7 +107,7 @@ def markdown(report: dict) -> str:
             for seed in seeds:
                 r = next((r for r in rows if r["lang"] == lang and r["features"] == s["features"] and r["seed"] == seed),
                          None)
-                cells.append(f"{r['test_accuracy']:.3f} ({r['test_seen_accuracy']:.3f})" if r else "")
+                cells.append(f"{r['test_accuracy']:.3f} ({r['test_seen_accuracy'] or 0.0:.3f})" if r else "")
             lines.append(f"| {s['features']} | " + " | ".join(cells) +
                          f" | **{s['test_mean']:.3f}** ({s['test_seen_mean']:.3f}) | {s['train_s_mean']:.0f} |")
         lines.append("")
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError as err:
         p.error(f"--features/--seeds: {err}")
+    if len(set(seeds)) != len(seeds) or a.epochs < 1:
+        p.error("--seeds must be distinct and --epochs at least 1")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(2)
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(train_one(lang, seed, grams, a.arch, a.epochs))
                 r = rows[-1]
                 print(f"{lang} seed {seed} {r['features']}: test {r['test_accuracy']:.4f} (seen "
-                      f"{r['test_seen_accuracy']:.4f}), validation {r['val_accuracy']:.4f} at epoch {r['best_epoch']}, "
+                      f"{r['test_seen_accuracy'] or 0.0:.4f}), validation {r['val_accuracy']:.4f} at epoch {r['best_epoch']}, "
                       f"{r['train_s']:.0f} s", flush=True)
     report = {"command": "python -m bench features " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "arch": a.arch, "out": a.out, "runs": rows,

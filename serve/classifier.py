@@ -403,6 +403,7 @@ class Classifier:
             "model_store": redact(self.settings.model_store),  # never credentials in an answer
             "size": served.loaded.size_name if served else None,
             "arch": served.loaded.arch if served else None,
+            "char_ngrams": list(served.loaded.size.char_ngrams) if served else None,  # [] words alone
             "labels": served.loaded.labels if served else [],
             "metrics": served.loaded.metrics if served else {},
             "batching": {"max_batch_size": batch._get_max_batch_size(),

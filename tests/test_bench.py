@@ -113,7 +113,7 @@ def test_bench_help_exits_0_and_lists_commands():
 
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for command in ("compare", "serving", "freshness", "profile"):
+    for command in ("compare", "serving", "freshness", "profile", "drift", "features"):
         assert command in done.stdout
     assert subprocess.run([sys.executable, "-m", "bench", "nonsense"], capture_output=True, timeout=60).returncode == 2
 
@@ -131,6 +131,8 @@ def test_compare_options_parse():
     both = parse_args(["--store", "s", "--cnn-store", "c", "--systems", "textserve-batched-1,textserve-batched-1-cnn"])
     assert both.cnn_store == "c" and both.systems == ["textserve-batched-1", "textserve-batched-1-cnn"]
     assert "textserve-batched-1-cnn" in parse_args(["--store", "s", "--cnn-store", "c"]).systems
+    assert "textserve-noop-2" not in d.systems  # on request only
+    assert parse_args(["--store", "s", "--systems", "textserve-noop-2"]).systems == ["textserve-noop-2"]
     for bad in (["--repeat", "0"], ["--systems", "nope"], ["--systems", "textserve-batched-1-cnn"]):
         with pytest.raises(SystemExit):
             parse_args(["--store", "s", *bad])
@@ -173,3 +175,24 @@ def test_profile_summary_from_a_speedscope_file():
     assert dict(inclusive)["handler (y.py:2)"] == pytest.approx(0.75)  # counted once per sample
     assert dict(own)["loop (x.py:1)"] == pytest.approx(0.25)
     assert thread_seconds(profile) == [("t1", pytest.approx(0.04))]
+
+
+def test_features_bench_trains_each_feature_set_and_reports(tmp_path):
+    """One epoch of the small Korean model per feature set, really trained: a report with a row per
+    model, the mean per feature set, a plot; bad feature sets are refused before anything trains."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "FEATURES"
+    done = subprocess.run([sys.executable, "-m", "bench", "features", "--langs", "ko", "--seeds", "0",
+                           "--features", "none,2-3", "--epochs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["char_ngrams"] for r in report["runs"]] == [[], [2, 3]]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["best_epoch"] == 1 for r in report["runs"])
+    assert "| words + char 2/3-grams |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size
+    bad = subprocess.run([sys.executable, "-m", "bench", "features", "--features", "none,3-2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "widths must be distinct, increasing" in bad.stderr

@@ -86,6 +86,8 @@ def test_subword_features_share_rows_across_spellings_and_stay_bounded(tmp_path)
     word_on = tokens(np.array(["on"])).numpy()[0, 0, 0]
     assert word_on not in tokens(np.array(["lemon"])).numpy()[0, 0, 1:]
     assert tokens(np.array(["x" * 3000])).shape == tokens(np.array(["x" * 20])).shape
+    a, b = tokens(np.array(["internationalization" + "abc", "internationalization" + "xyz"])).numpy()
+    assert a[0, 0] != b[0, 0]  # n-grams come from the first 20 letters, the word id from all of them
     words_only = new_model("small", ["a", "b"], "lstm")
     assert not ids("조명을") & set(words_only.model.get_layer("tokens")(np.array(["조명 을"])).numpy().ravel().tolist())
     save_model_dir(m, tmp_path / "v")

@@ -14,11 +14,12 @@ from train.job import TrainConfig, run_training
 from train.store import ModelStore
 
 
-def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
+@pytest.mark.parametrize("char_ngrams", [(), (2, 3)], ids=["words", "subwords"])
+def test_train_job_publishes_loadable_version(ray_cluster, tmp_path, char_ngrams):
     rows = [{"text": f"please switch on lamp {i}", "label": "on"} for i in range(30)]
     rows += [{"text": f"please switch off lamp {i}", "label": "off"} for i in range(30)]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    cfg = TrainConfig(size="small", data=DataSpec(path=str(data)), epochs=3, batch_size=16, char_ngrams=(2, 3),
+    cfg = TrainConfig(size="small", data=DataSpec(path=str(data)), epochs=3, batch_size=16, char_ngrams=char_ngrams,
                       store_uri=str(tmp_path / "store"), storage_path=str(tmp_path / "runs"))
     outcome = run_training(cfg)
     assert outcome.version == 1
@@ -26,7 +27,7 @@ def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
     assert outcome.metrics["samples_per_s"] > 0
     loaded = ModelStore(str(tmp_path / "store")).load()
     assert loaded.version == 1 and loaded.labels == ["off", "on"]
-    assert loaded.size.char_ngrams == (2, 3) and outcome.metrics["char_ngrams"] == [2, 3]  # subwords: through Ray Train
+    assert loaded.size.char_ngrams == char_ngrams and outcome.metrics["char_ngrams"] == list(char_ngrams)
     assert loaded.metrics["test_accuracy"] == outcome.metrics["test_accuracy"]
     assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 
@@ -45,7 +46,7 @@ def run_cli(*args):
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--gpus-per-worker", "0"], "gpus_per_worker (0.0) needs use_gpu and a positive number"),
         (["--char-ngrams", "2,x"], "--char-ngrams takes comma-separated widths (e.g. 2,3,4) or none, got '2,x'"),
-        (["--char-ngrams", "0,3"], "char_ngrams widths must be between 1 and 8, got [0, 3]"),
+        (["--char-ngrams", "0,3"], "char_ngrams widths must be distinct, increasing and between 1 and 8, got [0, 3]"),
         (["--char-ngrams", "2,3", "--fine-tune"], "a fine-tune keeps its base version's features"),
     ],
 )

@@ -86,7 +86,7 @@ def _widths(text: str) -> tuple[int, ...]:
     if text.strip() == "none":
         return ()
     try:
-        return tuple(int(x) for x in text.split(","))
+        return tuple(sorted({int(x) for x in text.split(",")}))
     except ValueError:
         raise ValueError(f"--char-ngrams takes comma-separated widths (e.g. 2,3,4) or none, got {text!r}") from None
 

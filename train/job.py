@@ -50,8 +50,9 @@ class TrainConfig:
             from train.model import arch_named
 
             arch_named(self.arch)  # raises with the list of families
-        if any(not 1 <= n <= 8 for n in self.char_ngrams):
-            raise ValueError(f"char_ngrams widths must be between 1 and 8, got {list(self.char_ngrams)}")
+        if any(not 1 <= n <= 8 for n in self.char_ngrams) or list(self.char_ngrams) != sorted(set(self.char_ngrams)):
+            raise ValueError(f"char_ngrams widths must be distinct, increasing and between 1 and 8, got "
+                             f"{list(self.char_ngrams)}")
         if self.char_ngrams and self.fine_tune:
             raise ValueError("a fine-tune keeps its base version's features: drop --char-ngrams")
         for name in ("epochs", "batch_size", "steps_per_epoch"):
@@ -140,7 +141,9 @@ def _train_loop_per_worker(config: dict) -> None:
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
-    print(f"[train] {config['size']} {loaded.arch} model, {loaded.model.count_params():,} parameters, on {device}; "
+    grams = "/".join(map(str, loaded.size.char_ngrams)) or "none"
+    print(f"[train] {config['size']} {loaded.arch} model (character n-grams: {grams}), "
+          f"{loaded.model.count_params():,} parameters, on {device}; "
           f"{len(splits.train)} train / {len(splits.validation)} validation examples")
 
     class ReportEachEpoch(keras.callbacks.Callback):

@@ -45,7 +45,8 @@ class ModelSize:
     conv_widths: tuple[int, ...] = (3, 4, 5)  # cnn: one Conv1D per width, in parallel
     # Subword features: a token's vector is the mean of its word row and the rows of its character
     # n-grams of these widths (hashed into the same buckets); () is words alone. Only the first
-    # max_token_chars characters of a token are split, so one long token cannot make a batch huge.
+    # max_token_chars characters of a token are split into n-grams (its word id hashes all of it),
+    # so one long token cannot make a batch huge.
     char_ngrams: tuple[int, ...] = ()
     max_token_chars: int = 20
 
@@ -101,9 +102,8 @@ class HashedTokens(keras.layers.Layer):
         texts = tf.strings.lower(tf.reshape(texts, [-1]), encoding="utf-8")
         texts = tf.strings.regex_replace(texts, r"[^\p{L}\p{N}\s]", " ")
         tokens = tf.strings.split(texts)[:, : self.max_tokens]
-        if self.char_ngrams:
-            tokens = tf.strings.substr(tokens, 0, self.max_token_chars, unit="UTF8_CHAR")
-            chars = tf.strings.unicode_split(tokens, "UTF-8")
+        if self.char_ngrams:  # the word id from the whole token, n-grams from its first characters
+            chars = tf.strings.unicode_split(tf.strings.substr(tokens, 0, self.max_token_chars, unit="UTF8_CHAR"), "UTF-8")
             grams = tf.strings.ngrams(chars, list(self.char_ngrams), separator="", pad_values=("<", ">"),
                                       padding_width=1)
             grams = tf.ragged.map_flat_values(lambda g: tf.constant("#") + g, grams)
