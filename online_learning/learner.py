@@ -17,6 +17,7 @@ never takes a version that lacks feedback acknowledged before it.
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -60,6 +61,14 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), max(current, min(19, nice)))
         except OSError:  # a thread that ended meanwhile
             continue
+
+
+def followup_rounds(s, burst_events: int) -> int:
+    """Replay-only rounds owed after a burst of `burst_events` new events: enough for each to be
+    replayed about `followup_passes` times, at least `followup_min_rounds`, at most
+    `followup_rounds` (a new language needs many passes; a single correction, a few)."""
+    wanted = math.ceil(s.followup_passes * burst_events / max(1, s.followup_replay_events))
+    return max(s.followup_min_rounds, min(s.followup_rounds, wanted))
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,7 @@ class OnlineLearner:
         self._holdout_seen = 0
         self._served_score: tuple[tuple, float] | None = None
         self._followups_left = 0
+        self._burst_events = 0  # new events since the follow-up rounds last ran out
         self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
                                                 self.s.contradiction_window, self.s.contradiction_min_events)
         self._store_seen = max(self.store.versions() or [0])
@@ -273,9 +283,11 @@ class OnlineLearner:
                     self._maybe_rebase()
                 batch = self._next_batch()
                 if batch:
-                    self._followups_left = self.s.followup_rounds
+                    self._burst_events += len(batch)
+                    self._followups_left = followup_rounds(self.s, self._burst_events)
                 elif self._followups_left > 0:
                     self._followups_left -= 1  # replay-only: keep learning what just arrived
+                    self._burst_events = self._burst_events if self._followups_left else 0
                 elif self.replaying:
                     # Caught up with everything acknowledged before; live replicas have reported
                     # their versions (the new one goes above them).
@@ -346,7 +358,7 @@ class OnlineLearner:
                 train = [e for e in train if e.offset not in flagged]
                 held_out = [e for e in held_out if e.offset not in flagged]
                 if not train and not held_out:  # nothing left to learn from: no candidate, no follow-ups
-                    self.applied_offset, self._followups_left = batch[-1].offset, 0
+                    self.applied_offset, self._followups_left, self._burst_events = batch[-1].offset, 0, 0
                     entry.update(log_offset=self.applied_offset, published=False, version=None, bytes=0)
                     self.history.append(entry)
                     return

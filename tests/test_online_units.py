@@ -120,6 +120,18 @@ def test_learner_settings_reject_unreachable_staleness_and_typos():
         parse_settings(AppSettings, {"learner": {"publish_interval": 1}}, "application args")
 
 
+def test_follow_up_rounds_grow_with_the_burst_between_their_bounds():
+    """A burst is replayed about followup_passes times: a new language (the 1,532 Korean events)
+    gets the 24 rounds it needed in bench drift, a single correction the 6 it always had."""
+    from online_learning.learner import followup_rounds
+
+    s = LearnerSettings()
+    assert [followup_rounds(s, n) for n in (1, 384, 600, 1532, 50_000)] == [6, 6, 10, 24, 24]
+    assert followup_rounds(LearnerSettings(followup_rounds=0, followup_min_rounds=0), 1532) == 0
+    with pytest.raises(ValueError, match=r"followup_min_rounds \(7\) must not exceed followup_rounds \(6\)"):
+        LearnerSettings(followup_rounds=6, followup_min_rounds=7)
+
+
 def test_same_id_with_another_payload_is_a_conflict_and_writes_nothing(tmp_path):
     from online_learning.feedback_log import EventIdConflict
 
