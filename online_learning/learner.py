@@ -63,12 +63,21 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             continue
 
 
-def followup_rounds(s, burst_events: int) -> int:
-    """Replay-only rounds owed after a burst of `burst_events` new events: enough for each to be
-    replayed about `followup_passes` times, at least `followup_min_rounds`, at most
-    `followup_rounds` (a new language needs many passes; a single correction, a few)."""
-    wanted = math.ceil(s.followup_passes * burst_events / max(1, s.followup_replay_events))
-    return max(s.followup_min_rounds, min(s.followup_rounds, wanted))
+def owed_followups(s, left: int, learned: int, replaying: bool = False) -> int:
+    """Replay-only rounds owed once a round has learned `learned` new events, `left` being owed
+    before it: enough more for each new event to be replayed about `followup_passes` times (the
+    rounds of one burst add up: 3 rounds of 512 Korean events owe 24), at least
+    `followup_min_rounds` (a single correction), at most `followup_rounds`. A later event adds
+    its own share to what is left, never the whole maximum again, so a trickle after a burst
+    costs what a trickle costs. Replaying the log after a restart owes only the minimum: the
+    replicas wait for that lineage."""
+    floor = min(s.followup_min_rounds, s.followup_rounds)
+    if learned <= 0:
+        return left
+    if replaying:
+        return max(left, floor)
+    more = math.ceil(s.followup_passes * learned / s.followup_replay_events)
+    return max(floor, min(s.followup_rounds, left + more))
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,8 @@ class OnlineLearner:
         self._holdout_seen = 0
         self._served_score: tuple[tuple, float] | None = None
         self._followups_left = 0
-        self._burst_events = 0  # new events since the follow-up rounds last ran out
+        self._burst_events = 0  # new events learned since the follow-up rounds last ran out
+        self._learned = 0  # new events the last round trained on
         self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
                                                 self.s.contradiction_window, self.s.contradiction_min_events)
         self._store_seen = max(self.store.versions() or [0])
@@ -281,26 +291,21 @@ class OnlineLearner:
                 if time.monotonic() - last_store_check >= STORE_CHECK_S:
                     last_store_check = time.monotonic()
                     self._maybe_rebase()
-                batch = self._next_batch()
-                if batch:
-                    self._burst_events += len(batch)
-                    self._followups_left = followup_rounds(self.s, self._burst_events)
-                elif self._followups_left > 0:
-                    self._followups_left -= 1  # replay-only: keep learning what just arrived
-                    self._burst_events = self._burst_events if self._followups_left else 0
-                elif self.replaying:
-                    # Caught up with everything acknowledged before; live replicas have reported
-                    # their versions (the new one goes above them).
-                    if time.monotonic() - self._adopted_at < 3 * self.s.replica_poll_s:
-                        self._stop.wait(self.s.replica_poll_s)
+                batch = self._next_batch()  # new events; none but follow-ups owed: replay what just arrived
+                if not batch and not self._followups_left:
+                    if self.replaying:
+                        # Caught up with everything acknowledged before; live replicas have reported
+                        # their versions (the new one goes above them).
+                        if time.monotonic() - self._adopted_at < 3 * self.s.replica_poll_s:
+                            self._stop.wait(self.s.replica_poll_s)
+                            continue
+                        self._publish_lineage()
                         continue
-                    self._publish_lineage()
-                    continue
-                else:
                     self._maybe_snapshot()
                     continue
                 last_round = time.monotonic()
                 self._round(batch)
+                self._count_followups(batch)  # after the round: a failed one is retried, not counted twice
                 self._maybe_snapshot()
                 self._failed_rounds = 0
                 # The duty cycle: after a round of t seconds, rest t * (1 - d) / d, so training
@@ -328,6 +333,18 @@ class OnlineLearner:
 
     def _is_holdout(self, offset: int) -> bool:
         return zlib.crc32(f"{self._salt}:{offset}".encode()) % 100 < self.s.holdout_percent
+
+    def _count_followups(self, batch) -> None:
+        """Follow-up bookkeeping once a round has succeeded: a round of new events owes more
+        follow-ups; a follow-up round pays one (counted after it ran, so a status showing none
+        left means no publish is still coming)."""
+        if batch:
+            self._burst_events += self._learned
+            self._followups_left = owed_followups(self.s, self._followups_left, self._learned, self.replaying)
+        elif self._followups_left > 0:
+            self._followups_left -= 1
+        if not self._followups_left:
+            self._burst_events = 0
 
     def _round(self, batch: list[LoggedEvent]) -> None:
         started = time.time()
@@ -357,13 +374,16 @@ class OnlineLearner:
                 logger.warning("refused %s events: %s", len(flagged), reason)
                 train = [e for e in train if e.offset not in flagged]
                 held_out = [e for e in held_out if e.offset not in flagged]
-                if not train and not held_out:  # nothing left to learn from: no candidate, no follow-ups
-                    self.applied_offset, self._followups_left, self._burst_events = batch[-1].offset, 0, 0
+                if not train and not held_out:  # nothing left to learn: no candidate, no follow-ups of its own
+                    self.applied_offset, self._learned = batch[-1].offset, 0
                     entry.update(log_offset=self.applied_offset, published=False, version=None, bytes=0)
                     self.history.append(entry)
                     return
+        self._learned = len(train)
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
+        if not batch:  # a follow-up replays the current burst (and at least the newest 512), not all history
+            earlier = earlier[-max(self._burst_events, self.s.followup_replay_events):]
         n_replay = max(self.s.replay_events, self.s.replay_ratio * len(train)) if batch else self.s.followup_replay_events
         replayed = rng.sample(earlier, min(n_replay, len(earlier)))
         # Base rehearsal in proportion to all feedback the round trains on, replayed included:

@@ -22,10 +22,11 @@ class LearnerSettings(BaseModel):
     replay_ratio: int = Field(2, ge=0, description="...or this many times the round's new events, if more")
     followup_rounds: int = Field(24, ge=0, description="replay-only rounds after new events, at most: a burst is "
                                  "learned, not skimmed")
-    followup_min_rounds: int = Field(6, ge=0, description="...at least (after a single event too)")
+    followup_min_rounds: int = Field(6, ge=0, description="...at least (after a single event too; never more than "
+                                     "followup_rounds: 0 rounds there means none)")
     followup_passes: float = Field(8.0, ge=0, description="...and in between, enough for each event of the burst to "
                                    "be replayed this many times (a burst of 1,532 events: 24 rounds of 512)")
-    followup_replay_events: int = Field(512, ge=0, description="earlier feedback re-trained in each follow-up round")
+    followup_replay_events: int = Field(512, ge=1, description="earlier feedback re-trained in each follow-up round")
     base_replay_events: int = Field(32, ge=0, description="base training examples per round, at least, against forgetting")
     base_replay_ratio: float = Field(3.0, ge=0, description="...or this many per feedback example the round trains "
                                      "(new and replayed), if more: the rehearsal ratio")
@@ -86,13 +87,6 @@ class LearnerSettings(BaseModel):
         if self.contradiction_window < self.contradiction_min_events:
             raise ValueError(f"contradiction_window ({self.contradiction_window}) must be at least "
                              f"contradiction_min_events ({self.contradiction_min_events}): a trickle could never be judged")
-        return self
-
-    @model_validator(mode="after")
-    def _followup_bounds(self):
-        if self.followup_min_rounds > self.followup_rounds:
-            raise ValueError(f"followup_min_rounds ({self.followup_min_rounds}) must not exceed followup_rounds "
-                             f"({self.followup_rounds})")
         return self
 
     @model_validator(mode="after")

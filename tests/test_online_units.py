@@ -121,15 +121,23 @@ def test_learner_settings_reject_unreachable_staleness_and_typos():
 
 
 def test_follow_up_rounds_grow_with_the_burst_between_their_bounds():
-    """A burst is replayed about followup_passes times: a new language (the 1,532 Korean events)
-    gets the 24 rounds it needed in bench drift, a single correction the 6 it always had."""
-    from online_learning.learner import followup_rounds
+    """A burst is replayed about followup_passes times: the three rounds of the 1,532 Korean events
+    owe the 24 rounds they needed in bench drift, a single correction the 6 it always had, and a
+    trickle after a burst adds its own share to what is left, never the whole maximum again."""
+    from online_learning.learner import owed_followups
 
     s = LearnerSettings()
-    assert [followup_rounds(s, n) for n in (1, 384, 600, 1532, 50_000)] == [6, 6, 10, 24, 24]
-    assert followup_rounds(LearnerSettings(followup_rounds=0, followup_min_rounds=0), 1532) == 0
-    with pytest.raises(ValueError, match=r"followup_min_rounds \(7\) must not exceed followup_rounds \(6\)"):
-        LearnerSettings(followup_rounds=6, followup_min_rounds=7)
+    left = 0
+    for learned in (512, 512, 508):  # one burst, three rounds of new events
+        left = owed_followups(s, left, learned)
+    assert left == 24
+    assert owed_followups(s, 0, 1) == 6  # a single correction
+    assert owed_followups(s, 1, 1) == 6 and owed_followups(s, 10, 1) == 11  # a trickle after a burst
+    assert owed_followups(s, 5, 0) == 5  # a round that learned nothing (refused) owes nothing, cancels nothing
+    assert owed_followups(s, 0, 1532, replaying=True) == 6  # replicas wait for a replaying lineage
+    assert owed_followups(LearnerSettings(followup_rounds=0), 0, 1532) == 0  # 0 turns follow-ups off
+    with pytest.raises(ValueError, match="followup_replay_events"):
+        LearnerSettings(followup_replay_events=0)
 
 
 def test_same_id_with_another_payload_is_a_conflict_and_writes_nothing(tmp_path):
