@@ -63,20 +63,20 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             continue
 
 
-def owed_followups(s, left: int, learned: int, replaying: bool = False) -> int:
-    """Replay-only rounds owed once a round has learned `learned` new events, `left` being owed
-    before it: enough more for each new event to be replayed about `followup_passes` times (the
-    rounds of one burst add up: 3 rounds of 512 Korean events owe 24), at least
-    `followup_min_rounds` (a single correction), at most `followup_rounds`. A later event adds
-    its own share to what is left, never the whole maximum again, so a trickle after a burst
-    costs what a trickle costs. Replaying the log after a restart owes only the minimum: the
-    replicas wait for that lineage."""
+def owed_followups(s, left: float, learned: int, replaying: bool = False) -> float:
+    """Replay-only rounds owed once a round has learned (kept) `learned` new events, `left` being
+    owed before it: each event adds its share, `followup_passes` replays of it in rounds of
+    `followup_replay_events` (fractions of a round add up: 3 rounds of ~460 kept Korean events owe
+    24, 19 single events 0.33), the total at least `followup_min_rounds` (a single correction) and
+    at most `followup_rounds`. A later event adds its own share to what is left, never the whole
+    maximum again, so a trickle after a burst costs what a trickle costs. Replaying the log after
+    a restart owes only the minimum: the replicas wait for that lineage."""
     floor = min(s.followup_min_rounds, s.followup_rounds)
     if learned <= 0:
         return left
     if replaying:
         return max(left, floor)
-    more = math.ceil(s.followup_passes * learned / s.followup_replay_events)
+    more = s.followup_passes * learned / s.followup_replay_events
     return max(floor, min(s.followup_rounds, left + more))
 
 
@@ -173,7 +173,7 @@ class OnlineLearner:
         self.feedback_holdout: deque = deque(maxlen=2_000)
         self._holdout_seen = 0
         self._served_score: tuple[tuple, float] | None = None
-        self._followups_left = 0
+        self._followups_left = 0.0  # replay-only rounds owed (fractions add up)
         self._burst_events = 0  # new events learned since the follow-up rounds last ran out
         self._learned = 0  # new events the last round trained on
         self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
@@ -342,7 +342,7 @@ class OnlineLearner:
             self._burst_events += self._learned
             self._followups_left = owed_followups(self.s, self._followups_left, self._learned, self.replaying)
         elif self._followups_left > 0:
-            self._followups_left -= 1
+            self._followups_left = max(0.0, self._followups_left - 1)
         if not self._followups_left:
             self._burst_events = 0
 
@@ -379,7 +379,7 @@ class OnlineLearner:
                     entry.update(log_offset=self.applied_offset, published=False, version=None, bytes=0)
                     self.history.append(entry)
                     return
-        self._learned = len(train)
+        self._learned = 0  # set below when the round's events are kept (not held back)
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
         if not batch:  # a follow-up replays the current burst (and at least the newest 512), not all history
@@ -402,9 +402,11 @@ class OnlineLearner:
         entry.update(log_offset=self.applied_offset, loss=loss)
         if self.replaying:  # judged when they first arrived; the lineage publishes once caught up
             self.feedback_train.extend(train)
+            self._learned = len(train)
             entry.update(published=False, replay=True)
         elif self._gate(entry) or self._repair(entry):
             self.feedback_train.extend(train)
+            self._learned = len(train)
             self._publish(entry)
         else:
             self._hold_back(entry)
@@ -663,7 +665,7 @@ class OnlineLearner:
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
             "refused": self.refused,
-            "followups_left": self._followups_left,
+            "followups_left": math.ceil(self._followups_left),
             "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
             "replicas": live, "history": list(self.history)[-50:],
