@@ -21,20 +21,16 @@ from pathlib import Path
 
 def parse_features(text: str) -> list[tuple[int, ...]]:
     """"none,2-3-4" -> [(), (2, 3, 4)], checked before any model trains."""
+    from train.model import check_char_ngrams
+
     out = []
     for item in text.split(","):
         item = item.strip()
-        grams = () if item == "none" else tuple(int(n) for n in item.split("-"))
-        if any(not 1 <= n <= 8 for n in grams) or list(grams) != sorted(set(grams)):
-            raise ValueError(f"{item!r}: widths must be distinct, increasing and between 1 and 8")
+        grams = () if item == "none" else check_char_ngrams(int(n) for n in item.split("-"))
         if grams in out:
             raise ValueError(f"{item!r} is named twice")
         out.append(grams)
     return out
-
-
-def label(grams: tuple[int, ...]) -> str:
-    return "words" if not grams else f"words + char {'/'.join(map(str, grams))}-grams"
 
 
 def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: int) -> dict:
@@ -42,7 +38,7 @@ def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: i
     import tensorflow as tf
 
     from train.data import DataSpec, load_dataset
-    from train.model import accuracy, compile_for_training, new_model
+    from train.model import accuracy, compile_for_training, features_name, new_model
 
     splits = load_dataset(DataSpec(langs=(lang,), seed=seed))
     index = {name: i for i, name in enumerate(splits.labels)}
@@ -72,7 +68,7 @@ def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: i
     def score(examples):
         return accuracy(loaded, [e.text for e in examples], [e.label for e in examples]) if examples else None
 
-    return {"lang": lang, "seed": seed, "char_ngrams": list(grams), "features": label(grams), "arch": arch,
+    return {"lang": lang, "seed": seed, "char_ngrams": list(grams), "features": features_name(grams), "arch": arch,
             "val_accuracy": best["val"], "best_epoch": best["epoch"], "test_accuracy": score(splits.test),
             "test_seen_accuracy": score(splits.test_seen), "train_s": wall,
             "parameters": loaded.model.count_params()}

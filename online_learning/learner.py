@@ -175,7 +175,6 @@ class OnlineLearner:
         self._served_score: tuple[tuple, float] | None = None
         self._followups_left = 0.0  # replay-only rounds owed (fractions add up)
         self._burst_events = 0  # new events learned since the follow-up rounds last ran out
-        self._learned = 0  # new events the last round trained on
         self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
                                                 self.s.contradiction_window, self.s.contradiction_min_events)
         self._store_seen = max(self.store.versions() or [0])
@@ -304,8 +303,8 @@ class OnlineLearner:
                     self._maybe_snapshot()
                     continue
                 last_round = time.monotonic()
-                self._round(batch)
-                self._count_followups(batch)  # after the round: a failed one is retried, not counted twice
+                kept = self._round(batch)
+                self._count_followups(batch, kept)  # after the round: a failed one is retried, not counted twice
                 self._maybe_snapshot()
                 self._failed_rounds = 0
                 # The duty cycle: after a round of t seconds, rest t * (1 - d) / d, so training
@@ -334,19 +333,21 @@ class OnlineLearner:
     def _is_holdout(self, offset: int) -> bool:
         return zlib.crc32(f"{self._salt}:{offset}".encode()) % 100 < self.s.holdout_percent
 
-    def _count_followups(self, batch) -> None:
+    def _count_followups(self, batch, kept: int) -> None:
         """Follow-up bookkeeping once a round has succeeded: a round of new events owes more
         follow-ups; a follow-up round pays one (counted after it ran, so a status showing none
         left means no publish is still coming)."""
         if batch:
-            self._burst_events += self._learned
-            self._followups_left = owed_followups(self.s, self._followups_left, self._learned, self.replaying)
+            self._burst_events += kept
+            self._followups_left = owed_followups(self.s, self._followups_left, kept, self.replaying)
         elif self._followups_left > 0:
             self._followups_left = max(0.0, self._followups_left - 1)
         if not self._followups_left:
             self._burst_events = 0
 
-    def _round(self, batch: list[LoggedEvent]) -> None:
+    def _round(self, batch: list[LoggedEvent]) -> int:
+        """Train one round (new events, or replay only) and publish or hold back the candidate;
+        returns how many new events it kept for training (0 when refused or held back)."""
         started = time.time()
         unknown = [e for e in batch if e.label not in self.trainer.index]
         if unknown:  # a label this lineage's model lacks (the log outlived a label set): never trainable
@@ -375,11 +376,10 @@ class OnlineLearner:
                 train = [e for e in train if e.offset not in flagged]
                 held_out = [e for e in held_out if e.offset not in flagged]
                 if not train and not held_out:  # nothing left to learn: no candidate, no follow-ups of its own
-                    self.applied_offset, self._learned = batch[-1].offset, 0
+                    self.applied_offset = batch[-1].offset
                     entry.update(log_offset=self.applied_offset, published=False, version=None, bytes=0)
                     self.history.append(entry)
-                    return
-        self._learned = 0  # set below when the round's events are kept (not held back)
+                    return 0
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
         if not batch:  # a follow-up replays the current burst (and at least the newest 512), not all history
@@ -400,13 +400,14 @@ class OnlineLearner:
         self.feedback_holdout.extend(held_out)
         self._holdout_seen += len(held_out)
         entry.update(log_offset=self.applied_offset, loss=loss)
+        kept = 0
         if self.replaying:  # judged when they first arrived; the lineage publishes once caught up
             self.feedback_train.extend(train)
-            self._learned = len(train)
+            kept = len(train)
             entry.update(published=False, replay=True)
         elif self._gate(entry) or self._repair(entry):
             self.feedback_train.extend(train)
-            self._learned = len(train)
+            kept = len(train)
             self._publish(entry)
         else:
             self._hold_back(entry)
@@ -417,6 +418,7 @@ class OnlineLearner:
             elif entry["reason"] != "no holdout to judge by":  # judged bad: not replayed, not fine-tuned on
                 self.log.mark([e.offset for e in train], "rejected")
         self.history.append(entry)
+        return kept
 
     def _gate(self, entry: dict) -> bool:
         """Base data and feedback scored apart. Hold back when base accuracy falls more than

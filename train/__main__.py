@@ -8,7 +8,7 @@ import sys
 
 from train.data import SLOT_MODES, SPLIT_MODES, SUPPORTED_LANGS, DataFileError, DataSpec
 from train.job import DEFAULT_EPOCHS, TrainConfig
-from train.model import ARCHS, SIZES
+from train.model import ARCHS, SIZES, features_name
 from train.evaluate import format_summary
 from train.store_cache import redact
 
@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = outcome.metrics
     print(f"\npublished model version {outcome.version} -> {redact(outcome.uri)}")
-    grams = m.get("char_ngrams")
-    features = f"words + character {'/'.join(map(str, grams))}-grams" if grams else "words"
-    print(f"  size {cfg.size}, arch {m['arch']}, features {features}, {m['parameters']:,} parameters, "
+    print(f"  size {cfg.size}, arch {m['arch']}, features {features_name(m.get('char_ngrams'))}, "
+          f"{m['parameters']:,} parameters, "
           f"best epoch {m['epoch']}")
     print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f} ({m['split']} split)")
     print(_both_accuracies(m))

@@ -43,16 +43,14 @@ class TrainConfig:
     include_deferred: bool = False  # also train on feedback the learner held back on its base check alone
 
     def __post_init__(self) -> None:
-        from train.model import size_named
+        from train.model import check_char_ngrams, size_named
 
         size_named(self.size)  # raises with the list of sizes
         if self.arch is not None:
             from train.model import arch_named
 
             arch_named(self.arch)  # raises with the list of families
-        if any(not 1 <= n <= 8 for n in self.char_ngrams) or list(self.char_ngrams) != sorted(set(self.char_ngrams)):
-            raise ValueError(f"char_ngrams widths must be distinct, increasing and between 1 and 8, got "
-                             f"{list(self.char_ngrams)}")
+        check_char_ngrams(self.char_ngrams)
         if self.char_ngrams and self.fine_tune:
             raise ValueError("a fine-tune keeps its base version's features: drop --char-ngrams")
         for name in ("epochs", "batch_size", "steps_per_epoch"):
@@ -106,7 +104,7 @@ def _train_loop_per_worker(config: dict) -> None:
     import tensorflow as tf
 
     from train.data import load_dataset
-    from train.model import compile_for_training, new_model, save_model_dir
+    from train.model import compile_for_training, features_name, new_model, save_model_dir
 
     spec = DataSpec(**{**config["data"], "langs": tuple(config["data"]["langs"])})
     splits = load_dataset(spec)
@@ -141,8 +139,7 @@ def _train_loop_per_worker(config: dict) -> None:
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
-    grams = "/".join(map(str, loaded.size.char_ngrams)) or "none"
-    print(f"[train] {config['size']} {loaded.arch} model (character n-grams: {grams}), "
+    print(f"[train] {config['size']} {loaded.arch} model ({features_name(loaded.size.char_ngrams)}), "
           f"{loaded.model.count_params():,} parameters, on {device}; "
           f"{len(splits.train)} train / {len(splits.validation)} validation examples")
 

@@ -75,6 +75,19 @@ def arch_named(name: str) -> str:
     return name
 
 
+def check_char_ngrams(widths) -> tuple[int, ...]:
+    """Character n-gram widths as a model takes them: distinct, increasing, 1 to 8."""
+    widths = tuple(widths)
+    if any(not 1 <= n <= 8 for n in widths) or list(widths) != sorted(set(widths)):
+        raise ValueError(f"char_ngrams widths must be distinct, increasing and between 1 and 8, got {list(widths)}")
+    return widths
+
+
+def features_name(widths) -> str:
+    """What a model's tokens are made of, for people: "words" or "words + char 2/3/4-grams"."""
+    return f"words + char {'/'.join(map(str, widths))}-grams" if widths else "words"
+
+
 def size_named(name: str) -> ModelSize:
     if name not in SIZES:
         raise ValueError(f"unknown model size {name!r}; choose one of {sorted(SIZES)}")
