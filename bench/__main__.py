@@ -7,6 +7,9 @@ commands:
   freshness  time from feedback to answers that use it (docs/FRESHNESS_BENCH.md)
   drift      an English base learns Korean from feedback online; English must not drop (docs/DRIFT.md)
   features   word against word + character n-gram features, by seed (docs/FEATURES.md)
+  replay_rounds  the learner's rounds replayed offline on a store's version: Korean and English
+             accuracy per follow-up policy, no Serve, no gate (docs/ONLINE_LEARNING.md)
+  cpu_split  where the machine's CPU goes under load, per process (docs/BENCHMARKS.md)
   profile    py-spy profile of a replica under load: where a request's time goes (docs/SERVING.md)
 """
 
@@ -14,7 +17,7 @@ import sys
 
 COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
             "profile": "bench.profile", "drift": "bench.drift",
-            "features": "bench.features"}
+            "features": "bench.features", "replay_rounds": "bench.replay_rounds", "cpu_split": "bench.cpu_split"}
 
 
 def main(argv: list[str]) -> int:
