@@ -76,29 +76,42 @@ def cores() -> dict:
 
 
 def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
-        keepalive: bool, repeat: int = 1, cnn_store: str | None = None) -> dict:
+        keepalive: bool, repeat: int = 1, cnn_store: str | None = None, interleave: bool = False) -> dict:
+    """Every system's steps, `repeat` times each: back to back per step, or with `interleave` in
+    rounds over all systems (each system started afresh per round), so that a slow drift of a
+    shared machine falls on every system alike and each round gives paired ratios."""
     texts = bench_texts()
     report = {"systems": {}, "users": users, "rates": rates, "duration_s": duration_s, "keepalive": keepalive,
-              "repeat": repeat, "client": "bench.load aiohttp closed loop, " + (
+              "repeat": repeat, "interleaved": interleave, "client": "bench.load aiohttp closed loop, " + (
                   "keep-alive" if keepalive else "a new TCP connection per request (force_close)")}
     with start_noop() as noop:
         ceiling = asyncio.run(closed_loop(f"{noop.url}/v1/predict", max(users), duration_s, texts, keepalive))
     report["client_ceiling"] = ceiling.summary()
     tqdm.write(f"client ceiling (no-op server, {max(users)} users): {ceiling.summary()['tps']:.0f} req/s")
+    rounds, per_round = (repeat, 1) if interleave else (1, repeat)
+    runs = {name: {n: [] for n in users} for name in systems}
+    open_rows: dict[str, list] = {name: [] for name in systems}
+    report["schedule"] = []  # (round, system, start time): the order the systems were measured in
+    for r in range(rounds):
+        for name in systems:
+            report["schedule"].append({"round": r + 1, "system": name, "started": time.time()})
+            with start_system(name, cnn_store if name in NEEDS_CNN_STORE else store) as system:
+                url = f"{system.url}/v1/predict"
+                asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
+                label = name + (f", round {r + 1} of {rounds}" if rounds > 1 else "")
+                for n in tqdm(users, desc=label, unit="step", leave=False):
+                    runs[name][n] += [asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary()
+                                      for _ in range(per_round)]
+                    if r == rounds - 1:
+                        tqdm.write(_line(name, combine_runs(runs[name][n])))
+                if r == rounds - 1:
+                    for rate in rates:
+                        open_rows[name].append(asyncio.run(open_loop(url, rate, duration_s, texts)).summary())
+                        tqdm.write(f"{name:>22} open loop {rate:7.0f}/s: p99 {open_rows[name][-1]['p99_ms']:8.1f} ms, "
+                                   f"failed {open_rows[name][-1]['failed']}, late {open_rows[name][-1]['late']}")
     for name in systems:
-        rows, open_rows = [], []
-        with start_system(name, cnn_store if name in NEEDS_CNN_STORE else store) as system:
-            url = f"{system.url}/v1/predict"
-            asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
-            for n in tqdm(users, desc=name, unit="step", leave=False):
-                runs = [asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary() for _ in range(repeat)]
-                rows.append(combine_runs(runs))
-                tqdm.write(_line(name, rows[-1]))
-            for rate in rates:
-                open_rows.append(asyncio.run(open_loop(url, rate, duration_s, texts)).summary())
-                tqdm.write(f"{name:>22} open loop {rate:7.0f}/s: p99 {open_rows[-1]['p99_ms']:8.1f} ms, "
-                           f"failed {open_rows[-1]['failed']}, late {open_rows[-1]['late']}")
-        report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows,
+        rows = [combine_runs(runs[name][n]) for n in users]
+        report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows[name],
                                    "goodput": goodput(rows)}
     return report
 
@@ -132,6 +145,19 @@ RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) /
           ("textserve-batched-1-cnn", "textserve-batched-1", "CNN family / LSTM family (batched, 1 replica)", "")]
 
 
+def _paired(report: dict, ra: dict, rb: dict) -> str:
+    """With interleaved rounds: the ratio within each round (both systems measured minutes apart
+    at most), as median and range; '' otherwise."""
+    if not report.get("interleaved"):
+        return ""
+    tps_a, tps_b = [r["tps"] for r in ra.get("runs", [])], [r["tps"] for r in rb.get("runs", [])]
+    ratios = sorted(x / y for x, y in zip(tps_a, tps_b) if y > 0)
+    if len(ratios) < 2:
+        return ""
+    return (f"; per round: median {ratios[len(ratios) // 2]:.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x "
+            f"over {len(ratios)} rounds")
+
+
 def summary_lines(report: dict) -> list[str]:
     out = []
     for users in report["users"]:
@@ -152,7 +178,7 @@ def summary_lines(report: dict) -> list[str]:
             ra, rb = _at(report, a, users), _at(report, b, users)
             if ra and rb and rb["tps"] > 0:
                 out.append(f"- {label}, TPS at {users} users: **{ra['tps'] / rb['tps']:.2f}x**"
-                           + (f" (goal {goal})" if goal else ""))
+                           + (f" (goal {goal})" if goal else "") + _paired(report, ra, rb))
     ra, rb = _at(report, "textserve-batched-1", 1), _at(report, "textserve-unbatched-1", 1)
     if ra and rb and rb["p50_ms"] > 0:
         out.append(f"- p50 at 1 user, batched / unbatched: **{ra['p50_ms'] / rb['p50_ms']:.2f}x** (goal <= 1.2x)")
@@ -166,8 +192,9 @@ def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
            *([f"Models: --store {report['models']['store']}; --cnn-store (the -cnn system) "
               f"{report['models']['cnn_store']}  "] if "cnn_store" in report.get("models", {}) else []),
            f"Client: {report.get('client', '?')}  ",
-           f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each; "
-           "figures are medians, (min-max) where shown  ",
+           f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each"
+           + (", run in rounds over all systems (each system started afresh per round)" if report.get("interleaved")
+              else "") + "; figures are medians, (min-max) where shown  ",
            f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
            f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
            f"![TPS and p99 against users]({image})", "", "## Summary", "", *summary_lines(report)]
@@ -220,6 +247,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per step (default 10)")
     p.add_argument("--no-keepalive", action="store_true", help="a new connection per request, like ab without -k")
     p.add_argument("--repeat", type=int, default=3, help="repetitions of each step; median and min-max (default 3)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the repetitions in rounds over all systems, each started afresh per round, instead of "
+                        "back to back: a shared machine's slow drifts then fall on every system alike, and ratios "
+                        "are also given per round")
     p.add_argument("--out", default="docs/BENCHMARKS", help="report path without extension")
     a = p.parse_args(argv)
     if a.repeat < 1:
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         if not models["cnn_store"].startswith("cnn "):
             print(f"error: --cnn-store {a.cnn_store} serves a {models['cnn_store']}, not a CNN", file=sys.stderr)
             return 2
-    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store)
+    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store, a.interleave)
     report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
                   cores=cores(), machine=f"{platform.machine()}, {cores()['usable']} usable cores ({cores()['logical']} "
                   f"logical, {cores()['physical']} physical, measured), client and servers on the same machine",

@@ -14,29 +14,43 @@ import json
 import os
 import secrets
 import shutil
+import multiprocessing
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import requests
 
+from bench.cpu_split import CpuSampler
 from bench.load import bench_texts, closed_loop
 from online_learning.send import send
 from serve.process import RunningServe, local_config
 from train.data import DataSpec, load_dataset
 
 
-def feedback_stream(url: str, token: str, stop: threading.Event, per_request: int = 32, every_s: float = 0.5) -> int:
+def feedback_stream(url: str, token: str, stop, sent, per_request: int = 32, every_s: float = 0.5) -> None:
+    """Sends English training sentences as feedback until `stop` is set, counting acknowledged
+    events in `sent` (a multiprocessing Value). Runs in its own process: a feedback sender is
+    another client, and in the load client's process it would take that client's GIL."""
     examples = load_dataset(DataSpec(langs=("en",))).train
-    sent, i = 0, 0
+    i = 0
     while not stop.is_set():
         chunk = examples[i % len(examples): i % len(examples) + per_request]
         events = [{"event_id": f"fresh-{i + k}", "text": e.text, "label": e.label} for k, e in enumerate(chunk)]
-        sent += send(url, events, token, batch=per_request, progress=False)["accepted"]
+        accepted = send(url, events, token, batch=per_request, progress=False)["accepted"]
+        with sent.get_lock():
+            sent.value += accepted
         i += per_request
         stop.wait(every_s)
-    return sent
+
+
+def measured_phase(predict: str, users: int, duration_s: float, texts: list[str]) -> dict:
+    """One closed-loop phase, with every process's CPU sampled over its middle (all but 1 s at each end)."""
+    sampler, usage = CpuSampler().window(1.0, max(1.0, duration_s - 2))
+    summary = asyncio.run(closed_loop(predict, users, duration_s, texts)).summary()
+    sampler.join()
+    summary["cpu_percent"] = {name: round(cpu, 1) for name, cpu in usage.most_common() if cpu >= 1}
+    return summary
 
 
 def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[float]:
@@ -71,16 +85,25 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
         with RunningServe(config, name="freshness") as app:
             predict = f"{app.url}/v1/predict"
             asyncio.run(closed_loop(predict, 8, 3, texts))
-            report["without_publishes"] = asyncio.run(closed_loop(predict, users, duration_s, texts)).summary()
-            stop = threading.Event()
-            sent = {}
-            streamer = threading.Thread(target=lambda: sent.update(n=feedback_stream(app.url, token, stop)))
+            report["without_publishes"] = measured_phase(predict, users, duration_s, texts)
+            spawn = multiprocessing.get_context("spawn")
+            stop, sent = spawn.Event(), spawn.Value("q", 0)
+            streamer = spawn.Process(target=feedback_stream, args=(app.url, token, stop, sent), daemon=True)
             streamer.start()
-            time.sleep(2)  # the first rounds are under way
-            report["during_publishes"] = asyncio.run(closed_loop(predict, users, duration_s, texts)).summary()
-            stop.set()
-            streamer.join()
-            report["feedback_events_sent"] = sent.get("n", 0)
+            try:
+                deadline = time.monotonic() + 60
+                while sent.value == 0 and streamer.is_alive() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if sent.value == 0:
+                    raise RuntimeError("the feedback stream acknowledged nothing in 60 s")
+                time.sleep(2)  # the first rounds are under way
+                report["during_publishes"] = measured_phase(predict, users, duration_s, texts)
+            finally:
+                stop.set()
+                streamer.join(timeout=30)
+                if streamer.is_alive():
+                    streamer.kill()
+            report["feedback_events_sent"] = sent.value
             info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
             learner = info["learner"]
             pubs = [h for h in learner["history"] if h["published"]]
@@ -114,8 +137,21 @@ def markdown(r: dict, command: str) -> str:
         "",
         f"Acknowledged -> served by every replica (10 probes): min {lags[0]:.2f} s, median {lags[len(lags) // 2]:.2f} s, "
         f"max {lags[-1]:.2f} s." if lags else "No probe was served in time.",
-        "",
+        "", *cpu_table(a.get("cpu_percent") or {}, b.get("cpu_percent") or {}),
     ])
+
+
+def cpu_table(quiet: dict, busy: dict, rows: int = 10) -> list[str]:
+    """Markdown lines: each process's CPU (percent of one core) in both phases, busiest first."""
+    if not quiet and not busy:
+        return []
+    names = sorted(set(quiet) | set(busy), key=lambda n: -(quiet.get(n, 0) + busy.get(n, 0)))[:rows]
+    cell = lambda d, n: f"{d[n]:.1f}" if n in d else "<1"  # noqa: E731
+    return ["CPU by process, percent of one core, sampled over the middle of each phase (the load client is "
+            "`python -m bench freshness`; the feedback sender is its spawned child):", "",
+            "| process | no publishes | learner publishing |", "|---|---|---|",
+            *[f"| `{n.strip()}` | {cell(quiet, n)} | {cell(busy, n)} |" for n in names],
+            f"| all | {sum(quiet.values()):.1f} | {sum(busy.values()):.1f} |", ""]
 
 
 def plot(r: dict, path: str) -> None:

@@ -44,6 +44,7 @@ DEFAULTS = {
     "TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT": "256",  # HAProxy's maxconn is 4096: one address gets 1/16
     "TEXTSERVE_INGRESS_ADMIN_BIND": "127.0.0.1",
     "TEXTSERVE_INGRESS_FALLBACK": "0",
+    "TEXTSERVE_INGRESS_ACCESS_LOG": "0",
 }
 _INT_SETTINGS = ("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S",
                  "TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT")
@@ -65,10 +66,15 @@ _SERVE_TEXT = {  # status -> (code, message, Retry-After) for Serve's own plain-
 }
 
 
+_FLAG_SETTINGS = ("TEXTSERVE_INGRESS_FALLBACK", "TEXTSERVE_INGRESS_ACCESS_LOG")
+
+
 def setting(name: str, env=os.environ) -> str:
     value = env.get(name, DEFAULTS[name])
     if name in _INT_SETTINGS and not (value.isdigit() and int(value) > 0):
         raise ValueError(f"{name}={value!r}: give a whole number above 0 (default {DEFAULTS[name]})")
+    if name in _FLAG_SETTINGS and value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: give 1 (on) or 0 (off) (default {DEFAULTS[name]})")
     return value
 
 
@@ -107,6 +113,7 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
     client_timeout = int(setting("TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S", env))
     per_client = int(setting("TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT", env))
     keep_fallback = setting("TEXTSERVE_INGRESS_FALLBACK", env) == "1"
+    access_log = setting("TEXTSERVE_INGRESS_ACCESS_LOG", env) == "1"
     secret = env.get("TEXTSERVE_INGRESS_SECRET", "")
     folder = Path(error_dir)
     out, section = ["# textserve-hardened (serve/haproxy_hardening.py)"], ""
@@ -116,6 +123,10 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
             section = stripped
         if section == "global" and stripped.startswith("stats socket "):
             line = re.sub(r"\bmode \d+", "mode 600", line)
+        elif section == "global" and stripped.startswith("log ") and not access_log:
+            # Ray's access log: one syslog datagram per request (to 127.0.0.1:514 unless
+            # RAY_SERVE_HAPROXY_LOG_TARGET says otherwise), whatever the app's enable_access_log.
+            line = "    # access log off (TEXTSERVE_INGRESS_ACCESS_LOG=1 keeps it): " + stripped
         elif section == "defaults" and stripped.startswith("errorfile "):
             continue  # ours below
         elif section in ("frontend prometheus", "listen stats") and stripped.startswith("bind "):

@@ -12,8 +12,9 @@ from serve.haproxy_hardening import CLIENT_HEADER, DEFAULTS, SECRET_HEADER, hard
 from serve.ingress import real_haproxy_binary
 from online_learning.rate_limit import TokenBuckets
 
-def ray_config(folder: Path, router: bool = False) -> Path:
-    """The config Ray 2.60's own HAProxyApi renders for one app with a replica and the fallback proxy."""
+def ray_config(folder: Path, router: bool = False, **overrides) -> Path:
+    """The config Ray 2.60's own HAProxyApi renders for one app with a replica and the fallback proxy
+    (`overrides`: HAProxyConfig fields, e.g. ports and the log target)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions
 
@@ -21,9 +22,11 @@ def ray_config(folder: Path, router: bool = False) -> Path:
     backend = BackendConfig(name="http-app", path_prefix="/", app_name="app", servers=[replica],
                             fallback_server=ServerConfig(name="SERVE_PROXY", host="127.0.0.1", port=8500),
                             ingress_request_router_servers=[replica] if router else [])
-    cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=18080), socket_path=str(folder / "admin.sock"),
+    overrides.setdefault("http_options", HTTPOptions(host="127.0.0.1", port=18080))
+    cfg = HAProxyConfig(socket_path=str(folder / "admin.sock"),
                         server_state_base=str(folder), server_state_file=str(folder / "server-state"),
-                        metrics_socket_path=str(folder / "metrics.sock"), error_file_path=str(folder / "500.http"))
+                        metrics_socket_path=str(folder / "metrics.sock"), error_file_path=str(folder / "500.http"),
+                        **overrides)
     (folder / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\n\r\n")
     api = HAProxyApi(cfg=cfg, backend_configs={"app": backend}, config_file_path=str(folder / "haproxy.cfg"))
     api._generate_config_file_internal()
@@ -75,11 +78,71 @@ def test_fallback_server_kept_when_asked(tmp_path, clean_env, monkeypatch):
     assert "check backup\n" in path.read_text()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("access_log", ["0", "1"])
+def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, access_log):
+    """A real HAProxy on the hardened config, its log target a UDP socket of ours: one request
+    through it sends a syslog line per request only with TEXTSERVE_INGRESS_ACCESS_LOG=1 (Ray's
+    default sends one to 127.0.0.1:514 for every request, whatever the app's access-log setting)."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    from ray.serve.config import HTTPOptions
+
+    monkeypatch.setenv("TEXTSERVE_INGRESS_ACCESS_LOG", access_log)
+    syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    syslog.bind(("127.0.0.1", 0))
+    syslog.settimeout(0.2)
+    port = _free_port()
+    path = ray_config(tmp_path, http_options=HTTPOptions(host="127.0.0.1", port=port),
+                      log_target=f"127.0.0.1:{syslog.getsockname()[1]}", stats_port=_free_port(),
+                      metrics_port=_free_port(), metrics_enabled=False)
+    harden_in_place(["-f", str(path)])
+    haproxy_check(path)
+    proc = subprocess.Popen([real_haproxy_binary(), "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline, status = time.monotonic() + 10, None
+        while status is None and time.monotonic() < deadline:
+            try:  # no replica listens behind it: HAProxy answers 503 itself, and logs the request
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/predict", timeout=2)
+            except urllib.error.HTTPError as err:
+                status = err.code
+            except OSError:
+                time.sleep(0.1)
+        assert status == 503
+        lines, deadline = [], time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                lines.append(syslog.recv(65536))
+            except socket.timeout:
+                pass
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        syslog.close()
+    requests = [line for line in lines if b"/v1/predict" in line]
+    assert len(requests) == (1 if access_log == "1" else 0), lines
+
+
 def test_bad_settings_fail_early(tmp_path, clean_env, monkeypatch):
     from serve.ingress import fast_ingress_env
 
     monkeypatch.setenv("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "10s")
     with pytest.raises(ValueError, match="whole number"):
+        fast_ingress_env(tmp_path / "ts")
+    monkeypatch.setenv("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "10")
+    monkeypatch.setenv("TEXTSERVE_INGRESS_ACCESS_LOG", "yes")
+    with pytest.raises(ValueError, match="1 \\(on\\) or 0"):
         fast_ingress_env(tmp_path / "ts")
 
 
