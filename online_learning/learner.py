@@ -115,6 +115,10 @@ class OnlineLearner:
         # so a client cannot choose which of its events are held out.
         self._salt = state.get("holdout_salt") or secrets.token_hex(8)
         self._version_floor = state.get("version", 0)  # no lineage may reuse a number at or below it
+        # Events up to here were judged (the feedback check, the gate) by a round that published or
+        # marked them; later ones were acknowledged but not judged before a restart, and are judged
+        # as new events once the lineage is published, never replayed into it unchecked.
+        self._judged_offset = state.get("judged_offset", state.get("log_offset", -1))
         self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
         self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
@@ -169,6 +173,7 @@ class OnlineLearner:
         self.base_version = store_version
         self.applied_offset = offset
         self.ready_offset = len(self.log) - 1  # every event acknowledged so far: in before publishing
+        self.replay_until = min(self.ready_offset, self._judged_offset)  # the rest is judged as new after
         self.feedback_train: deque = deque(maxlen=20_000)
         self.feedback_holdout: deque = deque(maxlen=2_000)
         self._holdout_seen = 0
@@ -324,7 +329,7 @@ class OnlineLearner:
         began (later ones wait for its first publish, so a replay cannot run forever)."""
         limit = self.s.max_round_events
         if self.replaying:
-            limit = min(limit, self.ready_offset - self.applied_offset)
+            limit = min(limit, self.replay_until - self.applied_offset)
         if limit <= 0:
             return []
         start = max(self.applied_offset + 1, self.log.first_offset)  # below it: compacted, in the base
@@ -379,6 +384,7 @@ class OnlineLearner:
                     self.applied_offset = batch[-1].offset
                     entry.update(log_offset=self.applied_offset, published=False, version=None, bytes=0)
                     self.history.append(entry)
+                    self._judged(batch[-1].offset)
                     return 0
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
@@ -408,6 +414,7 @@ class OnlineLearner:
         elif self._gate(entry) or self._repair(entry):
             self.feedback_train.extend(train)
             kept = len(train)
+            self._judged_offset = max(self._judged_offset, self.applied_offset)  # in the state _publish writes
             self._publish(entry)
         else:
             self._hold_back(entry)
@@ -417,6 +424,8 @@ class OnlineLearner:
                 self.log.mark([e.offset for e in train if e.offset in flagged], "rejected")
             elif entry["reason"] != "no holdout to judge by":  # judged bad: not replayed, not fine-tuned on
                 self.log.mark([e.offset for e in train], "rejected")
+            if batch:
+                self._judged(batch[-1].offset)  # after the marks: a crash between them judges again
         self.history.append(entry)
         return kept
 
@@ -576,12 +585,19 @@ class OnlineLearner:
         path = Path(self.s.state_dir) / STATE_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
+    def _judged(self, offset: int) -> None:
+        """Events up to `offset` were judged and their marks are durable: say so durably, so that
+        a restart replays them without judging them again."""
+        if offset > self._judged_offset:
+            self._judged_offset = offset
+            self._write_state(max(self._version_floor, self.pub.version if self.pub else 0))  # no number goes back
+
     def _write_state(self, version: int) -> None:
         """Durably, before `version` is published: numbers used are never reused after a crash."""
         path = Path(self.s.state_dir) / STATE_FILE
         tmp = path.with_suffix(".tmp")
         state = {"version": max(self._version_floor, version), "holdout_salt": self._salt,
-                 "lineage": self.lineage, "log_offset": self.applied_offset}
+                 "lineage": self.lineage, "log_offset": self.applied_offset, "judged_offset": self._judged_offset}
         with open(tmp, "w") as f:
             f.write(json.dumps(state))
             f.flush()
@@ -662,7 +678,8 @@ class OnlineLearner:
             "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
             "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
             "base_version": pub.base if pub else None, "next_base_version": self.base_version if self.replaying else None,
-            "ready_offset": self.ready_offset,
+            "ready_offset": self.ready_offset, "replay_until": self.replay_until if self.replaying else None,
+            "judged_offset": self._judged_offset,
             "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
@@ -680,4 +697,5 @@ class OnlineLearner:
             raise RuntimeError(f"{self._failed_rounds} learner rounds in a row failed; see the log")
 
     def __del__(self):
-        self._stop.set()
+        if hasattr(self, "_stop"):  # not when __init__ failed before it
+            self._stop.set()

@@ -1,0 +1,92 @@
+"""A learner restart replays what was judged and judges what was not: the real learner class, in
+this process (no Ray), on a real model store and feedback log."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+from online_learning.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogReader
+from train.data import DataSpec, load_dataset
+
+
+_LEARNER_RUN = r"""
+import asyncio, json, sys, time
+from online_learning.learner import OnlineLearner
+from train.model import accuracy
+
+store, state, last, probe = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
+                                              "snapshot_interval_s": 3600.0})
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline:
+    status = asyncio.run(learner.status())
+    if (not status["replaying"] and status["applied_offset"] >= last and status["pending"] == 0
+            and status["followups_left"] == 0):
+        break
+    time.sleep(0.5)
+learner._stop.set()
+learner._thread.join(timeout=60)
+status["probe_accuracy"] = accuracy(learner.served, probe["texts"], probe["labels"]) if probe["texts"] else None
+print("STATUS " + json.dumps(status))
+"""
+
+
+def _restart_learner(store, state, last_offset: int, probe=None) -> dict:
+    """A learner started afresh on `state` (as after a crash: a new process), run until it has
+    been through the log and is idle; its status, and its published model's accuracy on `probe`."""
+    import os
+    import subprocess
+    import sys
+
+    probe = probe or []
+    arg = json.dumps({"texts": [e.text for e in probe], "labels": [e.label for e in probe]})
+    out = subprocess.run([sys.executable, "-c", _LEARNER_RUN, str(store), str(state), str(last_offset), arg],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("STATUS ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("STATUS "):])
+
+
+def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(trained_store, tmp_path):
+    """600 English training sentences relabelled at random, acknowledged (in the log) by a learner
+    that died before any round judged them: the restarted learner must not replay them into its
+    new lineage unchecked, but judge them as new feedback (the contradiction check refuses them)."""
+    store, state = tmp_path / "store", tmp_path / "state"
+    shutil.copytree(trained_store, store)  # the learner may write snapshots into it
+    en = load_dataset(DataSpec(langs=("en",)))
+    rng = random.Random(11)
+    labels = sorted({e.label for e in en.train})
+    originals = rng.sample(en.train, 600)
+    log = FeedbackLog(state)
+    log.append([FeedbackEvent(f"poison-{i}", e.text, rng.choice(labels)) for i, e in enumerate(originals)])
+    log.close()
+    status = _restart_learner(store, state, 599, probe=originals[:64])
+    served = status["probe_accuracy"]
+    print(json.dumps(status["history"][-5:], indent=0))
+    assert status["replayed_on_start"] == 0, "unjudged events were replayed into the lineage unchecked"
+    assert status["refused"] >= 480, status["refused"]
+    rejected = [e for e in FeedbackLogReader(state).read_from(0) if e.rejected]
+    assert len(rejected) >= 480
+    assert served >= 0.9, f"the published model answers the poisoned sentences' true labels {served:.2f}"
+    # ...and the judgement is durable: a second restart replays nothing of it either
+    saved = json.loads((state / "learner_state.json").read_text())
+    assert saved["judged_offset"] == 599
+
+
+def test_events_judged_before_a_restart_are_replayed_not_judged_again(trained_store, tmp_path):
+    """The other side: events a round had judged (the state file says so) are replayed into the
+    new lineage at start, without the check, before it publishes."""
+    store, state = tmp_path / "store", tmp_path / "state"
+    shutil.copytree(trained_store, store)
+    en = load_dataset(DataSpec(langs=("en",)))
+    log = FeedbackLog(state)
+    log.append([FeedbackEvent(f"good-{i}", e.text, e.label) for i, e in enumerate(en.train[:100])])
+    log.close()
+    (state / "learner_state.json").write_text(json.dumps({"version": 1, "holdout_salt": "s", "lineage": "old",
+                                                          "log_offset": 99, "judged_offset": 99}))
+    status = _restart_learner(store, state, 99)
+    assert status["replayed_on_start"] == 100 and status["refused"] == 0
+    assert status["version"] > 1 and status["served_offset"] == 99
