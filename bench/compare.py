@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def _paired(report: dict, ra: dict, rb: dict) -> str:
     ratios = sorted(x / y for x, y in zip(tps_a, tps_b) if y > 0)
     if len(ratios) < 2:
         return ""
-    return (f"; per round: median {ratios[len(ratios) // 2]:.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x "
+    return (f"; per round: median {statistics.median(ratios):.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x "
             f"over {len(ratios)} rounds")
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import multiprocessing
 import tempfile
 import time
@@ -23,12 +24,14 @@ import requests
 
 from bench.cpu_split import CpuSampler
 from bench.load import bench_texts, closed_loop
+from bench.stats import combine_runs
 from online_learning.send import send
 from serve.process import RunningServe, local_config
 from train.data import DataSpec, load_dataset
 
 
-def feedback_stream(url: str, token: str, stop, sent, per_request: int = 32, every_s: float = 0.5) -> None:
+def feedback_stream(url: str, token: str, stop, sent, prefix: str = "fresh-", per_request: int = 32,
+                    every_s: float = 0.5) -> None:
     """Sends English training sentences as feedback until `stop` is set, counting acknowledged
     events in `sent` (a multiprocessing Value). Runs in its own process: a feedback sender is
     another client, and in the load client's process it would take that client's GIL."""
@@ -36,7 +39,7 @@ def feedback_stream(url: str, token: str, stop, sent, per_request: int = 32, eve
     i = 0
     while not stop.is_set():
         chunk = examples[i % len(examples): i % len(examples) + per_request]
-        events = [{"event_id": f"fresh-{i + k}", "text": e.text, "label": e.label} for k, e in enumerate(chunk)]
+        events = [{"event_id": f"{prefix}{i + k}", "text": e.text, "label": e.label} for k, e in enumerate(chunk)]
         accepted = send(url, events, token, batch=per_request, progress=False)["accepted"]
         with sent.get_lock():
             sent.value += accepted
@@ -68,7 +71,41 @@ def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[f
     return lags
 
 
-def run(store: str, users: int, duration_s: float, replicas: int, learner: dict | None = None) -> dict:
+def publishing_phase(url: str, token: str, predict: str, users: int, duration_s: float, texts: list[str],
+                     prefix: str) -> tuple[dict, int]:
+    """A measured phase while a feedback stream (its own process) makes the learner publish;
+    returns its figures and the events acknowledged."""
+    spawn = multiprocessing.get_context("spawn")
+    stop, sent = spawn.Event(), spawn.Value("q", 0)
+    streamer = spawn.Process(target=feedback_stream, args=(url, token, stop, sent, prefix), daemon=True)
+    streamer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sent.value == 0 and streamer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if sent.value == 0:
+            raise RuntimeError("the feedback stream acknowledged nothing in 60 s")
+        time.sleep(2)  # the first rounds are under way
+        return measured_phase(predict, users, duration_s, texts), sent.value
+    finally:
+        stop.set()
+        streamer.join(timeout=30)
+        if streamer.is_alive():
+            streamer.kill()
+
+
+def wait_learner_idle(url: str, token: str, timeout_s: float = 300) -> None:
+    """Until the learner has trained everything acknowledged and owes no follow-up round."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]
+        if status.get("pending") == 0 and status.get("followups_left") == 0:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the learner was still busy after {timeout_s:.0f} s")
+
+
+def run(store: str, users: int, duration_s: float, replicas: int, learner: dict | None = None, rounds: int = 1) -> dict:
     token = secrets.token_urlsafe(16)
     os.environ["TEXTSERVE_FEEDBACK_TOKEN"] = token
     work = Path(tempfile.mkdtemp(prefix="freshness-"))
@@ -80,30 +117,23 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
     dep.pop("autoscaling_config", None)
     dep["num_replicas"] = replicas
     texts = bench_texts()
-    report = {"users": users, "duration_s": duration_s, "replicas": replicas, "learner_settings": learner or {}}
+    report = {"users": users, "duration_s": duration_s, "replicas": replicas, "learner_settings": learner or {},
+              "rounds_run": rounds}
     try:
         with RunningServe(config, name="freshness") as app:
             predict = f"{app.url}/v1/predict"
             asyncio.run(closed_loop(predict, 8, 3, texts))
-            report["without_publishes"] = measured_phase(predict, users, duration_s, texts)
-            spawn = multiprocessing.get_context("spawn")
-            stop, sent = spawn.Event(), spawn.Value("q", 0)
-            streamer = spawn.Process(target=feedback_stream, args=(app.url, token, stop, sent), daemon=True)
-            streamer.start()
-            try:
-                deadline = time.monotonic() + 60
-                while sent.value == 0 and streamer.is_alive() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if sent.value == 0:
-                    raise RuntimeError("the feedback stream acknowledged nothing in 60 s")
-                time.sleep(2)  # the first rounds are under way
-                report["during_publishes"] = measured_phase(predict, users, duration_s, texts)
-            finally:
-                stop.set()
-                streamer.join(timeout=30)
-                if streamer.is_alive():
-                    streamer.kill()
-            report["feedback_events_sent"] = sent.value
+            phases = []
+            for r in range(rounds):
+                if r:  # the previous stream's follow-up rounds would land in this round's quiet phase
+                    wait_learner_idle(app.url, token)
+                quiet = measured_phase(predict, users, duration_s, texts)
+                busy, sent = publishing_phase(app.url, token, predict, users, duration_s, texts, f"fresh{r}-")
+                phases.append({"without_publishes": quiet, "during_publishes": busy, "feedback_events_sent": sent})
+            report["rounds"] = phases
+            for key in ("without_publishes", "during_publishes"):  # medians over the rounds (CPU: the first round's)
+                report[key] = combine_runs([p[key] for p in phases])
+            report["feedback_events_sent"] = sum(p["feedback_events_sent"] for p in phases)
             info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
             learner = info["learner"]
             pubs = [h for h in learner["history"] if h["published"]]
@@ -130,7 +160,7 @@ def markdown(r: dict, command: str) -> str:
         "| phase | req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|",
         f"| no publishes | {a['tps']:.0f} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['failed']} |",
         f"| feedback stream, learner publishing | {b['tps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {b['failed']} |",
-        "",
+        "", *round_lines(r),
         f"Publishes: {r['publishes']} ({r['held_back']} held back{': ' + '; '.join(r.get('held_back_reasons') or []) if r.get('held_back_reasons') else ''}) from {r['feedback_events_sent']} events; bytes per "
         f"publish mean {r['bytes_per_publish']['mean'] / 1e6:.2f} MB, max {r['bytes_per_publish']['max'] / 1e6:.2f} MB, "
         f"vs full weights {r['full_weights_bytes'] / 1e6:.1f} MB ({r['parameters']:,} parameters).",
@@ -139,6 +169,29 @@ def markdown(r: dict, command: str) -> str:
         f"max {lags[-1]:.2f} s." if lags else "No probe was served in time.",
         "", *cpu_table(a.get("cpu_percent") or {}, b.get("cpu_percent") or {}),
     ])
+
+
+def paired_ratios(r: dict) -> dict | None:
+    """Per round (a quiet phase, then a publishing one, minutes apart): publishing / quiet, TPS and p99."""
+    rounds = r.get("rounds") or []
+    if len(rounds) < 2:
+        return None
+    out = {}
+    for key in ("tps", "p99_ms"):
+        each = [x["during_publishes"][key] / x["without_publishes"][key] for x in rounds]
+        out[key] = {"median": statistics.median(each), "min": min(each), "max": max(each), "each": each}
+    return out
+
+
+def round_lines(r: dict) -> list[str]:
+    paired = paired_ratios(r)
+    if not paired:
+        return []
+    t, q = paired["tps"], paired["p99_ms"]
+    return [f"{len(r['rounds'])} rounds (a quiet phase, then a publishing one; the learner idle again before "
+            "each round); figures above are medians over them. Publishing / quiet within each round: TPS "
+            f"**{t['median']:.2f}x** median ({t['min']:.2f}-{t['max']:.2f}x), p99 **{q['median']:.2f}x** median "
+            f"({q['min']:.2f}-{q['max']:.2f}x).", ""]
 
 
 def cpu_table(quiet: dict, busy: dict, rows: int = 10) -> list[str]:
@@ -184,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=64)
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="quiet + publishing phase pairs, ratios per round (default 1)")
     p.add_argument("--learner", type=json.loads, default={}, metavar="JSON",
                    help='learner settings over the shipped ones, e.g. \'{"train_duty_cycle": 0.5}\'')
     p.add_argument("--out", default="docs/FRESHNESS_BENCH")
     a = p.parse_args(argv)
-    report = run(a.store, a.users, a.duration, a.replicas, a.learner)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    report = run(a.store, a.users, a.duration, a.replicas, a.learner, a.rounds)
     command = "python -m bench freshness " + " ".join(argv if argv is not None else [])
     Path(a.out + ".json").write_text(json.dumps(report, indent=2))
     plot(report, a.out + ".png")

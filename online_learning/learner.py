@@ -10,8 +10,10 @@ start, and the adoption of a model someone else published to the store (a fine-t
 retrain), begin a new lineage whose first version is above every number the store, the state
 file and any replica has shown. Deltas go only to replicas on the current lineage; a replica
 elsewhere gets full weights, or only the new name when its digest already equals the learner's.
-A new lineage is published only once the log after its base has been replayed, so a replica
-never takes a version that lacks feedback acknowledged before it.
+A new lineage is published only once the log after its base has been replayed up to the offset
+the learner had judged through (`ready_offset`), so a replica never takes a version that lacks
+feedback judged before it; events acknowledged but not judged before a restart are then judged as
+new feedback (the contradiction check, the gate), never replayed unchecked.
 """
 
 import asyncio
@@ -172,8 +174,9 @@ class OnlineLearner:
         self.lineage = uuid.uuid4().hex[:12]
         self.base_version = store_version
         self.applied_offset = offset
-        self.ready_offset = len(self.log) - 1  # every event acknowledged so far: in before publishing
-        self.replay_until = min(self.ready_offset, self._judged_offset)  # the rest is judged as new after
+        # The lineage's first version holds every event judged so far (replayed); events acknowledged
+        # but not judged yet are judged as new feedback once it is published.
+        self.ready_offset = max(offset, min(len(self.log) - 1, self._judged_offset))
         self.feedback_train: deque = deque(maxlen=20_000)
         self.feedback_holdout: deque = deque(maxlen=2_000)
         self._holdout_seen = 0
@@ -308,7 +311,7 @@ class OnlineLearner:
                     self._maybe_snapshot()
                     continue
                 last_round = time.monotonic()
-                kept = self._round(batch)
+                kept = self._round_or_roll_back(batch)
                 self._count_followups(batch, kept)  # after the round: a failed one is retried, not counted twice
                 self._maybe_snapshot()
                 self._failed_rounds = 0
@@ -324,12 +327,28 @@ class OnlineLearner:
                 if self._stop.wait(self.s.publish_interval_s):
                     return
 
+    def _round_or_roll_back(self, batch: list[LoggedEvent]) -> int:
+        """`_round`; if it fails partway (a mark, the state file or the store cannot be written),
+        the learner's copy returns to the served weights and the batch is read again next round:
+        judged again, never passed over (which would let a restart replay it unchecked)."""
+        offset, judged = self.applied_offset, self._judged_offset
+        try:
+            return self._round(batch)
+        except Exception:
+            with self._model_lock:
+                weights = self.served.model.get_weights()
+            self.trainer.model.set_weights(weights)
+            self.trainer.reset_optimizer(self.trainer.take_touched())
+            self.applied_offset, self._judged_offset = offset, judged
+            raise
+
     def _next_batch(self) -> list[LoggedEvent]:
-        """The next events to learn; while replaying, only those acknowledged before the lineage
-        began (later ones wait for its first publish, so a replay cannot run forever)."""
+        """The next events to learn; while replaying, only those judged before the lineage began
+        (later ones wait for its first publish and are judged then, so a replay cannot run forever
+        and never trains an unjudged event unchecked)."""
         limit = self.s.max_round_events
         if self.replaying:
-            limit = min(limit, self.replay_until - self.applied_offset)
+            limit = min(limit, self.ready_offset - self.applied_offset)
         if limit <= 0:
             return []
         start = max(self.applied_offset + 1, self.log.first_offset)  # below it: compacted, in the base
@@ -412,17 +431,19 @@ class OnlineLearner:
             kept = len(train)
             entry.update(published=False, replay=True)
         elif self._gate(entry) or self._repair(entry):
-            self.feedback_train.extend(train)
-            kept = len(train)
             self._judged_offset = max(self._judged_offset, self.applied_offset)  # in the state _publish writes
             self._publish(entry)
+            self.feedback_train.extend(train)
+            kept = len(train)
         else:
             self._hold_back(entry)
             if entry["reason"].startswith("base"):  # not learnable here without forgetting: left to a
                 # fine-tune, except confident contradictions (a relabelling the check let through)
                 self.log.mark([e.offset for e in train if e.offset not in flagged], "deferred")
                 self.log.mark([e.offset for e in train if e.offset in flagged], "rejected")
-            elif entry["reason"] != "no holdout to judge by":  # judged bad: not replayed, not fine-tuned on
+            elif entry["reason"] == "no holdout to judge by":  # not judgeable here: left to a fine-tune
+                self.log.mark([e.offset for e in train], "deferred")
+            else:  # judged bad: not replayed, not fine-tuned on
                 self.log.mark([e.offset for e in train], "rejected")
             if batch:
                 self._judged(batch[-1].offset)  # after the marks: a crash between them judges again
@@ -678,8 +699,7 @@ class OnlineLearner:
             "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
             "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
             "base_version": pub.base if pub else None, "next_base_version": self.base_version if self.replaying else None,
-            "ready_offset": self.ready_offset, "replay_until": self.replay_until if self.replaying else None,
-            "judged_offset": self._judged_offset,
+            "ready_offset": self.ready_offset, "judged_offset": self._judged_offset,
             "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,

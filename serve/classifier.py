@@ -151,7 +151,7 @@ class Classifier:
 
     async def _catch_up(self) -> None:
         """Sync until this replica is ready: on the learner's lineage, or holding every event the
-        learner had acknowledged when it began it (while it replays)."""
+        learner had judged when it began it (while it replays: its `ready_offset`)."""
         while True:
             try:
                 await self._sync_with_learner()

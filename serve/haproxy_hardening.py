@@ -24,6 +24,9 @@ What changes (settings from the environment, set by serve/ingress.py; defaults i
   rewritten to JSON; header values with control characters refused at the ingress (400);
 - without TEXTSERVE_INGRESS_FALLBACK=1, the `backup` server (Serve's Python proxy) is disabled:
   with no healthy replica HAProxy answers 503 at once instead of parking requests there.
+- without TEXTSERVE_INGRESS_ACCESS_LOG=1, the global `log` target (Ray's access log: a syslog
+  datagram per request to RAY_SERVE_HAPROXY_LOG_TARGET, 127.0.0.1:514 by default) is commented
+  out, as the app's `enable_access_log: false` says; Ray's metrics socket line stays.
 
 Standard library only: it runs at every HAProxy start and reload.
 """

@@ -86,11 +86,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("access_log", ["0", "1"])
-def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, access_log):
-    """A real HAProxy on the hardened config, its log target a UDP socket of ours: one request
-    through it sends a syslog line per request only with TEXTSERVE_INGRESS_ACCESS_LOG=1 (Ray's
-    default sends one to 127.0.0.1:514 for every request, whatever the app's access-log setting)."""
+@pytest.mark.parametrize("access_log, metrics", [("0", True), ("1", True), ("0", False)])
+def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, access_log, metrics):
+    """A real HAProxy on the hardened config, its log target a UDP socket of ours: a request
+    through it sends a syslog line only with TEXTSERVE_INGRESS_ACCESS_LOG=1 (Ray's default sends
+    one to 127.0.0.1:514 for every request, whatever the app's access-log setting), while Ray's
+    per-request metrics line (the shipped default, metrics on) still reaches its own socket."""
     import socket
     import time
     import urllib.error
@@ -102,10 +103,13 @@ def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, 
     syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     syslog.bind(("127.0.0.1", 0))
     syslog.settimeout(0.2)
+    metrics_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # HAProxyManager binds it in Ray
+    metrics_sock.bind(str(tmp_path / "metrics.sock"))
+    metrics_sock.setblocking(False)
     port = _free_port()
     path = ray_config(tmp_path, http_options=HTTPOptions(host="127.0.0.1", port=port),
                       log_target=f"127.0.0.1:{syslog.getsockname()[1]}", stats_port=_free_port(),
-                      metrics_port=_free_port(), metrics_enabled=False)
+                      metrics_port=_free_port(), metrics_enabled=metrics)
     harden_in_place(["-f", str(path)])
     haproxy_check(path)
     proc = subprocess.Popen([real_haproxy_binary(), "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
@@ -120,18 +124,28 @@ def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, 
             except OSError:
                 time.sleep(0.1)
         assert status == 503
-        lines, deadline = [], time.monotonic() + 1.5
+        lines, metric_lines, deadline = [], [], time.monotonic() + 1.5
         while time.monotonic() < deadline:
             try:
                 lines.append(syslog.recv(65536))
             except socket.timeout:
                 pass
+            try:
+                while True:
+                    metric_lines.append(metrics_sock.recv(65536))
+            except BlockingIOError:
+                pass
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         syslog.close()
+        metrics_sock.close()
     requests = [line for line in lines if b"/v1/predict" in line]
-    assert len(requests) == (1 if access_log == "1" else 0), lines
+    if access_log == "1":
+        assert requests, lines  # one per request (a retried first request may add one)
+    else:
+        assert not requests, lines
+    assert bool([m for m in metric_lines if b"serve@1" in m]) == metrics, metric_lines
 
 
 def test_bad_settings_fail_early(tmp_path, clean_env, monkeypatch):

@@ -1,5 +1,6 @@
-"""A learner restart replays what was judged and judges what was not: the real learner class, in
-this process (no Ray), on a real model store and feedback log."""
+"""A learner restart replays what was judged and judges what was not: the real learner class in a
+fresh process (as after a crash), on a real model store, feedback log and state file, with its
+own local Ray instance for the object store its publishes go to (never the test session's)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from train.data import DataSpec, load_dataset
 
 _LEARNER_RUN = r"""
 import asyncio, json, sys, time
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
 from online_learning.learner import OnlineLearner
 from train.model import accuracy
 
@@ -30,6 +33,7 @@ learner._stop.set()
 learner._thread.join(timeout=60)
 status["probe_accuracy"] = accuracy(learner.served, probe["texts"], probe["labels"]) if probe["texts"] else None
 print("STATUS " + json.dumps(status))
+ray.shutdown()
 """
 
 
@@ -51,29 +55,33 @@ def _restart_learner(store, state, last_offset: int, probe=None) -> dict:
 
 
 def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(trained_store, tmp_path):
-    """600 English training sentences relabelled at random, acknowledged (in the log) by a learner
-    that died before any round judged them: the restarted learner must not replay them into its
-    new lineage unchecked, but judge them as new feedback (the contradiction check refuses them)."""
+    """100 good events a round had judged (the state file says so), then 600 English training
+    sentences relabelled at random, acknowledged (in the log) by a learner that died before any
+    round judged them: the restarted learner replays the 100 into its new lineage, and judges the
+    600 as new feedback instead of replaying them unchecked (the contradiction check refuses them)."""
     store, state = tmp_path / "store", tmp_path / "state"
     shutil.copytree(trained_store, store)  # the learner may write snapshots into it
     en = load_dataset(DataSpec(langs=("en",)))
     rng = random.Random(11)
     labels = sorted({e.label for e in en.train})
-    originals = rng.sample(en.train, 600)
+    originals = rng.sample(en.train[100:], 600)
     log = FeedbackLog(state)
+    log.append([FeedbackEvent(f"good-{i}", e.text, e.label) for i, e in enumerate(en.train[:100])])
     log.append([FeedbackEvent(f"poison-{i}", e.text, rng.choice(labels)) for i, e in enumerate(originals)])
     log.close()
-    status = _restart_learner(store, state, 599, probe=originals[:64])
-    served = status["probe_accuracy"]
+    (state / "learner_state.json").write_text(json.dumps({"version": 7, "holdout_salt": "s", "lineage": "old",
+                                                          "log_offset": 99, "judged_offset": 99}))
+    status = _restart_learner(store, state, 699, probe=originals[:64])
     print(json.dumps(status["history"][-5:], indent=0))
-    assert status["replayed_on_start"] == 0, "unjudged events were replayed into the lineage unchecked"
+    assert status["replayed_on_start"] == 100, "judged events replayed, unjudged ones not"
     assert status["refused"] >= 480, status["refused"]
-    rejected = [e for e in FeedbackLogReader(state).read_from(0) if e.rejected]
+    rejected = [e for e in FeedbackLogReader(state).read_from(100) if e.rejected]
     assert len(rejected) >= 480
+    served = status["probe_accuracy"]
     assert served >= 0.9, f"the published model answers the poisoned sentences' true labels {served:.2f}"
-    # ...and the judgement is durable: a second restart replays nothing of it either
     saved = json.loads((state / "learner_state.json").read_text())
-    assert saved["judged_offset"] == 599
+    assert saved["judged_offset"] == 699  # durable: the next restart replays them, judged once
+    assert saved["version"] >= status["version"] > 7  # numbers never go back
 
 
 def test_events_judged_before_a_restart_are_replayed_not_judged_again(trained_store, tmp_path):
