@@ -94,6 +94,10 @@ def publishing_phase(url: str, token: str, predict: str, users: int, duration_s:
             streamer.kill()
 
 
+def learner_version(url: str, token: str) -> int:
+    return requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]["version"]
+
+
 def wait_learner_idle(url: str, token: str, timeout_s: float = 300) -> None:
     """Until the learner has trained everything acknowledged and owes no follow-up round."""
     deadline = time.monotonic() + timeout_s
@@ -123,7 +127,7 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
         with RunningServe(config, name="freshness") as app:
             predict = f"{app.url}/v1/predict"
             asyncio.run(closed_loop(predict, 8, 3, texts))
-            phases = []
+            phases, first_version = [], learner_version(app.url, token)
             for r in range(rounds):
                 if r:  # the previous stream's follow-up rounds would land in this round's quiet phase
                     wait_learner_idle(app.url, token)
@@ -136,8 +140,8 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
             report["feedback_events_sent"] = sum(p["feedback_events_sent"] for p in phases)
             info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
             learner = info["learner"]
-            pubs = [h for h in learner["history"] if h["published"]]
-            report["publishes"] = len(pubs)
+            pubs = [h for h in learner["history"] if h["published"]]  # the last 50 rounds: bytes sampled there
+            report["publishes"] = learner["version"] - first_version  # one number per publish, in one lineage
             report["held_back"] = learner["held_back"]
             report["held_back_reasons"] = [h["reason"] for h in learner["history"] if h.get("reason")]
             report["bytes_per_publish"] = {"mean": sum(h["bytes"] for h in pubs) / max(1, len(pubs)),
