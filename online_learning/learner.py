@@ -335,6 +335,8 @@ class OnlineLearner:
         try:
             return self._round(batch)
         except Exception:
+            if self.replaying:  # the copy is the new base plus what was replayed, not the served model:
+                raise  # nothing to go back to (replayed events were judged before; none is judged here)
             with self._model_lock:
                 weights = self.served.model.get_weights()
             self.trainer.model.set_weights(weights)
