@@ -12,13 +12,13 @@ from serve.haproxy_hardening import CLIENT_HEADER, DEFAULTS, SECRET_HEADER, hard
 from serve.ingress import real_haproxy_binary
 from online_learning.rate_limit import TokenBuckets
 
-def ray_config(folder: Path, router: bool = False, **overrides) -> Path:
+def ray_config(folder: Path, router: bool = False, replica_port: int = 30000, **overrides) -> Path:
     """The config Ray 2.60's own HAProxyApi renders for one app with a replica and the fallback proxy
     (`overrides`: HAProxyConfig fields, e.g. ports and the log target)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions
 
-    replica = ServerConfig(name="SERVE_REPLICA_a", host="127.0.0.1", port=30000, replica_id="a")
+    replica = ServerConfig(name="SERVE_REPLICA_a", host="127.0.0.1", port=replica_port, replica_id="a")
     backend = BackendConfig(name="http-app", path_prefix="/", app_name="app", servers=[replica],
                             fallback_server=ServerConfig(name="SERVE_PROXY", host="127.0.0.1", port=8500),
                             ingress_request_router_servers=[replica] if router else [])
@@ -107,7 +107,9 @@ def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, 
     metrics_sock.bind(str(tmp_path / "metrics.sock"))
     metrics_sock.setblocking(False)
     port = _free_port()
-    path = ray_config(tmp_path, http_options=HTTPOptions(host="127.0.0.1", port=port),
+    # The replica's port: one nothing listens on (30000, the default, is a live replica's while the
+    # suite's Serve apps run; it would answer the request itself).
+    path = ray_config(tmp_path, replica_port=_free_port(), http_options=HTTPOptions(host="127.0.0.1", port=port),
                       log_target=f"127.0.0.1:{syslog.getsockname()[1]}", stats_port=_free_port(),
                       metrics_port=_free_port(), metrics_enabled=metrics)
     harden_in_place(["-f", str(path)])
