@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -139,3 +140,10 @@ def test_fine_tune_reads_the_log_as_the_gate_marked_it(tmp_path, capsys):
     assert texts[True] == ["text 0", "text 4", "text 5", "text 6", "text 7"]
     out = capsys.readouterr().out
     assert "2 deferred by the learner's base check, left out (--include-deferred trains on them)" in out
+    # The learner had judged only up to offset 5 (its state file): a fine-tune reads no further, the
+    # learner judges 6 and 7 after it adopts the fine-tune.
+    (tmp_path / "state" / "learner_state.json").write_text(json.dumps({"version": 3, "judged_offset": 5}))
+    cfg = TrainConfig(fine_tune=True, feedback_dir=str(tmp_path / "state"), store_uri=str(tmp_path / "store"))
+    extra, last = _fine_tune_inputs(cfg, store, "test-judged")
+    assert last == 5 and sorted(t for t, _ in extra["feedback"]) == ["text 0"]
+    assert "events after offset 5, not judged by the learner yet, are left to it" in capsys.readouterr().out

@@ -246,10 +246,13 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
         raise RuntimeError(f"the newest version in {store.uri} kept disappearing while being pinned; retry")
     # Read-only: the learner may be appending now; the reader stops before its write in flight.
     reader = FeedbackLogReader(cfg.feedback_dir)
+    judged = judged_offset(cfg.feedback_dir)  # later events: the learner judges them after it adopts this
     for attempt in range(3):  # the learner may compact the oldest segment while we read it
         events, excluded, deferred, last = [], 0, 0, -1
         try:
             for e in reader.iter_from(reader.first_offset):
+                if judged is not None and e.offset > judged:
+                    break
                 last = e.offset
                 if e.holdout or e.rejected:  # the gate's holdout, or a round the gate judged harmful
                     excluded += 1
@@ -280,8 +283,24 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
                   "this run's data (pass the base's --langs/--data/--split/--seed/--slots to keep them)")
     print(f"[fine-tune] from v{latest} with {len(events)} feedback events from {cfg.feedback_dir} "
           f"(offsets {reader.first_offset}..{last}; {excluded} excluded: gate holdout or rejected round; {deferred} "
-          f"deferred by the learner's base check, {'included' if cfg.include_deferred else 'left out (--include-deferred trains on them)'})")
+          f"deferred by the learner's base check, {'included' if cfg.include_deferred else 'left out (--include-deferred trains on them)'})"
+          + (f"; events after offset {judged}, not judged by the learner yet, are left to it" if judged is not None else
+             "; no learner state found, so every event in the log was read"))
     return extra, last
+
+
+def judged_offset(feedback_dir: str) -> int | None:
+    """The offset the online learner has judged the log through (its learner_state.json), or None
+    without a state file. A fine-tune reads no further: an event the learner has not judged yet
+    could be one its feedback check would refuse; it is judged after the learner adopts the
+    fine-tune instead (docs/ONLINE_LEARNING.md)."""
+    from online_learning.learner import STATE_FILE
+
+    path = Path(feedback_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    return state.get("judged_offset", state.get("log_offset", -1))
 
 
 def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:
