@@ -63,7 +63,7 @@ def time_to_serve(url: str, token: str, n: int, timeout_s: float = 60) -> list[f
         r = requests.post(f"{url}/v1/feedback", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=10)
         acked, offset = time.monotonic(), r.json()["offsets"][0]
         while time.monotonic() - acked < timeout_s:
-            live = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]["replicas"]
+            live = model_info(url, token)["learner"]["replicas"]
             if live and all(rep["log_offset"] >= offset for rep in live.values()):
                 lags.append(time.monotonic() - acked)
                 break
@@ -94,15 +94,20 @@ def publishing_phase(url: str, token: str, predict: str, users: int, duration_s:
             streamer.kill()
 
 
+def model_info(url: str, token: str) -> dict:
+    """GET /v1/model with the operator token: the replica's details and the learner's status."""
+    return requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+
+
 def learner_version(url: str, token: str) -> int:
-    return requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]["version"]
+    return model_info(url, token)["learner"]["version"]
 
 
 def wait_learner_idle(url: str, token: str, timeout_s: float = 300) -> None:
     """Until the learner has trained everything acknowledged and owes no follow-up round."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["learner"]
+        status = model_info(url, token)["learner"]
         if status.get("pending") == 0 and status.get("followups_left") == 0:
             return
         time.sleep(1)
@@ -138,7 +143,7 @@ def run(store: str, users: int, duration_s: float, replicas: int, learner: dict 
             for key in ("without_publishes", "during_publishes"):  # medians over the rounds (CPU: the first round's)
                 report[key] = combine_runs([p[key] for p in phases])
             report["feedback_events_sent"] = sum(p["feedback_events_sent"] for p in phases)
-            info = requests.get(f"{app.url}/v1/model", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+            info = model_info(app.url, token)
             learner = info["learner"]
             pubs = [h for h in learner["history"] if h["published"]]  # the last 50 rounds: bytes sampled there
             report["publishes"] = learner["version"] - first_version  # one number per publish, in one lineage

@@ -337,10 +337,7 @@ class OnlineLearner:
         except Exception:
             if self.replaying:  # the copy is the new base plus what was replayed, not the served model:
                 raise  # nothing to go back to (replayed events were judged before; none is judged here)
-            with self._model_lock:
-                weights = self.served.model.get_weights()
-            self.trainer.model.set_weights(weights)
-            self.trainer.reset_optimizer(self.trainer.take_touched())
+            self._back_to_served()
             self.applied_offset, self._judged_offset = offset, judged
             raise
 
@@ -506,13 +503,17 @@ class OnlineLearner:
             self._served_score = (key, accuracy(self.served, texts, labels))
         return self._served_score[1]
 
-    def _hold_back(self, entry: dict) -> None:
-        """Back to the served weights, the optimiser state of what was touched reset with them."""
-        self.held_back += 1
+    def _back_to_served(self) -> None:
+        """The learner's copy back to the served weights, the optimiser state of what was touched reset."""
         with self._model_lock:
             weights = self.served.model.get_weights()
         self.trainer.model.set_weights(weights)
         self.trainer.reset_optimizer(self.trainer.take_touched())
+
+    def _hold_back(self, entry: dict) -> None:
+        """Back to the served weights, the optimiser state of what was touched reset with them."""
+        self.held_back += 1
+        self._back_to_served()
         entry.update(published=False, version=None, bytes=0)
         logger.warning("held back a candidate: %s", entry["reason"])
 
