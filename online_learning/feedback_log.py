@@ -8,8 +8,10 @@ has and writes nothing; the same id with another text or label is a conflict (Ev
 never silently dropped, and nothing of its batch is written. A failed write (disk full, I/O
 error) truncates the segment back and raises LogWriteError: nothing of the batch is kept.
 
-One process writes (`FeedbackLog`, the learner); others read with `FeedbackLogReader`, which
-never writes, truncates or creates anything. Segments rotate at `segment_events` events or
+One process writes (`FeedbackLog`, the learner), enforced by the state folder's ownership lease
+and epoch (persistence.py): a second writer is refused, and one that lost ownership writes no
+byte more. Others read with `FeedbackLogReader` (train/log_reader.py), which never writes,
+truncates or creates anything. Segments rotate at `segment_events` events or
 `segment_bytes` bytes; `compact(below_offset)` deletes whole segments below an offset; the ids of
 deleted segments stay in small sidecar indexes (log_index.py), so resends stay duplicates.
 `mark(offsets, "holdout" | "rejected" | "deferred")` annotates events in `marks.jsonl`.
@@ -26,10 +28,9 @@ import math
 import os
 import threading
 import time
-from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from online_learning.log_index import (
     segment_ids,
     write_sidecar,
 )
-from online_learning.log_segments import (
+from train.log_format import (
     LEGACY_FILE,
     MARKS_FILE,
     SEGMENT_RE,
@@ -56,19 +57,18 @@ from online_learning.log_segments import (
     fsync_dir,
     list_numbered,
     parse_marks,
-    scan_positions,
-    seek,
     segment_name,
     sidecar_name,
     write_all,
 )
+from train.log_reader import MARKS, FeedbackLogReader, LoggedEvent, LogView, marks_from
+
+from online_learning.persistence import NotOwner, Ownership
 
 __all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "EventIdConflict", "LogWriteError",
-           "OffsetCompacted", "CorruptLog", "MARKS", "LOG_FILE"]
+           "OffsetCompacted", "CorruptLog", "MARKS", "NotOwner"]
 
 logger = logging.getLogger(__name__)
-LOG_FILE = LEGACY_FILE  # the single file of earlier versions; renamed to the first segment on open
-MARKS = ("holdout", "rejected", "deferred")
 MERGE_FAN_IN = 8  # id indexes of compacted segments merge 8 of one size class into one ...
 MERGE_MAX_IDS = 1 << 20  # ... up to 1M ids (24 MB): lookups search O(8 log8 n) files, not one per segment
 
@@ -78,19 +78,6 @@ class FeedbackEvent:
     event_id: str
     text: str
     label: str
-
-
-@dataclass(frozen=True)
-class LoggedEvent:
-    offset: int
-    event_id: str
-    text: str
-    label: str
-    ts: float
-    holdout: bool = False  # the gate held it out of training
-    rejected: bool = False  # its round was held back by the gate as harmful: never trained on
-    deferred: bool = False  # its round was held back on the base check alone: the learner does not
-    # replay it, a fine-tune (all base data, several epochs) still learns it
 
 
 class EventIdConflict(ValueError):
@@ -112,130 +99,36 @@ def _ranges(offsets: list[int]) -> list[list[int]]:
     return out
 
 
-def _marks_from(records: list[dict], floor: int) -> dict[str, set[int]]:
-    marks: dict[str, set[int]] = {m: set() for m in MARKS}
-    for record in records:
-        target = marks.setdefault(record["mark"], set())
-        for start, stop in record["ranges"]:
-            target.update(range(max(start, floor), stop))
-    return marks
+class FeedbackLog(LogView):
+    """The writer: one per state folder, enforced. Thread-safe.
 
-
-class _LogView:
-    """Reading, shared by the writer and the read-only reader."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self._sparse: dict[int, list[int]] = {}  # first offset -> byte positions every STRIDE events
-
-    def _view(self) -> tuple[list[tuple[int, Path]], int | None, dict[str, set[int]]]:
-        raise NotImplementedError
-
-    def _positions(self, first: int, path: Path, sealed: bool, want: int) -> list[int] | None:
-        if first in self._sparse:
-            return self._sparse[first]
-        if not sealed or want - first < STRIDE:
-            return None
-        positions, _, _ = scan_positions(path, first)  # once per sealed segment: it never changes
-        self._sparse[first] = positions
-        return positions
-
-    def _list_segments(self) -> list[tuple[int, Path]]:
-        segments = list_numbered(self.directory, SEGMENT_RE)
-        if not segments and (self.directory / LEGACY_FILE).exists():
-            segments = [(0, self.directory / LEGACY_FILE)]
-        return segments
-
-    @property
-    def first_offset(self) -> int:
-        """The oldest offset still in the log (0 until a compaction deletes a segment)."""
-        segments = self._view()[0]
-        return segments[0][0] if segments else 0
-
-    def read_from(self, offset: int, limit: int | None = None) -> list[LoggedEvent]:
-        """The events with offset >= `offset`, in order, at most `limit` of them."""
-        return list(self.iter_from(offset, limit))
-
-    def iter_from(self, offset: int, limit: int | None = None) -> Iterator[LoggedEvent]:
-        """Iterate the committed events with offset >= `offset` (at most `limit`), opening only the
-        segments that hold them. Raises OffsetCompacted (now, not when iterated) if `offset` is
-        below `first_offset`. A writer's iterator stops at the length the log had when called."""
-        segments, stop, marks = self._view()
-        if not segments or limit == 0 or (stop is not None and offset >= stop):
-            return iter(())
-        if offset < segments[0][0]:
-            raise OffsetCompacted(offset, segments[0][0])
-        return self._events(segments, stop, marks, max(offset, 0), limit)
-
-    def _events(self, segments, stop, marks, offset, limit) -> Iterator[LoggedEvent]:
-        holdout, rejected, deferred = (marks.get(m, set()) for m in MARKS)
-        i = max(bisect_right([f for f, _ in segments], offset) - 1, 0)
-        given, nxt = 0, None
-        while True:
-            for j in range(i, len(segments)):
-                first, path = segments[j]
-                if nxt is not None and nxt != first:
-                    raise CorruptLog(f"{path.name} starts at offset {first} but the segment before it ends at {nxt}")
-                want = max(offset, first)
-                try:
-                    f = open(path, "rb")
-                    positions = self._positions(first, path, j < len(segments) - 1, want)
-                except FileNotFoundError:
-                    raise OffsetCompacted(want, self.first_offset) from None
-                with f:
-                    nxt = seek(f, first, want, positions)
-                    for record, _ in committed(f, nxt):
-                        off = record["offset"]
-                        if stop is not None and off >= stop:
-                            return
-                        nxt = off + 1
-                        if off < offset:
-                            continue
-                        yield LoggedEvent(off, record["event_id"], record["text"], record["label"], record["ts"],
-                                          off in holdout, off in rejected, off in deferred)
-                        given += 1
-                        if limit is not None and given >= limit:
-                            return
-            if stop is not None:
-                return
-            newer = [s for s in self._list_segments() if s[0] >= nxt]  # a reader follows a rotation
-            if not newer or newer[0][0] != nxt:
-                return
-            segments, i = newer, 0
-
-
-class FeedbackLogReader(_LogView):
-    """A read-only view of a log another process writes: never writes, truncates or creates a
-    file. It stops before a torn line or an incomplete batch (the writer's write in flight), so
-    it always sees a prefix of the log. Marks are read when an iteration starts."""
-
-    def _view(self):
-        segments = self._list_segments()
-        floor = segments[0][0] if segments else 0
-        return segments, None, _marks_from(parse_marks(self.directory / MARKS_FILE)[0], floor)
-
-    @property
-    def next_offset(self) -> int:
-        """One past the last committed event now on disk."""
-        segments = self._list_segments()
-        if not segments:
-            return 0
-        first, path = segments[-1]
-        return scan_positions(path, first)[1]
-
-    def __len__(self) -> int:
-        return self.next_offset
-
-
-class FeedbackLog(_LogView):
-    """The writer: one per state folder (the learner). Thread-safe."""
+    It writes only while `owner` (online_learning.persistence.Ownership) owns the folder, checked
+    before every write; without one it takes the folder's lease itself (raising NotOwner when
+    another process holds it) and gives it up on `close`."""
 
     def __init__(self, directory: str | Path, *, segment_events: int = 50_000, segment_bytes: int = 64 << 20,
-                 retain_events: int = 100_000):
+                 retain_events: int = 100_000, owner: Ownership | None = None):
         super().__init__(directory)
         if segment_events < 1 or segment_bytes < 1 or retain_events < 0:
             raise ValueError("segment_events and segment_bytes must be >= 1, retain_events >= 0")
         self.segment_events, self.segment_bytes, self.retain_events = segment_events, segment_bytes, retain_events
+        self._own_lease = owner is None
+        if owner is None:
+            owner = Ownership(self.directory)
+            if not owner.try_acquire():
+                epoch = owner.current_epoch()
+                raise NotOwner(f"{self.directory} is owned by another process (epoch {epoch}); one writer at a time",
+                               epoch)
+        self.owner = owner
+        try:
+            self._open()
+        except BaseException:
+            if self._own_lease:
+                owner.release()
+            raise
+
+    def _open(self) -> None:
+        self.owner.check()  # opening repairs files: an owner's job
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._torn: dict[int, int] = {}  # fd -> length it must be truncated to before the next write
@@ -251,7 +144,7 @@ class FeedbackLog(_LogView):
         self._recover_active()
         self._fd = os.open(self._segments[-1][1], os.O_WRONLY | os.O_APPEND)
         records, good = parse_marks(self.directory / MARKS_FILE)
-        self._marks = _marks_from(records, self._segments[0][0])
+        self._marks = marks_from(records, self._segments[0][0])
         self._marks_fd = os.open(self.directory / MARKS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if os.fstat(self._marks_fd).st_size > good:  # a torn mark: never confirmed to its caller
             os.ftruncate(self._marks_fd, good)
@@ -414,6 +307,7 @@ class FeedbackLog(_LogView):
                 new.append(ev)
             if not new:
                 return out
+            self.owner.check()
             self._repair()
             self._maybe_seal()  # only when something is written: a refused batch changes no file
             end = self._next + len(new) - 1
@@ -446,6 +340,7 @@ class FeedbackLog(_LogView):
             if not wanted:
                 return 0
             data = json.dumps({"mark": mark, "ranges": _ranges(wanted)}).encode() + b"\n"
+            self.owner.check()
             self._repair()
             self._write(self._marks_fd, self._marks_size, data, f"marking events {mark}")
             self._marks_size += len(data)
@@ -460,6 +355,8 @@ class FeedbackLog(_LogView):
         with self._lock:
             cutoff = min(below_offset, self._next - self.retain_events)
             before = self._segments[0][0]
+            if len(self._segments) > 1 and self._segments[1][0] <= cutoff:
+                self.owner.check()
             while len(self._segments) > 1 and self._segments[1][0] <= cutoff:
                 first, path = self._segments.pop(0)
                 path.unlink(missing_ok=True)
@@ -525,3 +422,5 @@ class FeedbackLog(_LogView):
                     os.close(fd)
                 except OSError:
                     pass
+            if self._own_lease:
+                self.owner.release()

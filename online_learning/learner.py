@@ -5,6 +5,13 @@ the learner's own copy in rounds (at most one per `publish_interval_s`), gates e
 and publishes passing versions as deltas in Ray's object store. Replicas pull what they are
 missing (`updates_since`).
 
+Ownership: one learner owns a state_dir at a time (persistence.py). A learner that finds it owned
+(a replacement replica started before the old one stopped, a second cluster during an upgrade)
+starts as a standby: it answers `submit` with `not_owner` and replicas with "wait" until the
+lease is free, then opens the log, adopts, replays and publishes. Every write checks the owner's
+epoch first, and every update and `learner` answer carries it (`epoch`), so a replica can ignore
+an owner that was superseded.
+
 Identity: weights are named (lineage, version) and carry a digest of their values. A learner
 start, and the adoption of a model someone else published to the store (a fine-tune or a plain
 retrain), begin a new lineage whose first version is above every number the store, the state
@@ -17,7 +24,6 @@ new feedback (the contradiction check, the gate), never replayed unchecked.
 """
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -30,19 +36,20 @@ import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from ray import serve
 
 from online_learning.contradiction import ContradictionCheck
 from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
-from online_learning.log_segments import LogWriteError
+from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
+from train.learner_state import LearnerState
+from train.log_format import LogWriteError
 
 logger = logging.getLogger("ray.serve")
-STATE_FILE = "learner_state.json"
+OWNER_RETRY_S = 0.5  # how often a standby tries to take the state_dir's lease
 STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the model store
 RESERVE_BLOCK = 100  # version numbers reserved in the store at a time (one small write per block)
 
@@ -110,17 +117,10 @@ class OnlineLearner:
         from train.store import ModelStore
 
         self.store = ModelStore(model_store)
-        self.log = FeedbackLog(self.s.state_dir, segment_events=self.s.log_segment_events,
-                               retain_events=self.s.log_retain_events)
-        state = self._read_state()
-        # Holdout membership is drawn from the learner's own secret and the offset it assigned,
-        # so a client cannot choose which of its events are held out.
-        self._salt = state.get("holdout_salt") or secrets.token_hex(8)
-        self._version_floor = state.get("version", 0)  # no lineage may reuse a number at or below it
-        # Events up to here were judged (the feedback check, the gate) by a round that published or
-        # marked them; later ones were acknowledged but not judged before a restart, and are judged
-        # as new events once the lineage is published, never replayed into it unchecked.
-        self._judged_offset = state.get("judged_offset", state.get("log_offset", -1))
+        self._owner = Ownership(self.s.state_dir)
+        self._state = StateFile(self._owner)
+        self._ready = False  # True once this learner owns the state_dir and has adopted a base
+        self._fenced: str | None = None  # why this learner lost ownership (it then writes nothing)
         self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
         self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
@@ -139,12 +139,59 @@ class OnlineLearner:
         self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
                                         self.s.auth_fail_burst, self.s.rate_limit_clients)
         self._base_data_spec = None
-        self._adopt(self._start_version(), reason="start")
-        self._acked.extend((off, time.time()) for off in range(self.applied_offset + 1, len(self.log)))
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        if self._owner.try_acquire():
+            self._take_over()  # as before ownership existed: a failure to start shows in the constructor
+            target = self._run
+        else:
+            logger.warning("%s is owned by another learner (epoch %s): standing by until it is free",
+                           self.s.state_dir, self._owner.current_epoch())
+            target = self._stand_by
+        self._thread = threading.Thread(target=target, name="learner", daemon=True)
         self._thread.start()
+
+    # -- ownership -------------------------------------------------------------------------
+    def _take_over(self) -> None:
+        """Now the owner: open the log, read the state file, adopt a base (replayed before it is
+        published). Until this has run, `submit` answers not_owner and replicas wait."""
+        try:
+            self.log = FeedbackLog(self.s.state_dir, segment_events=self.s.log_segment_events,
+                                   retain_events=self.s.log_retain_events, owner=self._owner)
+            state = self._state.read()
+            # Holdout membership is drawn from the learner's own secret and the offset it assigned,
+            # so a client cannot choose which of its events are held out.
+            self._salt = state.holdout_salt or secrets.token_hex(8)
+            self._version_floor = state.version  # no lineage may reuse a number at or below it
+            # Events up to here were judged (the feedback check, the gate) by a round that published or
+            # marked them; later ones were acknowledged but not judged before a restart, and are judged
+            # as new events once the lineage is published, never replayed into it unchecked.
+            self._judged_offset = state.judged_offset
+            self._adopt(self._start_version(), reason=f"start (ownership epoch {self._owner.epoch})")
+            self._acked.extend((off, time.time()) for off in range(self.applied_offset + 1, len(self.log)))
+        except BaseException:
+            self._owner.release()  # another learner may do better: do not keep the lease while failing
+            raise
+        self._ready = True
+
+    def _stand_by(self) -> None:
+        """A standby's thread: wait for the lease, take over, then learn."""
+        if not self._owner.acquire(self._stop, OWNER_RETRY_S):
+            return
+        logger.warning("took ownership of %s (epoch %s)", self.s.state_dir, self._owner.epoch)
+        self._take_over()
+        self._run()
+
+    def _not_owner(self) -> dict:
+        epoch = self._owner.current_epoch()
+        why = self._fenced or f"another learner owns {self.s.state_dir} (epoch {epoch}); this one is standing by"
+        return {"not_owner": {"epoch": epoch, "message": why}}
+
+    def _lost_ownership(self, err: NotOwner) -> None:
+        if self._fenced is None:
+            logger.error("%s", err)
+        self._fenced = str(err)
+        self._stop.set()  # the training thread ends; the health check then asks Serve for a new replica
 
     # -- lineages --------------------------------------------------------------------------
     def _start_version(self) -> int:
@@ -250,8 +297,9 @@ class OnlineLearner:
         after it goes above the reservation). train/store.py's module doc has the argument."""
         while True:
             if candidate > self._reserved_up_to:
-                self._reserved_up_to = candidate + RESERVE_BLOCK
-                self.store.reserve("online-learner", self._reserved_up_to)
+                self._owner.check()  # a superseded learner reserves nothing
+                self.store.reserve("online-learner", candidate + RESERVE_BLOCK)
+                self._reserved_up_to = candidate + RESERVE_BLOCK  # only once the reservation is stored
                 self._taken_up_to = self.store.highest_number()
             if candidate > self._taken_up_to:
                 return candidate
@@ -267,10 +315,17 @@ class OnlineLearner:
         """Append to the durable log (fsync); the training thread reads new events from the log.
 
         {"results": [(offset, duplicate), ...]}, or {"conflict": {"event_id", "offset"}} when an
-        id already names another event (then nothing of the batch was written)."""
+        id already names another event (then nothing of the batch was written), or
+        {"not_owner": {"epoch", "message"}} when this learner does not own the log (a standby, or
+        one that was superseded): nothing written, the caller retries (another replica may own it)."""
+        if not self._ready or self._fenced:
+            return self._not_owner()
         evs = [FeedbackEvent(e["event_id"], e["text"], e["label"]) for e in events]
         try:
             results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, evs)
+        except NotOwner as err:  # nothing written: the owner now is another learner
+            self._lost_ownership(err)
+            return self._not_owner()
         except EventIdConflict as err:
             return {"conflict": {"event_id": err.event_id, "offset": err.offset}}
         except LogWriteError as err:  # nothing written, nothing acknowledged; the log is as before
@@ -321,6 +376,9 @@ class OnlineLearner:
                 self._rest_until = time.monotonic() + took * (1 - duty) / duty
                 if self.history:  # the entry `_round` just appended
                     self.history[-1]["round_s"] = round(took, 3)
+            except NotOwner as err:  # superseded: not one more write; Serve replaces this replica
+                self._lost_ownership(err)
+                return
             except Exception:  # a failed round must not end learning: log it, retry next round
                 self._failed_rounds += 1
                 logger.exception("learner round failed (%s in a row)", self._failed_rounds)
@@ -531,7 +589,7 @@ class OnlineLearner:
             apply_update(self.served.model, delta, self._served_digest())
             self.served.version = version
             digest = self._digest.hexdigest()
-            delta.update(lineage=self.lineage, digest=digest)
+            delta.update(lineage=self.lineage, digest=digest, epoch=self._owner.epoch)
             deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
             deltas[version] = ray.put(delta)
             self.pub = Published(self.lineage, version, digest, self.applied_offset, chain_base, time.time(), pub.base,
@@ -562,11 +620,13 @@ class OnlineLearner:
                                        "snapshot_at": time.time()}
                 save_model_dir(self.served, tmp)
             try:
+                self._owner.check()
                 self.store.publish(tmp, version=pub.version)
             except ValueError as err:  # someone else took the number: our next publish goes above it
                 logger.warning("snapshot v%s not stored: %s", pub.version, err)
                 return
         self._store_seen = max(self._store_seen, pub.version)
+        self._owner.check()
         removed = self.store.gc(keep_last=self.s.store_keep_last, keep={pub.base, self.base_version, pub.version})
         if removed.get("versions"):
             logger.info("model store retention removed versions %s", removed["versions"])
@@ -605,10 +665,6 @@ class OnlineLearner:
         """A base can start a lineage only if the log still holds every event after its offset."""
         return metrics.get("log_offset", -1) + 1 >= self.log.first_offset
 
-    def _read_state(self) -> dict:
-        path = Path(self.s.state_dir) / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-
     def _judged(self, offset: int) -> None:
         """Events up to `offset` were judged and their marks are durable: say so durably, so that
         a restart replays them without judging them again."""
@@ -617,35 +673,31 @@ class OnlineLearner:
             self._write_state(max(self._version_floor, self.pub.version if self.pub else 0))  # no number goes back
 
     def _write_state(self, version: int) -> None:
-        """Durably, before `version` is published: numbers used are never reused after a crash."""
-        path = Path(self.s.state_dir) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        state = {"version": max(self._version_floor, version), "holdout_salt": self._salt,
-                 "lineage": self.lineage, "log_offset": self.applied_offset, "judged_offset": self._judged_offset}
-        with open(tmp, "w") as f:
-            f.write(json.dumps(state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Durably, before `version` is published: numbers used are never reused after a crash.
+        Raises NotOwner (writing nothing) when this learner no longer owns the state_dir."""
+        self._state.write(LearnerState(version=max(self._version_floor, version), holdout_salt=self._salt,
+                                       lineage=self.lineage, log_offset=self.applied_offset,
+                                       judged_offset=self._judged_offset, epoch=self._owner.epoch))
 
     # -- replicas --------------------------------------------------------------------------
     async def updates_since(self, replica: str, identity: dict) -> dict:
         """What a replica holding `identity` (lineage, version, digest, log_offset) needs:
-        wait (no lineage published yet), none, relabel (same digest), deltas, or full weights.
+        wait (no lineage published yet, or this learner is a standby), none, relabel (same
+        digest), deltas, or full weights. `learner` carries `epoch`, the ownership epoch of the
+        learner answering (0 for a standby, which owns nothing), as does every update dict: a
+        replica ignores updates from an epoch below the highest it has seen.
         Never blocks the event loop: full weights are built once per version in a thread."""
         now = time.time()
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
+        if not self._ready:
+            return {"kind": "wait", "learner": {"published": False, "epoch": 0, "owner": False}}
         self.replicas[replica] = {**identity, "reported_at": now}
         self._max_reported = max(self._max_reported, identity.get("version") or 0)
         self._forget_old_replicas(now)
         self._prune_acked()
         pub = self.pub
-        info = {"ready_offset": self.ready_offset, "published": pub is not None,
+        info = {"ready_offset": self.ready_offset, "published": pub is not None, "epoch": self._owner.epoch,
+                "owner": self._fenced is None,
                 "published_at": pub.published_at if pub else None, "base_version": pub.base if pub else None,
                 **(pub.identity() if pub else {})}
         if pub is None:
@@ -676,7 +728,7 @@ class OnlineLearner:
         with self._model_lock:  # the mirror and self.pub change together under this lock
             pub = self.pub
             full = make_full(self.served.model, pub.version, pub.log_offset)
-        full.update(lineage=pub.lineage, digest=pub.digest)
+        full.update(lineage=pub.lineage, digest=pub.digest, epoch=self._owner.epoch)
         return ray.put(full)
 
     def _forget_old_replicas(self, now: float) -> None:
@@ -693,6 +745,11 @@ class OnlineLearner:
 
     async def status(self) -> dict:
         now = time.time()
+        if not self._ready:  # a standby: nothing of its own to report yet
+            return {"owner": False, "standby": True, "epoch": 0, "owner_epoch": self._owner.current_epoch(),
+                    "lineage": None, "version": None, "digest": None, "published_at": None, "replaying": False,
+                    "pid": os.getpid(), "publish_interval_s": self.s.publish_interval_s,
+                    "max_staleness_s": self.s.max_staleness_s, "replicas": {}, "history": []}
         self._prune_acked()
         pub = self.pub
         live = {r: v for r, v in self.replicas.items() if now - v["reported_at"] < 30}
@@ -709,16 +766,27 @@ class OnlineLearner:
             "refused": self.refused,
             "followups_left": math.ceil(self._followups_left),
             "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
+            "owner": self._fenced is None, "standby": False, "epoch": self._owner.epoch, "fenced": self._fenced,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
             "replicas": live, "history": list(self.history)[-50:],
         }
 
     async def check_health(self) -> None:
+        if self._fenced:  # superseded: a new replica starts as a standby (or owner) instead
+            raise RuntimeError(self._fenced)
         if not self._thread.is_alive():
             raise RuntimeError("the learner's training thread stopped")
         if self._failed_rounds >= 10:  # stuck (a store it cannot read, a log it cannot write): restart
             raise RuntimeError(f"{self._failed_rounds} learner rounds in a row failed; see the log")
 
     def __del__(self):
-        if hasattr(self, "_stop"):  # not when __init__ failed before it
-            self._stop.set()
+        """Serve stopping this replica: end the training thread, then hand the lease over at once
+        (a standby takes it within OWNER_RETRY_S) rather than when the process exits."""
+        if not hasattr(self, "_thread"):  # not when __init__ failed before it
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a round still writing keeps the lease until the process ends
+            if self._ready:
+                self.log.close()
+            self._owner.release()

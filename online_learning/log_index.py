@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from online_learning.log_segments import CorruptLog, committed, fsync_dir, write_all
+from train.log_format import CorruptLog, committed, fsync_dir, write_all
 
 
 def id_hash(event_id: str) -> int:

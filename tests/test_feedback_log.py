@@ -272,7 +272,7 @@ def test_a_failed_write_leaves_the_log_as_it_was_and_the_next_append_works(tmp_p
     assert out["after_seal_retry"] == [[21, False], [3, True]]
     assert out["reopened"][0] == 22 and out["reopened"][1] == ["big-0", "id-12"]
     assert out["reopened"][2] == ["feedback-000000000000.ids.npy", "feedback-000000000000.jsonl",
-                                  "feedback-000000000021.jsonl", "marks.jsonl"]
+                                  "feedback-000000000021.jsonl", "marks.jsonl", "owner.lock", "owner_epoch.json"]
 
 
 def test_the_reader_never_writes_and_stops_before_a_write_in_flight(tmp_path):

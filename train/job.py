@@ -233,7 +233,8 @@ def check_gpu_capacity(cfg: TrainConfig) -> str:
 
 def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, int]:
     """(loop config additions, last log offset) for a fine-tune run."""
-    from online_learning.feedback_log import FeedbackLogReader, OffsetCompacted
+    from train.learner_state import judged_offset
+    from train.log_reader import FeedbackLogReader, OffsetCompacted
 
     for _ in range(5):  # pinned so that the learner's retention keeps it while we train from it
         latest = store.latest()
@@ -287,20 +288,6 @@ def _fine_tune_inputs(cfg: TrainConfig, store, pin_owner: str) -> tuple[dict, in
           + (f"; events after offset {judged}, not judged by the learner yet, are left to it" if judged is not None else
              "; no learner state found, so every event in the log was read"))
     return extra, last
-
-
-def judged_offset(feedback_dir: str) -> int | None:
-    """The offset the online learner has judged the log through (its learner_state.json), or None
-    without a state file. A fine-tune reads no further: an event the learner has not judged yet
-    could be one its feedback check would refuse; it is judged after the learner adopts the
-    fine-tune instead (docs/ONLINE_LEARNING.md)."""
-    from online_learning.learner import STATE_FILE
-
-    path = Path(feedback_dir) / STATE_FILE
-    if not path.exists():
-        return None
-    state = json.loads(path.read_text())
-    return state.get("judged_offset", state.get("log_offset", -1))
 
 
 def _fit_and_publish(cfg: TrainConfig, store) -> TrainOutcome:

@@ -1,4 +1,6 @@
-"""The feedback log's files: segment names, the line format, and reading only committed batches.
+"""The feedback log's on-disk format: segment names, the line format, reading only committed
+batches. Below both the learner (online_learning.feedback_log writes it) and a fine-tune
+(train.log_reader reads it), so neither imports the other.
 
 A segment `feedback-<first offset, 12 digits>.jsonl` holds dense offsets from its first one up to
 the next segment's first. Each line is one JSON record; every record carries `end`, the last
