@@ -14,7 +14,10 @@ What changes (settings from the environment, set by serve/ingress.py; defaults i
   within TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S before a replica sees the request (a stalled or
   slow client holds an HAProxy connection, never a replica slot), else 408; `timeout client`
   TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S instead of Ray's 3600 s;
-- at most TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT concurrent connections per client address;
+- at most TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT concurrent connections per client address, except
+  from the addresses in TEXTSERVE_INGRESS_CAP_EXEMPT (this host's own 127.0.0.1 and ::1 by default:
+  a load test or a local reverse proxy on the host itself; other loopback addresses and every
+  remote client stay capped);
 - `X-Textserve-Client: <peer address>` set on every request (a client's own value is replaced),
   with `X-Textserve-Ingress: <TEXTSERVE_INGRESS_SECRET>` so a replica trusts it only from us:
   the only client identity the app uses (feedback rate limit);
@@ -45,6 +48,9 @@ DEFAULTS = {
     "TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S": "10",  # whole headers + body; a 64 KB body needs far less
     "TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S": "30",  # client silent this long mid-request: cut
     "TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT": "256",  # HAProxy's maxconn is 4096: one address gets 1/16
+    # The host itself is not a hostile client: Apache Bench's 400 users (the 2017 study's test) come
+    # from 127.0.0.1. Empty: no exemption (every address capped).
+    "TEXTSERVE_INGRESS_CAP_EXEMPT": "127.0.0.1 ::1",
     "TEXTSERVE_INGRESS_ADMIN_BIND": "127.0.0.1",
     "TEXTSERVE_INGRESS_FALLBACK": "0",
     "TEXTSERVE_INGRESS_ACCESS_LOG": "0",
@@ -78,7 +84,23 @@ def setting(name: str, env=os.environ) -> str:
         raise ValueError(f"{name}={value!r}: give a whole number above 0 (default {DEFAULTS[name]})")
     if name in _FLAG_SETTINGS and value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: give 1 (on) or 0 (off) (default {DEFAULTS[name]})")
+    if name == "TEXTSERVE_INGRESS_CAP_EXEMPT":
+        return " ".join(_addresses(name, value))
     return value
+
+
+def _addresses(name: str, value: str) -> list[str]:
+    """Addresses or networks (CIDR), separated by spaces or commas, each checked."""
+    import ipaddress
+
+    out = []
+    for item in value.replace(",", " ").split():
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: {item!r} is not an IP address or network; give addresses "
+                             f"or CIDRs separated by spaces (default {DEFAULTS[name]!r}, empty: none)") from None
+    return out
 
 
 def _json_error(code: str, message: str) -> bytes:
@@ -115,6 +137,7 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
     request_timeout = int(setting("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", env))
     client_timeout = int(setting("TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S", env))
     per_client = int(setting("TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT", env))
+    exempt = setting("TEXTSERVE_INGRESS_CAP_EXEMPT", env)
     keep_fallback = setting("TEXTSERVE_INGRESS_FALLBACK", env) == "1"
     access_log = setting("TEXTSERVE_INGRESS_ACCESS_LOG", env) == "1"
     secret = env.get("TEXTSERVE_INGRESS_SECRET", "")
@@ -151,7 +174,8 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
                     "    option http-buffer-request",
                     "    stick-table type ipv6 size 100k expire 60s store conn_cur",
                     "    tcp-request connection track-sc0 src",
-                    f"    tcp-request connection reject if {{ sc0_conn_cur gt {per_client} }}",
+                    f"    tcp-request connection reject if {{ sc0_conn_cur gt {per_client} }}"
+                    + (f" !{{ src {exempt} }}" if exempt else ""),
                     # Control characters in a header value (RFC 9110 forbids them; HAProxy lets
                     # some through) would make the replica's HTTP parser answer plain text.
                     r"    http-request deny deny_status 400 if { req.hdrs -m reg [\x01-\x08\x0b\x0c\x0e-\x1f\x7f] }",

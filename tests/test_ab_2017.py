@@ -1,0 +1,72 @@
+"""The 2017 study's own test against the app as a user starts it: Apache Bench, 400 concurrent
+users from 127.0.0.1, a new connection per request, against `python -m serve run` of
+cluster/serve_local.yaml with nothing changed but where it runs (the test's model store, a free
+port, a temp feedback log) and with the ingress settings at their shipped defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import requests
+import yaml
+
+from serve.process import local_config
+from tests._helpers import stop_stray_haproxy
+from tests._servers import PythonMServeRun, second_ray_env
+from tests.conftest import free_port
+from serve.haproxy_cleanup import haproxy_pids
+
+USERS, REQUESTS = 400, 8000
+
+
+def ab_report(text: str) -> dict:
+    """The figures of Apache Bench's report this test judges (a line ab leaves out counts 0)."""
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text, re.MULTILINE)
+        return int(found.group(1)) if found else 0
+    return {"complete": number(r"^Complete requests:\s+(\d+)"), "failed": number(r"^Failed requests:\s+(\d+)"),
+            "non_2xx": number(r"^Non-2xx responses:\s+(\d+)"), "p99_ms": number(r"^\s+99%\s+(\d+)"),
+            "rps": float(re.search(r"^Requests per second:\s+([\d.]+)", text, re.MULTILINE).group(1))}
+
+
+def test_ab_report_parsing():
+    sample = ("Complete requests:      8000\nFailed requests:        3\n   (Connect: 0, Receive: 0, Length: 3, "
+              "Exceptions: 0)\nNon-2xx responses:      3\nRequests per second:    1234.56 [#/sec] (mean)\n"
+              "  99%    640\n 100%    900 (longest request)\n")
+    assert ab_report(sample) == {"complete": 8000, "failed": 3, "non_2xx": 3, "p99_ms": 640, "rps": 1234.56}
+
+
+def test_apache_bench_400_users_against_the_shipped_config(trained_store, tmp_path):
+    ab = shutil.which("ab")
+    if ab is None:
+        if os.environ.get("CI"):
+            pytest.fail("Apache Bench (ab) is missing: .ci/run installs apache2-utils")
+        pytest.skip("Apache Bench (ab) not installed: apt-get install apache2-utils")
+    port = free_port()
+    config = local_config(store=trained_store, port=port)
+    config["applications"][0]["args"]["learner"]["state_dir"] = str(tmp_path / "online")
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    body = tmp_path / "body.json"
+    body.write_text('{"text": "turn on the kitchen light"}')
+    url = f"http://127.0.0.1:{port}/v1/predict"
+
+    before = haproxy_pids()
+    try:
+        with PythonMServeRun(config_path, port, second_ray_env()) as server:
+            for _ in range(20):  # the first calls trace the model: not the study's steady state
+                assert requests.post(url, json={"text": "turn off the lights"}, timeout=30).status_code == 200
+            run = subprocess.run([ab, "-c", str(USERS), "-n", str(REQUESTS), "-s", "30", "-p", str(body),
+                                  "-T", "application/json", url], capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + server.log()[-3000:]
+    finally:
+        stop_stray_haproxy(before)  # a fallback: python -m serve run stops its own HAProxy
+    report = ab_report(run.stdout)
+    print(f"ab -c {USERS} -n {REQUESTS} against the shipped config: {report}")
+    assert report["complete"] == REQUESTS, run.stdout[-2000:]
+    assert report["failed"] == 0 and report["non_2xx"] == 0, run.stdout[-2000:]
+    assert report["p99_ms"] < 1000, run.stdout[-2000:]
