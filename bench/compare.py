@@ -22,9 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.cpu_cost import CpuMeter
 from bench.load import bench_texts, closed_loop, open_loop
 from bench.stats import combine_runs, goodput
-from bench.systems import ServeVariant, start_baseline, start_noop, start_variant
+from bench.systems import ServeVariant, start_baseline, start_noop, start_variant, variant_changes
 
 DEFAULT_USERS = [*range(1, 92, 10), *range(300, 401, 10)]
 SYSTEMS = {
@@ -100,8 +101,9 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
                 url = f"{system.url}/v1/predict"
                 asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
                 label = name + (f", round {r + 1} of {rounds}" if rounds > 1 else "")
+                meter = CpuMeter(system.proc.pid)
                 for n in tqdm(users, desc=label, unit="step", leave=False):
-                    runs[name][n] += [asyncio.run(closed_loop(url, n, duration_s, texts, keepalive)).summary()
+                    runs[name][n] += [_measured_step(meter, url, n, duration_s, texts, keepalive)
                                       for _ in range(per_round)]
                     if r == rounds - 1:
                         tqdm.write(_line(name, combine_runs(runs[name][n])))
@@ -112,9 +114,33 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
                                    f"failed {open_rows[name][-1]['failed']}, late {open_rows[name][-1]['late']}")
     for name in systems:
         rows = [combine_runs(runs[name][n]) for n in users]
+        changes = variant_changes(VARIANTS[name]) if name in VARIANTS else None
         report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows[name],
-                                   "goodput": goodput(rows)}
+                                   "goodput": goodput(rows), "changes_from_shipped": changes}
     return report
+
+
+def _measured_step(meter: CpuMeter, url: str, users: int, duration_s: float, texts: list[str], keepalive: bool) -> dict:
+    """One closed-loop step, with the server's CPU per answer over it (bench.cpu_cost)."""
+    meter.start()
+    summary = asyncio.run(closed_loop(url, users, duration_s, texts, keepalive)).summary()
+    return {**summary, **meter.stop(summary["complete"])}
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return "(a section)" if value else "{}"
+    return "(absent)" if value is None else json.dumps(value)
+
+
+def changes_line(changes: dict | None) -> str:
+    """What a Serve variant changes in the shipped config, for the report."""
+    if changes is None:
+        return "Not this system: a separate program (bench/baselines)."
+    if not changes:
+        return "Config: cluster/serve_local.yaml as shipped, ingress defaults as shipped (only store, port, log folder)."
+    return "Changed from the shipped config: " + "; ".join(
+        f"`{path}` {_short(a)} -> {_short(b)}" for path, (a, b) in changes.items()) + "."
 
 
 def _line(name: str, row: dict) -> str:
@@ -159,6 +185,21 @@ def _paired(report: dict, ra: dict, rb: dict) -> str:
             f"over {len(ratios)} rounds")
 
 
+def _cpu_table(report: dict, users: int) -> list[str]:
+    """Server CPU seconds per 1,000 answers at `users`, and each system's ratio to the tuned process."""
+    rows = {name: row for name in report["systems"] if (row := _at(report, name, users)) and "cpu_s_per_1k" in row}
+    if not rows:
+        return []
+    tuned = rows.get("tuned-single")
+    out = [f"Work per request at {users} users: server CPU seconds per 1,000 answers (the system's processes; "
+           "machine busy CPU minus the client's in brackets), median of the repetitions:", "",
+           "| system | CPU-s / 1,000 answers | ratio to tuned-single |", "|---|---|---|"]
+    for name, row in rows.items():
+        ratio = f"{row['cpu_s_per_1k'] / tuned['cpu_s_per_1k']:.2f}x" if tuned and tuned["cpu_s_per_1k"] > 0 else "-"
+        out.append(f"| {name} | {row['cpu_s_per_1k']:.2f} [{row['machine_cpu_s_per_1k']:.2f}] | {ratio} |")
+    return out + [""]
+
+
 def summary_lines(report: dict) -> list[str]:
     out = []
     for users in report["users"]:
@@ -169,6 +210,7 @@ def summary_lines(report: dict) -> list[str]:
                 out.append(f"| {name} | {_cell(row, 'tps')} | {_cell(row, 'p50_ms')} | {_cell(row, 'p99_ms')} | "
                            f"{row['failed']} |")
         out.append("")
+        out += _cpu_table(report, users)
     for name, data in report["systems"].items():
         good = data["goodput"]
         out.append(f"- {name} goodput (p99 < 1 s, 0 failed): "
@@ -200,7 +242,7 @@ def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
            f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
            f"![TPS and p99 against users]({image})", "", "## Summary", "", *summary_lines(report)]
     for name, data in report["systems"].items():
-        out += ["", f"## {name}", "", data["description"], "",
+        out += ["", f"## {name}", "", data["description"], "", changes_line(data.get("changes_from_shipped", None)), "",
                 "| " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * len(TABLE)]
         for row in data["closed_loop"]:
             cells = [_cell(row, k) if isinstance(row[k], float) else str(row[k]) for k, _ in TABLE]

@@ -51,18 +51,18 @@ def goodput(summaries: list[dict], p99_limit_ms: float = 1000.0) -> dict | None:
 
 
 SPREAD_KEYS = ("tps", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms", "transfer_kb_s")
+CPU_KEYS = ("cpu_s_per_1k", "machine_cpu_s_per_1k")  # bench.cpu_cost, where the step measured CPU
 
 
 def combine_runs(runs: list[dict]) -> dict:
     """Repetitions of one step as one row: medians of the figures, (min, max) of each in
     `spread`, failed and complete summed over all repetitions, each repetition under `runs`."""
     row = dict(runs[0])
-    for key in SPREAD_KEYS:
+    row["spread"] = {}
+    for key in SPREAD_KEYS + tuple(k for k in CPU_KEYS if k in row):
         values = [r[key] for r in runs if r[key] == r[key]]  # NaN (no answer at all) left out
         row[key] = float(np.median(values)) if values else float("nan")
-    row["spread"] = {}
-    for key in SPREAD_KEYS:  # NaN left out here too: min/max with NaN depend on the order
-        values = [r[key] for r in runs if r[key] == r[key]]
+        # NaN left out of min/max too: with NaN they depend on the order
         row["spread"][key] = [min(values), max(values)] if values else [float("nan"), float("nan")]
     row["failed"] = sum(r["failed"] for r in runs)
     row["complete"] = sum(r["complete"] for r in runs)

@@ -50,9 +50,29 @@ def variant_config(variant: ServeVariant, store: str, port: int, state_dir: str 
     return config
 
 
-# The load generator is one client address with up to 400 connections (Apache Bench and the
-# aiohttp client alike); the default per-client cap (256) is for a public port, not for this.
-BENCH_INGRESS = {"TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT": "2048"}
+# Where a system runs, not how: every variant points the config at the bench's store, port and a
+# temp feedback log. Anything else that differs from the shipped config is listed in the report.
+_WHERE = {"applications.0.args.model_store", "http_options.port", "applications.0.args.learner.state_dir"}
+
+
+def config_changes(config: dict, shipped: dict | None = None) -> dict[str, tuple]:
+    """Every setting of `config` that differs from cluster/serve_local.yaml as shipped, as
+    {dotted path: (shipped value, this value)} (None where a side lacks it); the store, port and
+    feedback-log folder are left out (where a system runs, not how)."""
+    shipped = local_config() if shipped is None else shipped
+    out: dict[str, tuple] = {}
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}.{i}")
+        elif a != b and path not in _WHERE:
+            out[path] = (a, b)
+    walk(shipped, config, "")
+    return out
 
 
 class _ServeWithStateDir(RunningServe):
@@ -68,12 +88,21 @@ class _ServeWithStateDir(RunningServe):
 
 
 def start_variant(variant: ServeVariant, store: str, port: int = 8000) -> RunningServe:
+    """The variant in its own `serve run`, with the ingress exactly as shipped (its defaults, and
+    what this process's environment sets, as for a user)."""
     if variant.kind == "shipped":
         state_dir = tempfile.mkdtemp(prefix="bench-learner-")
         return _ServeWithStateDir(variant_config(variant, store, port, state_dir), variant.fast_ingress,
-                                  name=variant.name, ingress_settings=BENCH_INGRESS, state_dir=state_dir)
-    return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name,
-                        ingress_settings=BENCH_INGRESS)
+                                  name=variant.name, state_dir=state_dir)
+    return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name)
+
+
+def variant_changes(variant: ServeVariant) -> dict[str, tuple]:
+    """What a variant changes in the shipped config (see `config_changes`); the ingress mode too."""
+    changes = config_changes(variant_config(variant, "", 0, ""), local_config("", 0))
+    if not variant.fast_ingress:
+        changes["environment.fast_ingress"] = ("on", "off")
+    return changes
 
 
 class RunningProcess(ServerProcess):
