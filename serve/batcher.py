@@ -13,27 +13,26 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
+from serve.settings import BatchSettings
+
 
 class ModelBatcher:
-    def __init__(self, run_batch: Callable[[list[str], list[int]], Awaitable[list]], max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.002):
-        self._run = run_batch  # awaits one model call for a batch; answers in order
-        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+    """`run_batch` awaits one model call for a batch and answers in order; `on_batch`, if given,
+    is told each batch's size (a metric). Settings come from `BatchSettings` (the Classifier's
+    user_config); `configure` changes them live."""
+
+    def __init__(self, run_batch: Callable[[list[str], list[int]], Awaitable[list]],
+                 settings: BatchSettings | None = None, on_batch: Callable[[int], None] | None = None):
+        self._run = run_batch
+        self._on_batch = on_batch
+        self.last_batch_size = 0
+        self.configure(settings or BatchSettings())
         self._pending: list[tuple[str, int, asyncio.Future]] = []
         self._drain: asyncio.Task | None = None
 
-    # the names @serve.batch's handle used, so callers read and set them alike
-    def set_max_batch_size(self, n: int) -> None:
-        self.max_batch_size = n
-
-    def set_batch_wait_timeout_s(self, s: float) -> None:
-        self.batch_wait_timeout_s = s
-
-    def _get_max_batch_size(self) -> int:
-        return self.max_batch_size
-
-    def _get_batch_wait_timeout_s(self) -> float:
-        return self.batch_wait_timeout_s
+    def configure(self, settings: BatchSettings) -> None:
+        """New limits take effect from the next batch."""
+        self.max_batch_size, self.batch_wait_timeout_s = settings.max_batch_size, settings.batch_wait_timeout_s
 
     def submit(self, text: str, top_k: int) -> asyncio.Future:
         """A future for this text's answer (or a ModelError); must run on the event loop."""
@@ -54,6 +53,9 @@ class ModelBatcher:
                 del self._pending[:len(batch)]
                 try:
                     answers = await self._run([t for t, _, _ in batch], [k for _, k, _ in batch])
+                    self.last_batch_size = len(batch)
+                    if self._on_batch is not None:
+                        self._on_batch(len(batch))
                 except BaseException as err:  # the batch's requests fail; the batcher goes on
                     for _, _, fut in batch:
                         if not fut.done():

@@ -81,3 +81,28 @@ def feedback_json_schema() -> dict:
              "properties": {k: {"type": "string"} for k in ("event_id", "text", "label")}}
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"oneOf": [event, {"type": "array", "items": event}]}}}}}
+
+
+def submit_answer(reply: dict) -> dict:
+    """The 202 body for the learner's answer to `submit`, or the RequestError it stands for:
+    nothing of the request was acknowledged unless the answer has `results`."""
+    if "not_owner" in reply:  # a standby during a handover; the owner answers within a second or two
+        refused = reply["not_owner"]
+        raise RequestError(503, "not_owner", f"the learner that answered does not own the feedback log "
+                           f"({refused['message']}); nothing in this request was acknowledged; retry",
+                           {"Retry-After": "1"}, detail={"epoch": refused["epoch"]})
+    if "write_error" in reply:
+        failed = reply["write_error"]
+        raise RequestError(
+            507, "log_write_failed", f"the feedback log could not be written ({failed['errno']}); nothing in this "
+            "request was acknowledged; retry later", {"Retry-After": "30"}, detail={"errno": failed["errno"]})
+    if "conflict" in reply:
+        clash = reply["conflict"]
+        raise RequestError(
+            409, "event_id_conflict", f"event_id {clash['event_id'][:200]!r} " + (
+                f"already names another event (offset {clash['offset']})" if clash["offset"] is not None
+                else "appears twice in this request") + " with a different text or label; nothing in this "
+            "request was written. Use a new event_id for a new event", detail={"event_id": clash["event_id"]})
+    results = reply["results"]
+    dups = sum(1 for _, dup in results if dup)
+    return {"accepted": len(results) - dups, "duplicates": dups, "offsets": [off for off, _ in results]}

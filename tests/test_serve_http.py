@@ -143,3 +143,25 @@ def test_unknown_fields_are_named_briefly(base_url):
     r = requests.post(f"{base_url}/v1/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text[:200]
     assert len(r.text) < 1000 and "and 340 more" in r.text
+
+
+def test_learner_answers_to_submit_become_http_answers():
+    """A standby learner's not_owner is a 503 the client retries (Retry-After: 1); nothing needs Ray."""
+    from serve.feedback import submit_answer
+    from serve.requests import RequestError, error_body
+
+    assert submit_answer({"results": [(4, False), (2, True)]}) == {"accepted": 1, "duplicates": 1, "offsets": [4, 2]}
+    refusals = {
+        "not_owner": ({"not_owner": {"epoch": 3, "message": "another learner owns /state (epoch 3)"}}, 503, "1"),
+        "log_write_failed": ({"write_error": {"errno": "ENOSPC", "message": "disk full"}}, 507, "30"),
+        "event_id_conflict": ({"conflict": {"event_id": "e1", "offset": 7}}, 409, None),
+    }
+    for code, (reply, status, retry_after) in refusals.items():
+        with pytest.raises(RequestError) as caught:
+            submit_answer(reply)
+        err = caught.value
+        assert (err.status, err.code, (err.headers or {}).get("Retry-After")) == (status, code, retry_after)
+        body = json.loads(error_body(err))["error"]
+        assert body["code"] == code and "nothing in this request was" in body["message"]
+        if code == "not_owner":
+            assert "another learner owns /state" in body["message"] and body["epoch"] == 3
