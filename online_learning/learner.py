@@ -261,12 +261,13 @@ class OnlineLearner:
         from train.model import accuracy
 
         self.trainer.take_touched()
-        mirror, self._next_mirror = self._next_mirror, None
+        mirror = self._next_mirror  # kept until the state is durable: a failure here is retried whole
         mirror.model.set_weights(self.trainer.model.get_weights())
         weights_digest = model_digest(mirror.model)
         digest = weights_digest.hexdigest()
         version = self._next_version()
         self._write_state(version)  # durable before any replica hears of it
+        self._next_mirror = None
         with self._model_lock:  # the mirror and self.pub change together
             self.served, self._digest, self._digest_of = mirror, weights_digest, mirror
             self.served.version = version

@@ -98,3 +98,101 @@ def test_events_judged_before_a_restart_are_replayed_not_judged_again(trained_st
     status = _restart_learner(store, state, 99)
     assert status["replayed_on_start"] == 100 and status["refused"] == 0
     assert status["version"] > 1 and status["served_offset"] == 99
+
+
+_LEARNER_OWNER = r"""
+import asyncio, json, sys, time
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
+from online_learning.learner import OnlineLearner
+
+store, state, name = sys.argv[1], sys.argv[2], sys.argv[3]
+loop = asyncio.new_event_loop()
+call = loop.run_until_complete
+probe = {"lineage": None, "version": 0, "digest": None, "log_offset": -1}  # a replica holding nothing yet
+learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
+                                              "snapshot_interval_s": 3600.0})
+events = [{"event_id": f"{name}-{i}", "text": f"turn on the light number {i}", "label": "HassTurnOn"} for i in range(5)]
+reply = call(learner.submit(events))
+status = call(learner.status())
+print("FIRST " + json.dumps({"submit": reply, "updates": call(learner.updates_since("probe", probe)),
+                             "status": {k: status.get(k) for k in ("owner", "standby", "epoch")}}), flush=True)
+deadline = time.monotonic() + 240
+while "results" not in reply and time.monotonic() < deadline:
+    time.sleep(0.1)  # a client's retry after a 503 not_owner
+    reply = call(learner.submit(events))
+update = call(learner.updates_since("probe", probe))
+while update["kind"] == "wait" and time.monotonic() < deadline:
+    time.sleep(0.1)
+    update = call(learner.updates_since("probe", probe))
+full = ray.get(update["refs"][0]) if update.get("refs") else {}
+status = call(learner.status())
+print("OWNED " + json.dumps({"submit": reply, "kind": update["kind"], "learner": update["learner"],
+                             "update_epoch": full.get("epoch"), "status_epoch": status["epoch"]}), flush=True)
+sys.stdin.readline()  # held until the test kills it or closes stdin
+"""
+
+
+def test_a_second_learner_stands_by_answering_not_owner_then_takes_over_when_the_owner_dies(trained_store, tmp_path):
+    """Two real learners (each in its own process with its own local Ray) on one state_dir, as
+    when Serve starts a replacement before the old replica stops. The second does not block in
+    its constructor: it answers not_owner and "wait" while the first owns the log; once the
+    first is killed (SIGKILL) it takes over under a higher epoch, accepts the same submit, and
+    publishes updates that carry its epoch. Each acknowledged event is in the log once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from online_learning.persistence import read_epoch
+    from train.learner_state import read_state
+
+    store, state = tmp_path / "store", tmp_path / "state"
+    shutil.copytree(trained_store, store)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def start(name):
+        with open(tmp_path / f"{name}.err", "w") as err:  # a file, not a pipe nobody drains while waiting
+            proc = subprocess.Popen([sys.executable, "-c", _LEARNER_OWNER, str(store), str(state), name], cwd=root,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc.name = name
+        return proc
+
+    def line(proc, prefix, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = proc.stdout.readline()
+            if out.startswith(prefix):
+                return json.loads(out[len(prefix) + 1:])
+            if not out and proc.poll() is not None:
+                break
+        proc.kill()
+        raise AssertionError(f"no {prefix} line; stderr: {(tmp_path / f'{proc.name}.err').read_text()[-3000:]}")
+
+    first = start("first")
+    second = None
+    try:
+        owned1 = line(first, "OWNED")
+        assert owned1["submit"]["results"] == [[i, False] for i in range(5)]
+        assert owned1["learner"]["epoch"] == 1 and owned1["update_epoch"] == 1 and owned1["status_epoch"] == 1
+        second = start("second")
+        standby = line(second, "FIRST")  # the constructor returned while the first owns the log
+        assert standby["submit"] == {"not_owner": {"epoch": 1, "message": standby["submit"]["not_owner"]["message"]}}
+        assert "standing by" in standby["submit"]["not_owner"]["message"]
+        assert standby["updates"] == {"kind": "wait", "learner": {"published": False, "epoch": 0, "owner": False}}
+        assert standby["status"] == {"owner": False, "standby": True, "epoch": 0}
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+        owned2 = line(second, "OWNED")
+        assert owned2["submit"]["results"] == [[5 + i, False] for i in range(5)]
+        assert owned2["kind"] == "full" and owned2["learner"]["epoch"] == 2 and owned2["update_epoch"] == 2
+        assert owned2["status_epoch"] == 2
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+    assert read_epoch(state) == 2 and read_state(state).epoch == 2
+    events = FeedbackLogReader(state).read_from(0)
+    assert [e.event_id for e in events] == [f"first-{i}" for i in range(5)] + [f"second-{i}" for i in range(5)]
