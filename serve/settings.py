@@ -12,9 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from online_learning.settings import LearnerSettings
 
-# The fast ingress: throughput-optimised Serve with the HAProxy proxy. With the large model on
-# 2 cores (docs/SERVING_BENCH.md) it served 400 clients at 1,486 req/s, p99 366 ms, where Serve's
-# defaults collapsed (51 req/s, p99 21.7 s). These must be in the
+# The fast ingress: throughput-optimised Serve with the HAProxy proxy, where Serve's defaults
+# collapse at hundreds of clients (docs/SERVING.md, Measured here). These must be in the
 # environment of the process that starts Ray (serve run, ray start), not in a runtime_env.
 FAST_INGRESS_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -52,12 +51,19 @@ class AppSettings(_Strict):
 
 
 class BatchSettings(_Strict):
-    """`user_config:` of the Classifier; changes live through `reconfigure`, no restart."""
+    """`user_config:` of the Classifier; changes live through `reconfigure`, no restart.
 
+    The one home of the batching defaults: the batcher (serve/batcher.py) starts from them, and the
+    Serve configs in cluster/ and the benchmarks name the same values."""
+
+    # 32: a batch the large model runs in a few ms on one core, so a full batch still answers far
+    # under the 1 s goal, while 400 waiting clients drain in a dozen model calls.
     max_batch_size: int = Field(32, ge=1, le=1024, description="most texts per model call")
-    # 2 ms: measured with the large model, 1 replica: vs 0 ms it costs 3 ms at 1 user (4.8 vs 1.8 ms)
-    # and gives 1.9x req/s at 64 users (1466 vs 788); docs/SERVING_BENCH_WAIT.md.
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="longest wait for a batch to fill")
+    # Waited only while the replica is busy (its previous batch held more than one text): an idle
+    # replica sends a lone text to the model at once, so quiet hours pay nothing, and under load
+    # 2 ms (well below one model call) lets arrivals fill the next batch (docs/SERVING.md).
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="longest wait for a batch to fill, "
+                                        "applied only while the replica is busy")
 
 
 def parse_settings(cls: type[_Strict], data: dict | None, where: str):

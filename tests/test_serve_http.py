@@ -34,7 +34,10 @@ def test_predict_single_and_list(base_url):
 def test_model_and_health_routes(base_url):
     info = requests.get(f"{base_url}/v1/model", headers=AUTH, timeout=5).json()
     assert info["model_version"] >= 1 and "HassTurnOn" in info["labels"]
-    assert info["batching"]["max_batch_size"] >= 1
+    # what tests/_helpers.deploy configures: BatchSettings' defaults
+    from serve.settings import BatchSettings
+
+    assert {k: info["batching"][k] for k in BatchSettings.model_fields} == BatchSettings().model_dump()
     health = requests.get(f"{base_url}/healthz", timeout=5)
     assert health.status_code == 200 and health.json()["status"] == "ready"
     assert requests.head(f"{base_url}/healthz", timeout=5).status_code == 200  # load balancers probe with HEAD
@@ -116,12 +119,16 @@ def deploy_config(base_url: str, store: str, user_config: dict) -> None:
 def test_reconfigure_changes_batching_without_restart(base_url, trained_store):
     from ray import serve
 
+    from serve.settings import BatchSettings
+
     url = f"{base_url}/reconf"
-    deploy_config(base_url, trained_store, {"max_batch_size": 32, "batch_wait_timeout_s": 0.002})
+    defaults = BatchSettings()
+    assert defaults.max_batch_size > 1  # so that 1 below is a change
+    deploy_config(base_url, trained_store, defaults.model_dump())
     try:
         wait_until(lambda: http_ok(f"{url}/healthz"), timeout=120, what="reconf app")
         before = requests.get(f"{url}/v1/model", headers=AUTH, timeout=5).json()
-        assert before["batching"]["max_batch_size"] == 32
+        assert before["batching"] == {**defaults.model_dump(), "last_batch_size": before["batching"]["last_batch_size"]}
         deploy_config(base_url, trained_store, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
 
         def applied():
