@@ -1,11 +1,13 @@
 """python -m online_learning send: post feedback events to /v1/feedback.
 
 One event from flags, or a .jsonl/.csv file (text, label and optionally event_id per row)
-streamed in batches with a progress bar. 429 and 503 are retried after the server's Retry-After;
-a summary is printed at the end (accepted, duplicates, conflicts, failed), and the exit status is
-1 when anything was refused. Event ids default to a hash of the event's content (text, label): the
-same event sent again is acknowledged as a duplicate without being applied twice, and a
-different file with the same name is learned all the same.
+streamed in batches with a progress bar. 429 and 503 are retried after the server's Retry-After,
+507 (the feedback log's disk is full: nothing was written) after a backoff from 0.5 s doubling up
+to the server's Retry-After; a request is tried at most 21 times (for 507, about 7.5 minutes of
+waits). A summary is printed at the end (accepted, duplicates, conflicts, failed), and the exit
+status is 1 when anything was refused. Event ids default to a hash of the event's content (text,
+label): the same event sent again is acknowledged as a duplicate without being applied twice, and
+a different file with the same name is learned all the same.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-RETRY_STATUSES = {429, 503}
+RETRY_STATUSES = {429, 503, 507}
+FIRST_BACKOFF_S = 0.5  # 507: the first wait; doubled each retry, never above the server's Retry-After
 
 
 def content_id(text: str, label: str) -> str:
@@ -46,6 +49,21 @@ def _explicit_ids(path: str) -> list[str | None]:
     return [json.loads(line).get("event_id") for line in text.splitlines() if line.strip()]
 
 
+def retry_wait_s(status: int, retry_after: str | None, retry: int) -> float:
+    """Seconds before retry number `retry` (0 for the first) of a request answered `status`.
+
+    429/503: what the server says (rate limit, a learner handing over). 507: the log's disk is
+    full until someone frees space or the log is compacted; a short wait first, then longer ones
+    up to the server's Retry-After (30 s), so a quick fix is noticed and a long one not hammered."""
+    try:
+        hinted = max(0.0, float(retry_after)) if retry_after else 1.0
+    except ValueError:  # an HTTP date: not what this server sends
+        hinted = 1.0
+    if status == 507:
+        return min(hinted, FIRST_BACKOFF_S * 2**retry)
+    return hinted
+
+
 def post_with_retries(session: requests.Session, url: str, events: list[dict], token: str,
                       max_retries: int = 20) -> tuple[int, dict]:
     for attempt in range(max_retries + 1):
@@ -58,11 +76,12 @@ def post_with_retries(session: requests.Session, url: str, events: list[dict], t
             continue
         if r.status_code not in RETRY_STATUSES or attempt == max_retries:
             return r.status_code, r.json() if r.content else {}
-        time.sleep(float(r.headers.get("Retry-After", "1")))
+        time.sleep(retry_wait_s(r.status_code, r.headers.get("Retry-After"), attempt))
     raise AssertionError("unreachable")
 
 
-def send(url: str, events: list[dict], token: str, batch: int = 64, progress: bool = True) -> dict:
+def send(url: str, events: list[dict], token: str, batch: int = 64, progress: bool = True,
+         max_retries: int = 20) -> dict:
     """Post `events` in batches; a batch refused for an event_id conflict is resent without the
     conflicting event (the server names it), so one clash does not cost its neighbours."""
     summary = {"sent": 0, "accepted": 0, "duplicates": 0, "conflicts": 0, "failed": 0, "errors": []}
@@ -72,7 +91,7 @@ def send(url: str, events: list[dict], token: str, batch: int = 64, progress: bo
             chunk = events[start : start + batch]
             summary["sent"] += len(chunk)
             while chunk:
-                status, body = post_with_retries(session, endpoint, chunk, token)
+                status, body = post_with_retries(session, endpoint, chunk, token, max_retries)
                 clash = (body.get("error") or {}).get("event_id") if status == 409 else None
                 refused = [e for e in chunk if e["event_id"] == clash]
                 if status == 202:

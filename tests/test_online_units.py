@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -175,3 +177,99 @@ def test_cli_default_ids_follow_the_content_not_the_file_name(tmp_path):
     day2 = read_events(str(tmp_path / "day2" / "feedback.jsonl"))
     assert day1[0]["event_id"] != day2[0]["event_id"]  # same file name and row, another event
     assert day1[0]["event_id"] == day2[1]["event_id"]  # the same event is the same id wherever it is
+
+
+class _FeedbackStandIn:
+    """/v1/feedback on 127.0.0.1 for the send CLI: requests get the answers of `script` in turn (a
+    status with the app's JSON error shape and a Retry-After, or None: accepted), then all are
+    accepted: 202 with what a real FeedbackLog in `log_dir` acknowledged."""
+
+    def __init__(self, log_dir, script: list[tuple[int, str] | None]):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from serve.requests import RequestError, error_body
+
+        self.log, self.script, self.seen, lock = FeedbackLog(log_dir), list(script), [], threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                import json
+
+                events = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    stand_in.seen.append((time.monotonic(), [e["event_id"] for e in events]))
+                    refusal = stand_in.script.pop(0) if stand_in.script else None
+                    if refusal is None:
+                        results = stand_in.log.append([FeedbackEvent(e["event_id"], e["text"], e["label"])
+                                                       for e in events])
+                if refusal:
+                    status, retry_after = refusal
+                    code = {429: "rate_limited", 503: "learner_unavailable", 507: "log_write_failed"}[status]
+                    body = error_body(RequestError(status, code, "refused by the test's script"))
+                    headers = {"Retry-After": retry_after}
+                else:
+                    status, headers = 202, {}
+                    body = json.dumps({"accepted": sum(not d for _, d in results),
+                                       "duplicates": sum(d for _, d in results),
+                                       "offsets": [o for o, _ in results]}).encode()
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.log.close()
+
+
+def test_send_retries_a_full_disk_with_backoff_and_every_event_arrives_once(tmp_path):
+    """507 log_write_failed (the log's disk is full, nothing written) is retried like 429/503, after
+    0.5 s, 1 s, 2 s... capped at the server's Retry-After (30 s), not 30 s every time."""
+    from online_learning.send import send
+
+    events = [{"event_id": f"disk-{i}", "text": f"turn on light {i}", "label": "HassTurnOn"} for i in range(10)]
+    script = [(507, "30"), (507, "30"), (507, "30"), None,  # the first batch: three refusals, then 202
+              (503, "0.2"), (507, "30"), None]  # the second: a learner handover, then the disk again
+    with _FeedbackStandIn(tmp_path / "log", script) as server:
+        start = time.monotonic()
+        summary = send(server.url, events, "token", batch=4, progress=False)
+        elapsed = time.monotonic() - start
+        logged = [e.event_id for e in server.log.read_from(0)]
+        tries = [ids for _, ids in server.seen]
+        gaps = [round(b - a, 1) for (a, _), (b, _) in zip(server.seen, server.seen[1:])]
+    assert summary == {"sent": 10, "accepted": 10, "duplicates": 0, "conflicts": 0, "failed": 0, "errors": []}
+    assert logged == [e["event_id"] for e in events]  # every event, once, in order
+    assert len(tries) == 3 + 1 + 2 + 1 + 1 and tries[:4] == [tries[0]] * 4  # retried, the same batch each time
+    assert gaps[:3] == pytest.approx([0.5, 1.0, 2.0], abs=0.3)  # backoff, not the 30 s Retry-After each time
+    assert gaps[4:6] == pytest.approx([0.2, 1.0], abs=0.3)  # 503: its Retry-After; 507: the backoff
+    assert 4.5 <= elapsed < 10, (elapsed, gaps)
+
+
+def test_send_gives_up_on_a_full_disk_after_its_retries(tmp_path):
+    """A disk that stays full: each batch is tried max_retries + 1 times, then counted as failed."""
+    from online_learning.send import main, send
+
+    events = [{"event_id": f"full-{i}", "text": f"stop the fan {i}", "label": "HassTurnOff"} for i in range(3)]
+    with _FeedbackStandIn(tmp_path / "log", [(507, "0.05")] * 100) as server:
+        summary = send(server.url, events, "token", batch=2, progress=False, max_retries=3)
+        assert len(server.seen) == 2 * 4 and len(server.log) == 0
+        assert summary["failed"] == 3 and summary["accepted"] == 0
+        assert all("HTTP 507" in line and "log_write_failed" in line for line in summary["errors"])
+        server.script[:] = []  # the disk has room again: the CLI's exit status says all arrived
+        assert main(["--url", server.url, "--token", "token", "--text", "stop the fan", "--label", "HassTurnOff"]) == 0
+        assert len(server.log) == 1
