@@ -75,7 +75,8 @@ def _route_path(scope) -> str:
 class PredictFirst:
     """The replica's ASGI app: POST /v1/predict straight to the replica's lean handler, everything
     else (other routes, /docs, lifespan, errors) to the FastAPI app. FastAPI's routing, middleware
-    and dependency solving cost ~3x our own handler per request (docs/SERVING.md, profile)."""
+    and dependency solving cost several times our own handler per request (docs/SERVING.md,
+    "The predict path")."""
 
     def __init__(self, replica: "Classifier", app: FastAPI):
         self.replica, self.app = replica, app
@@ -275,8 +276,9 @@ class Classifier:
         })
 
     @api.api_route("/healthz", methods=["GET", "HEAD"],  # HEAD: load balancer probes
-                   summary="200 once this replica serves the learner's current weights (or the store's newest "
-                           "while the learner is unreachable, said in 'learner'); 503 before")
+                   summary="200 once this replica has a model on the learner's current lineage, or one holding "
+                           "every event the learner had judged (its ready_offset); with the learner unreachable, "
+                           "once it has a model (said in 'learner'); 503 before")
     async def healthz(self):
         ready, why = self._follower.readiness()
         if why == "no_model":
