@@ -33,7 +33,6 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,8 +41,10 @@ from ray import serve
 
 from online_learning.contradiction import ContradictionCheck
 from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
+from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
+from online_learning.round_policy import NO_HOLDOUT, gate_reason, is_holdout, owed_followups
 from online_learning.settings import LearnerSettings
 from train.learner_state import LearnerState
 from train.log_format import LogWriteError
@@ -51,7 +52,6 @@ from train.log_format import LogWriteError
 logger = logging.getLogger("ray.serve")
 OWNER_RETRY_S = 0.5  # how often a standby tries to take the state_dir's lease
 STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the model store
-RESERVE_BLOCK = 100  # version numbers reserved in the store at a time (one small write per block)
 
 
 def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
@@ -70,23 +70,6 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), max(current, min(19, nice)))
         except OSError:  # a thread that ended meanwhile
             continue
-
-
-def owed_followups(s, left: float, learned: int, replaying: bool = False) -> float:
-    """Replay-only rounds owed once a round has learned (kept) `learned` new events, `left` being
-    owed before it: each event adds its share, `followup_passes` replays of it in rounds of
-    `followup_replay_events` (fractions of a round add up: 3 rounds of ~460 kept Korean events owe
-    24, 19 single events 0.33), the total at least `followup_min_rounds` (a single correction) and
-    at most `followup_rounds`. A later event adds its own share to what is left, never the whole
-    maximum again, so a trickle after a burst costs what a trickle costs. Replaying the log after
-    a restart owes only the minimum: the replicas wait for that lineage."""
-    floor = min(s.followup_min_rounds, s.followup_rounds)
-    if learned <= 0:
-        return left
-    if replaying:
-        return max(left, floor)
-    more = s.followup_passes * learned / s.followup_replay_events
-    return max(floor, min(s.followup_rounds, left + more))
 
 
 @dataclass(frozen=True)
@@ -124,8 +107,6 @@ class OnlineLearner:
         self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
         self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
-        self._reserved_up_to = 0  # numbers up to this are reserved for us in the store
-        self._taken_up_to = 0  # ...except those up to this, claimed by others before we reserved
         self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
         self.pub: Published | None = None  # None until the first lineage is published (after replay)
         self._full: tuple[int, asyncio.Future] | None = None
@@ -162,7 +143,7 @@ class OnlineLearner:
             # Holdout membership is drawn from the learner's own secret and the offset it assigned,
             # so a client cannot choose which of its events are held out.
             self._salt = state.holdout_salt or secrets.token_hex(8)
-            self._version_floor = state.version  # no lineage may reuse a number at or below it
+            self.numbers = VersionNumbers(self.store, self._owner, floor=state.version)
             # Events up to here were judged (the feedback check, the gate) by a round that published or
             # marked them; later ones were acknowledged but not judged before a restart, and are judged
             # as new events once the lineage is published, never replayed into it unchecked.
@@ -265,7 +246,8 @@ class OnlineLearner:
         mirror.model.set_weights(self.trainer.model.get_weights())
         weights_digest = model_digest(mirror.model)
         digest = weights_digest.hexdigest()
-        version = self._next_version()
+        # Above every number seen, every replica's report included (they hold it), and free.
+        version = self.numbers.lineage_first(self._max_reported, self.pub.version if self.pub else 0)
         self._write_state(version)  # durable before any replica hears of it
         self._next_mirror = None
         with self._model_lock:  # the mirror and self.pub change together
@@ -281,30 +263,6 @@ class OnlineLearner:
                              "base_accuracy": self.anchor_base_accuracy, "events": 0, "bytes": 0})
         logger.info("published lineage %s as v%s (digest %s, log offset %s)", self.lineage, version, digest,
                     self.applied_offset)
-
-    def _next_version(self) -> int:
-        """A lineage's first number: above every number seen (the state file, the store's
-        prefixes and reservations, every replica's report), and free (see `_free_number`)."""
-        seen = [self._version_floor, self.store.highest_number(), self.store.reserved(), self._max_reported]
-        if self.pub is not None:
-            seen.append(self.pub.version)
-        self._version_floor = self._free_number(max(seen) + 1)
-        return self._version_floor
-
-    def _free_number(self, candidate: int) -> int:
-        """`candidate` or the first number above it that no other publisher can hold: numbers are
-        reserved in the store a block at a time, and after each reservation the store is listed;
-        a claim made before the reservation landed shows there and is jumped over (a claim made
-        after it goes above the reservation). train/store.py's module doc has the argument."""
-        while True:
-            if candidate > self._reserved_up_to:
-                self._owner.check()  # a superseded learner reserves nothing
-                self.store.reserve("online-learner", candidate + RESERVE_BLOCK)
-                self._reserved_up_to = candidate + RESERVE_BLOCK  # only once the reservation is stored
-                self._taken_up_to = self.store.highest_number()
-            if candidate > self._taken_up_to:
-                return candidate
-            candidate = self._taken_up_to + 1
 
     # -- feedback --------------------------------------------------------------------------
     async def admit(self, client: str, auth_ok: bool) -> int:
@@ -413,7 +371,7 @@ class OnlineLearner:
         return self.log.read_from(start, limit=limit)
 
     def _is_holdout(self, offset: int) -> bool:
-        return zlib.crc32(f"{self._salt}:{offset}".encode()) % 100 < self.s.holdout_percent
+        return is_holdout(self._salt, offset, self.s.holdout_percent)
 
     def _count_followups(self, batch, kept: int) -> None:
         """Follow-up bookkeeping once a round has succeeded: a round of new events owes more
@@ -499,7 +457,7 @@ class OnlineLearner:
                 # fine-tune, except confident contradictions (a relabelling the check let through)
                 self.log.mark([e.offset for e in train if e.offset not in flagged], "deferred")
                 self.log.mark([e.offset for e in train if e.offset in flagged], "rejected")
-            elif entry["reason"] == "no holdout to judge by":  # not judgeable here: left to a fine-tune
+            elif entry["reason"] == NO_HOLDOUT:  # not judgeable here: left to a fine-tune
                 self.log.mark([e.offset for e in train], "deferred")
             else:  # judged bad: not replayed, not fine-tuned on
                 self.log.mark([e.offset for e in train], "rejected")
@@ -509,11 +467,8 @@ class OnlineLearner:
         return kept
 
     def _gate(self, entry: dict) -> bool:
-        """Base data and feedback scored apart. Hold back when base accuracy falls more than
-        `max_base_drop` below the lineage's anchor (so losses cannot ratchet over publishes),
-        when the feedback holdout falls more than `gate_margin` below the served version's (and by
-        at least `gate_min_losses` answers: 1 of 3 held-out events is not evidence), or
-        when there is no holdout at all to judge by."""
+        """Score the candidate on the base and feedback holdouts (recorded in `entry`) and judge it
+        (round_policy.gate_reason); the reason for holding it back goes to entry["reason"]."""
         from train.model import accuracy
 
         base_texts, base_labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
@@ -526,15 +481,10 @@ class OnlineLearner:
                      holdout_accuracy=fb_acc, served_holdout_accuracy=served_fb,
                      holdout_size=len(fb_texts), base_holdout_size=len(base_texts))
         entry.pop("reason", None)
-        if base_acc is None and fb_acc is None:
-            entry["reason"] = "no holdout to judge by"
-        elif base_acc is not None and base_acc < self.anchor_base_accuracy - self.s.max_base_drop:
-            entry["reason"] = f"base accuracy {base_acc:.3f} < anchor {self.anchor_base_accuracy:.3f} - {self.s.max_base_drop}"
-        elif (fb_acc is not None and fb_acc < served_fb - self.s.gate_margin
-              and round((served_fb - fb_acc) * len(fb_texts)) >= self.s.gate_min_losses):
-            entry["reason"] = f"feedback holdout {fb_acc:.3f} < served {served_fb:.3f} - {self.s.gate_margin}"
-        else:
+        reason = gate_reason(self.s, base_acc, self.anchor_base_accuracy, fb_acc, served_fb, len(fb_texts))
+        if reason is None:
             return True
+        entry["reason"] = reason
         return False
 
     def _repair(self, entry: dict) -> bool:
@@ -580,12 +530,12 @@ class OnlineLearner:
         from online_learning.weights import apply_update, make_delta, update_bytes
 
         pub = self.pub
-        version = self._free_number(max(pub.version, self._version_floor) + 1)
+        version = self.numbers.after(pub.version)
         # A jump over another publisher's number breaks the delta chain: replicas get full weights.
         chain_base = pub.chain_base if version == pub.version + 1 else version
         delta = make_delta(self.trainer.model, self.trainer.take_touched(), version, self.applied_offset)
         self._write_state(version)  # durable before any replica hears of it
-        self._version_floor = version
+        self.numbers.used(version)
         with self._model_lock:
             apply_update(self.served.model, delta, self._served_digest())
             self.served.version = version
@@ -671,12 +621,12 @@ class OnlineLearner:
         a restart replays them without judging them again."""
         if offset > self._judged_offset:
             self._judged_offset = offset
-            self._write_state(max(self._version_floor, self.pub.version if self.pub else 0))  # no number goes back
+            self._write_state(max(self.numbers.floor, self.pub.version if self.pub else 0))  # no number goes back
 
     def _write_state(self, version: int) -> None:
         """Durably, before `version` is published: numbers used are never reused after a crash.
         Raises NotOwner (writing nothing) when this learner no longer owns the state_dir."""
-        self._state.write(LearnerState(version=max(self._version_floor, version), holdout_salt=self._salt,
+        self._state.write(LearnerState(version=max(self.numbers.floor, version), holdout_salt=self._salt,
                                        lineage=self.lineage, log_offset=self.applied_offset,
                                        judged_offset=self._judged_offset, epoch=self._owner.epoch))
 

@@ -129,7 +129,7 @@ def test_follow_up_rounds_grow_with_the_burst_between_their_bounds():
     a trickle, after a burst or one event per round, never owes the whole maximum again."""
     import math
 
-    from online_learning.learner import owed_followups
+    from online_learning.round_policy import owed_followups
 
     s = LearnerSettings()
     left = 0.0
@@ -273,3 +273,46 @@ def test_send_gives_up_on_a_full_disk_after_its_retries(tmp_path):
         server.script[:] = []  # the disk has room again: the CLI's exit status says all arrived
         assert main(["--url", server.url, "--token", "token", "--text", "stop the fan", "--label", "HassTurnOff"]) == 0
         assert len(server.log) == 1
+
+
+def test_gate_reasons_follow_the_settings():
+    """The round policy without Ray or a model: each way a candidate is held back, and a pass."""
+    from online_learning.round_policy import NO_HOLDOUT, gate_reason
+
+    s = LearnerSettings(max_base_drop=0.02, gate_margin=0.05, gate_min_losses=2)
+    assert gate_reason(s, None, 0.9, None, None, 0) == NO_HOLDOUT
+    assert gate_reason(s, 0.87, 0.9, None, None, 0).startswith("base accuracy 0.870 < anchor 0.900")
+    assert gate_reason(s, 0.89, 0.9, None, None, 0) is None  # within max_base_drop
+    assert gate_reason(s, None, 0.9, 0.5, 0.8, 10).startswith("feedback holdout 0.500 < served 0.800")
+    assert gate_reason(s, None, 0.9, 0.5, 0.8, 3) is None  # 1 answer lost of 3 is not evidence
+    assert gate_reason(s, 0.9, 0.9, 0.78, 0.8, 100) is None  # within the margin
+
+
+def test_holdout_membership_depends_on_the_secret_and_the_share():
+    from online_learning.round_policy import is_holdout
+
+    a = [o for o in range(2000) if is_holdout("salt-a", o, 10)]
+    b = [o for o in range(2000) if is_holdout("salt-b", o, 10)]
+    assert 120 < len(a) < 280 and a != b  # about a tenth, and not the same tenth under another secret
+    assert not any(is_holdout("salt-a", o, 0) for o in range(2000))
+
+
+def test_version_numbers_jump_other_claims_and_need_ownership(tmp_path):
+    """Real store, real lease: numbers go above everything seen, skip a number another publisher
+    holds, and a learner that does not own the state_dir reserves nothing."""
+    from online_learning.numbering import RESERVE_BLOCK, VersionNumbers
+    from online_learning.persistence import NotOwner, Ownership
+    from train.store import ModelStore
+
+    store = ModelStore(str(tmp_path / "store"))
+    owner, other = Ownership(tmp_path / "state"), Ownership(tmp_path / "state")
+    assert owner.try_acquire()
+    numbers = VersionNumbers(store, owner, floor=4)
+    assert numbers.lineage_first(2, 9) == 10  # above the floor and every number reported
+    assert store.reserved() == 10 + RESERVE_BLOCK
+    numbers.used(10)
+    assert numbers.after(10) == 11 and numbers.after(3) == 11
+    with pytest.raises(NotOwner):
+        VersionNumbers(store, other, floor=0).lineage_first()
+    assert store.reserved() == 10 + RESERVE_BLOCK  # the non-owner wrote no reservation
+    owner.release()

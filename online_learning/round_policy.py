@@ -1,0 +1,53 @@
+"""The learner's round policy as plain functions: which events are held out, when the gate holds
+a candidate back, how many follow-up rounds a round owes. No Ray, no TensorFlow: the learner
+(learner.py) measures, these decide."""
+
+from __future__ import annotations
+
+import zlib
+
+__all__ = ["is_holdout", "gate_reason", "owed_followups", "NO_HOLDOUT"]
+
+NO_HOLDOUT = "no holdout to judge by"
+
+
+def is_holdout(salt: str, offset: int, percent: float) -> bool:
+    """Whether the event at `offset` is held out of training for the gate. Drawn from the
+    learner's own secret and the offset it assigned, so a client cannot choose which of its
+    events are held out."""
+    return zlib.crc32(f"{salt}:{offset}".encode()) % 100 < percent
+
+
+def gate_reason(s, base_acc: float | None, anchor: float, fb_acc: float | None, served_fb: float | None,
+                fb_size: int) -> str | None:
+    """Why the gate holds a candidate back, or None to publish it. Base data and feedback are
+    scored apart: hold back when base accuracy falls more than `max_base_drop` below the
+    lineage's anchor (so losses cannot ratchet over publishes), when the feedback holdout falls
+    more than `gate_margin` below the served version's (and by at least `gate_min_losses`
+    answers: 1 of 3 held-out events is not evidence), or when there is no holdout at all to
+    judge by. A reason starting with "base" is the base check alone (the learner may repair)."""
+    if base_acc is None and fb_acc is None:
+        return NO_HOLDOUT
+    if base_acc is not None and base_acc < anchor - s.max_base_drop:
+        return f"base accuracy {base_acc:.3f} < anchor {anchor:.3f} - {s.max_base_drop}"
+    if (fb_acc is not None and fb_acc < served_fb - s.gate_margin
+            and round((served_fb - fb_acc) * fb_size) >= s.gate_min_losses):
+        return f"feedback holdout {fb_acc:.3f} < served {served_fb:.3f} - {s.gate_margin}"
+    return None
+
+
+def owed_followups(s, left: float, learned: int, replaying: bool = False) -> float:
+    """Replay-only rounds owed once a round has learned (kept) `learned` new events, `left` being
+    owed before it: each event adds its share, `followup_passes` replays of it in rounds of
+    `followup_replay_events` (fractions of a round add up), the total at least
+    `followup_min_rounds` (a single correction) and at most `followup_rounds`. A later event adds
+    its own share to what is left, never the whole maximum again, so a trickle after a burst
+    costs what a trickle costs. Replaying the log after a restart owes only the minimum: the
+    replicas wait for that lineage."""
+    floor = min(s.followup_min_rounds, s.followup_rounds)
+    if learned <= 0:
+        return left
+    if replaying:
+        return max(left, floor)
+    more = s.followup_passes * learned / s.followup_replay_events
+    return max(floor, min(s.followup_rounds, left + more))
