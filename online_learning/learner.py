@@ -50,7 +50,7 @@ from train.learner_state import LearnerState
 from train.log_format import LogWriteError
 
 logger = logging.getLogger("ray.serve")
-OWNER_RETRY_S = 0.5  # how often a standby tries to take the state_dir's lease
+OWNER_RETRY_S = 0.2  # how often a standby tries to take the state_dir's lease
 STORE_CHECK_S = 2.0  # how often the training thread looks for a new base in the model store
 
 
@@ -102,7 +102,8 @@ class OnlineLearner:
         self.store = ModelStore(model_store)
         self._owner = Ownership(self.s.state_dir)
         self._state = StateFile(self._owner)
-        self._ready = False  # True once this learner owns the state_dir and has adopted a base
+        self._log_open = False  # True once this learner owns the state_dir and has opened the log
+        self._ready = False  # ...and has adopted a base
         self._fenced: str | None = None  # why this learner lost ownership (it then writes nothing)
         self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
@@ -135,10 +136,13 @@ class OnlineLearner:
     # -- ownership -------------------------------------------------------------------------
     def _take_over(self) -> None:
         """Now the owner: open the log, read the state file, adopt a base (replayed before it is
-        published). Until this has run, `submit` answers not_owner and replicas wait."""
+        published). `submit` appends as soon as the log is open (a handover keeps feedback out
+        only while the log opens, not while a model loads); replicas wait until this has run."""
         try:
             self.log = FeedbackLog(self.s.state_dir, segment_events=self.s.log_segment_events,
                                    retain_events=self.s.log_retain_events, owner=self._owner)
+            opened_at = len(self.log)
+            self._log_open = True
             state = self._state.read()
             # Holdout membership is drawn from the learner's own secret and the offset it assigned,
             # so a client cannot choose which of its events are held out.
@@ -149,9 +153,14 @@ class OnlineLearner:
             # as new events once the lineage is published, never replayed into it unchecked.
             self._judged_offset = state.judged_offset
             self._adopt(self._start_version(), reason=f"start (ownership epoch {self._owner.epoch})")
-            self._acked.extend((off, time.time()) for off in range(self.applied_offset + 1, len(self.log)))
+            # Before the events submitted while adopting (already in _acked, in offset order): one
+            # C call, so a concurrent submit's append to the other end cannot interleave.
+            now = time.time()
+            self._acked.extendleft([(off, now) for off in reversed(range(self.applied_offset + 1, opened_at))])
         except BaseException:
             self._owner.release()  # another learner may do better: do not keep the lease while failing
+            if getattr(self, "log", None) is not None:
+                self.log.close()
             raise
         self._ready = True
 
@@ -277,7 +286,7 @@ class OnlineLearner:
         id already names another event (then nothing of the batch was written), or
         {"not_owner": {"epoch", "message"}} when this learner does not own the log (a standby, or
         one that was superseded): nothing written, the caller retries (another replica may own it)."""
-        if not self._ready or self._fenced:
+        if not self._log_open or self._fenced:
             return self._not_owner()
         evs = [FeedbackEvent(e["event_id"], e["text"], e["label"]) for e in events]
         try:
@@ -738,6 +747,6 @@ class OnlineLearner:
         self._stop.set()
         self._thread.join(timeout=10)
         if not self._thread.is_alive():  # a round still writing keeps the lease until the process ends
-            if self._ready:
+            if self._log_open:
                 self.log.close()
             self._owner.release()
