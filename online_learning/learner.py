@@ -649,8 +649,10 @@ class OnlineLearner:
         Never blocks the event loop: full weights are built once per version in a thread."""
         now = time.time()
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
-        if not self._ready:
-            return {"kind": "wait", "learner": {"published": False, "epoch": 0, "owner": False}}
+        if not self._ready:  # a standby (epoch 0: it owns nothing), or an owner still adopting its base
+            owning = self._log_open and not self._fenced
+            return {"kind": "wait", "learner": {"published": False, "epoch": self._owner.epoch if owning else 0,
+                                                "owner": owning}}
         self.replicas[replica] = {**identity, "reported_at": now}
         self._max_reported = max(self._max_reported, identity.get("version") or 0)
         self._forget_old_replicas(now)
@@ -705,8 +707,10 @@ class OnlineLearner:
 
     async def status(self) -> dict:
         now = time.time()
-        if not self._ready:  # a standby: nothing of its own to report yet
-            return {"owner": False, "standby": True, "epoch": 0, "owner_epoch": self._owner.current_epoch(),
+        if not self._ready:  # a standby, or an owner still adopting its base: nothing of its own to report yet
+            owning = self._log_open and not self._fenced
+            return {"owner": owning, "standby": not self._log_open, "epoch": self._owner.epoch if owning else 0,
+                    "owner_epoch": self._owner.current_epoch(),
                     "lineage": None, "version": None, "digest": None, "published_at": None, "replaying": False,
                     "pid": os.getpid(), "publish_interval_s": self.s.publish_interval_s,
                     "max_staleness_s": self.s.max_staleness_s, "replicas": {}, "history": []}
