@@ -175,9 +175,11 @@ class ModelFollower:
 
     async def apply(self, reply: dict, updates: list[dict]) -> bool:
         """Apply one answer of `updates_since` (`reply`, its refs already fetched as `updates`).
+
         False, and nothing changed, when the answer or any of its updates comes from an ownership
-        epoch below the highest this replica has seen, or the learner says it owns no log; True otherwise (a refused update included:
-        the replica keeps its weights and its next poll asks for full weights)."""
+        epoch below the highest this replica has seen, or the learner says it owns no log. True
+        otherwise, a refused update included (the replica keeps its weights, and its next poll
+        asks for full weights)."""
         from serve.runner import DigestMismatch, ModelMismatch
 
         info, kind = reply["learner"], reply["kind"]
