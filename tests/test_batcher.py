@@ -58,3 +58,23 @@ def test_while_busy_a_batch_waits_to_fill_and_configure_applies_live():
     batcher = asyncio.run(main())
     assert calls == [["a", "b"], ["c", "d"], ["x"], ["y"], ["z"]]
     assert (batcher.max_batch_size, batcher.batch_wait_timeout_s) == (1, 0.0)
+
+
+def test_the_shipped_serve_configs_write_out_the_batching_defaults():
+    """BatchSettings is the home of the defaults; the Serve configs repeat them (Serve's YAML cannot
+    refer to Python), so this keeps the copies equal to the home."""
+    from pathlib import Path
+
+    import yaml
+
+    cluster = Path(__file__).resolve().parent.parent / "cluster"
+    configs = {name: yaml.safe_load((cluster / name).read_text()) for name in ("serve_local.yaml", "serve_cluster.yaml")}
+    kuberay = [doc for doc in yaml.safe_load_all((cluster / "kuberay.yaml").read_text()) if doc and "serveConfigV2" in
+               doc.get("spec", {})]
+    assert len(kuberay) == 1
+    configs["kuberay.yaml"] = yaml.safe_load(kuberay[0]["spec"]["serveConfigV2"])
+    defaults = BatchSettings().model_dump()
+    for name, config in configs.items():
+        found = [dep["user_config"] for app in config["applications"] for dep in app.get("deployments", [])
+                 if dep["name"] == "Classifier"]
+        assert found == [defaults], f"cluster/{name}: Classifier user_config {found} is not BatchSettings' {defaults}"
