@@ -268,3 +268,85 @@ def test_a_text_the_model_fails_on_fails_alone(trained_store):
     assert answers[0]["label"] == "HassTurnOn" and answers[2]["label"] == "HassTurnOff"
     assert isinstance(answers[1], ModelError)
     assert served.classify_isolated(["MARKER"], [1])[0].__class__ is ModelError
+
+
+DUPLICATES = [  # (body, the key named): last-wins parsing would read a value a proxy in front did not
+    (b'{"text": "turn on the light", "text": "stop the fan"}', "text"),
+    (b'{"te\\u0078t": "turn on the light", "text": "stop the fan"}', "text"),  # one key, two spellings
+    (b'{"texts": ["turn on the light"], "top_k": 1, "top_k": 3}', "top_k"),
+    (b'{"event_id": "dup-1", "text": "turn on the light", "label": "HassTurnOn", "label": "HassTurnOff"}', "label"),
+    (b'[{"event_id": "dup-2", "text": "hi there", "label": "HassTurnOn"}, {"a": {"b": 1, "b": 2}}]', "b"),
+]
+
+
+def test_parser_refuses_a_key_twice_at_any_depth_and_keeps_the_rest():
+    """Ray-free: predict (orjson, then json for what it cannot prove unique) and feedback (json)
+    refuse any object naming a key twice, with 400 duplicate_key naming it; bodies without one,
+    including texts with ':' in them (the re-parse path), read as before."""
+    from types import SimpleNamespace
+
+    from serve.feedback import parse_feedback
+    from serve.requests import RequestError, error_body, parse_predict
+
+    limits = SimpleNamespace(max_body_bytes=65_536, max_texts=64, max_text_chars=2_000, top_k=3)
+    learner, labels = SimpleNamespace(max_events=256), {"HassTurnOn", "HassTurnOff"}
+    for body, key in DUPLICATES + [(b'{"\\ud800": 1, "\\ud800": 2}', "\\ud800"),
+                                   (b'{"text": "a", "texts": [{"x": [1, {"y": 1, "y": 1}]}]}', "y")]:
+        for parse in (lambda b: parse_predict(b, limits), lambda b: parse_feedback(b, limits, learner, labels)):
+            with pytest.raises(RequestError) as err:
+                parse(body)
+            answer = json.loads(error_body(err.value))["error"]  # serialisable, even a lone surrogate
+            assert (err.value.status, answer["code"], answer["key"]) == (400, "duplicate_key", key), body
+            assert repr(key) in answer["message"], answer
+    assert parse_predict(b'{"text": "wake me at 7:30", "top_k": 2}', limits) == (["wake me at 7:30"], False, 2)
+    assert parse_predict(b'{"texts": ["a:b", "c"]}', limits) == (["a:b", "c"], True, 3)
+    assert parse_feedback(b'{"event_id": "x:1", "text": "turn on: the light", "label": "HassTurnOn"}',
+                          limits, learner, labels) == [{"event_id": "x:1", "text": "turn on: the light",
+                                                        "label": "HassTurnOn"}]
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/feedback"])
+def test_a_key_twice_gets_400_over_http_and_nothing_is_logged(hostile_app, path):
+    """Through the ingress to the replicas: every body naming a key twice is a 400 duplicate_key
+    that names the key, and no event of such a feedback body was written (the same ids are new
+    afterwards). From an address of its own: the feedback rate budget of 127.0.0.1 may be spent."""
+    client = "127.0.0.12"
+    for body, key in DUPLICATES:
+        status, _, answer = request_from(client, hostile_app + path, "POST", body, AUTH)
+        assert (status, error_code(answer)) == (400, "duplicate_key"), (body, status, answer[:300])
+        assert repr(key) in json.loads(answer)["error"]["message"], answer
+    if path == "/v1/predict":
+        status, _, answer = request_from(client, hostile_app + path, "POST", b'{"text": "turn on the light: now"}')
+        assert status == 200 and json.loads(answer)["label"] == "HassTurnOn", answer
+    else:
+        events = [{"event_id": "dup-1", "text": "turn on the light", "label": "HassTurnOn"},
+                  {"event_id": "dup-2", "text": "hi there", "label": "HassTurnOn"}]
+        status, _, answer = request_from(client, hostile_app + path, "POST", json.dumps(events).encode(), AUTH)
+        assert status == 202 and json.loads(answer)["accepted"] == 2, answer  # neither id was taken before
+
+
+def test_content_length_with_transfer_encoding_is_read_as_chunked_and_closed(hostile_app):
+    """docs/SECURITY.md: a request with both headers is forwarded with the body read as chunked
+    (Content-Length dropped), and the connection is closed after the answer, so bytes after the
+    chunked body (a smuggled second request) are never read as a request."""
+    import socket
+
+    parts = urlsplit(hostile_app)
+    body = json.dumps({"text": GOOD}).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    for content_length, tail in [(len(body), b""), (5, b"GET /hostile/v1/model HTTP/1.1\r\nHost: a\r\n\r\n")]:
+        request = (f"POST {parts.path}/v1/predict HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {content_length}\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + chunked + tail
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as conn:
+            conn.sendall(request)
+            answer, deadline = b"", time.monotonic() + 10
+            while time.monotonic() < deadline:
+                data = conn.recv(65_536)
+                if not data:  # closed by the ingress
+                    break
+                answer += data
+            else:
+                pytest.fail(f"the connection stayed open: {answer[:300]!r}")
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), answer[:300]
+        assert json.loads(rest)["label"] == "HassTurnOn" and answer.count(b"HTTP/1.1 ") == 1, answer[:500]
