@@ -24,7 +24,7 @@ from pathlib import Path
 
 from train.learner_state import LearnerState, read_state, write_state_file
 
-__all__ = ["LOCK_FILE", "EPOCH_FILE", "NotOwner", "Ownership", "StateFile", "read_epoch"]
+__all__ = ["LOCK_FILE", "EPOCH_FILE", "DamagedEpoch", "NotOwner", "Ownership", "StateFile", "read_epoch"]
 
 LOCK_FILE = "owner.lock"
 EPOCH_FILE = "owner_epoch.json"
@@ -39,12 +39,21 @@ class NotOwner(RuntimeError):
         self.epoch = epoch
 
 
+class DamagedEpoch(RuntimeError):
+    """owner_epoch.json exists but cannot be read: nobody may take ownership until it is fixed."""
+
+
 def read_epoch(state_dir: str | Path) -> int:
     """The durable ownership epoch of `state_dir` (0 before anyone owned it)."""
+    path = Path(state_dir) / EPOCH_FILE
     try:
-        return int(json.loads((Path(state_dir) / EPOCH_FILE).read_text())["epoch"])
+        return int(json.loads(path.read_text())["epoch"])
     except FileNotFoundError:
         return 0
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedEpoch(f"{path} is unreadable ({err}); it holds the ownership epoch of {state_dir}. Stop every "
+                           f"learner on it, then write {{\"epoch\": N}} there with N above the \"epoch\" in "
+                           "learner_state.json") from None
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -96,13 +105,13 @@ class Ownership:
             if not self._names(fd):  # the file was replaced between open and lock: the lock is on a ghost
                 os.close(fd)
                 return False
-            epoch = read_epoch(self.directory) + 1
-            holder = {"epoch": epoch, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
             try:
+                epoch = read_epoch(self.directory) + 1
+                holder = {"epoch": epoch, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
                 _write_durably(self.directory / EPOCH_FILE, json.dumps(holder).encode())
                 os.ftruncate(fd, 0)  # who holds it, for an operator reading the lock file
                 os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
-            except OSError:
+            except BaseException:  # the lease is not kept by an owner that could not record its epoch
                 os.close(fd)
                 raise
             self._fd, self.epoch, self._lost = fd, epoch, None

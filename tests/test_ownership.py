@@ -276,3 +276,17 @@ def test_ownership_epochs_only_go_up_and_the_state_file_needs_the_lease(tmp_path
     third = Ownership(tmp_path)
     assert third.try_acquire() and third.epoch == 3
     third.release()
+
+
+def test_a_damaged_epoch_file_stops_ownership_with_instructions_and_keeps_no_lease(tmp_path):
+    """Nobody can tell which epoch came last from a damaged epoch file: taking ownership is
+    refused with what to do, and the failed attempt leaves the lock free."""
+    from online_learning.persistence import DamagedEpoch
+
+    (tmp_path / EPOCH_FILE).write_text("")
+    with pytest.raises(DamagedEpoch, match="write .*epoch.* above"):
+        Ownership(tmp_path).try_acquire()
+    (tmp_path / EPOCH_FILE).write_text(json.dumps({"epoch": 7}))
+    fixed = Ownership(tmp_path)
+    assert fixed.try_acquire() and fixed.epoch == 8  # the lock was not kept by the failed attempt
+    fixed.release()
