@@ -141,8 +141,8 @@ class ModelFollower:
         while True:
             try:
                 await self.sync()
-                if self.learner_info is not None and self.readiness()[0]:
-                    return
+                if self.learner_info is not None and "ready_offset" in self.learner_info and self.readiness()[0]:
+                    return  # an owner with a target answered, and this replica meets it
             except Exception as err:  # the learner still starting (a poll timed out): retry to the deadline
                 logger.info("waiting for the learner: %r", err)
             await asyncio.sleep(self.settings.learner.replica_poll_s)
@@ -219,7 +219,9 @@ class ModelFollower:
             return False, "no_model"
         if self.learner is None:
             return True, "ready"
-        if self.sync_error is not None or info is None:
+        if self.sync_error is not None or info is None or "ready_offset" not in info:
+            # No answer, or one with no target yet (an owner still adopting its base after a
+            # takeover): as when the learner is unreachable, serve what this replica has.
             return True, "learner_unreachable"
         if served.lineage == info.get("lineage") or served.log_offset >= info["ready_offset"]:
             return True, "ready"

@@ -124,3 +124,30 @@ def test_a_learner_that_names_no_epoch_is_followed(follower, trained_store):
     full = make_full(trained.model, follower.model.version + 1, 4)
     assert asyncio.run(follower.apply(*_reply("full", trained.model, full, "no-epochs", epoch=None)))
     assert follower.epoch == 0 and _served(follower) == _expected(trained)
+
+
+def test_readiness_follows_the_owner_and_survives_a_handover(trained_store):
+    """Readiness from the learner's answers: an owner still adopting (no target yet) leaves a
+    serving replica ready; an owner whose target the replica lacks makes it catch up; a standby's
+    answer changes nothing."""
+    from serve.model_follower import ModelFollower
+    from serve.settings import AppSettings
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The learner handle is never called by apply/readiness; any object stands for "there is one".
+        follower = ModelFollower(AppSettings(model_store=trained_store), object(), "test-replica", pool)
+        assert follower.load_latest()
+        served = follower.model
+
+        def answer(**info):
+            return asyncio.run(follower.apply({"kind": "wait", "learner": info}, []))
+
+        assert answer(published=False, epoch=4, owner=True)  # an owner adopting its base after a takeover
+        assert follower.readiness() == (True, "learner_unreachable") and follower.epoch == 4
+        assert answer(published=False, epoch=4, owner=True, ready_offset=served.log_offset + 5)  # replaying
+        assert follower.readiness() == (False, "catching_up")
+        assert not answer(published=False, epoch=0, owner=False)  # a standby: ignored
+        assert not answer(published=False, epoch=3, ready_offset=-1)  # the superseded owner: ignored
+        assert follower.readiness() == (False, "catching_up")
+        assert answer(published=False, epoch=4, owner=True, ready_offset=served.log_offset)
+        assert follower.readiness() == (True, "ready")
