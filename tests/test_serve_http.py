@@ -172,3 +172,48 @@ def test_learner_answers_to_submit_become_http_answers():
         assert body["code"] == code and "nothing in this request was" in body["message"]
         if code == "not_owner":
             assert "another learner owns /state" in body["message"] and body["epoch"] == 3
+
+
+def test_feedback_to_a_standby_learner_is_503_not_owner_until_it_takes_over(base_url, trained_store, tmp_path):
+    """The whole feedback path on a real app whose learner is a standby: this test process holds
+    the state_dir's ownership lease. Feedback gets 503 not_owner with Retry-After: 1 (nothing
+    logged) while the replica stays ready; once the lease is free the learner takes over under a
+    higher epoch and the same request is accepted."""
+    import shutil
+
+    from ray import serve
+
+    from online_learning.persistence import Ownership, read_epoch
+    from tests._helpers import deploy_online
+
+    store, state = tmp_path / "store", tmp_path / "state"
+    shutil.copytree(trained_store, store)
+    holder = Ownership(state)
+    assert holder.try_acquire()
+    held_epoch = holder.epoch
+    url = f"{base_url}/standby"
+    event = {"event_id": "standby-1", "text": "turn on the kitchen light", "label": "HassTurnOn"}
+
+    def send():
+        return requests.post(f"{url}/v1/feedback", json=event, headers=AUTH, timeout=15)
+
+    try:
+        # A replica waits startup_sync_timeout_s for an owner, then serves the store's version.
+        deploy_online(str(store), str(state), name="standby", classifier_replicas=1, startup_sync_timeout_s=2.0)
+        wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="standby app ready")
+        r = send()
+        assert r.status_code == 503 and r.headers.get("Retry-After") == "1", r.text
+        assert r.json()["error"]["code"] == "not_owner" and r.json()["error"]["epoch"] == held_epoch
+        assert http_ok(f"{url}/healthz")  # a standby learner takes no serving replica out
+        holder.release()
+
+        def accepted():
+            r = send()
+            return r.status_code == 202 and r.json()
+
+        body = wait_until(accepted, timeout=120, interval=0.5, what="feedback accepted after the takeover")
+        assert body == {"accepted": 1, "duplicates": 0, "offsets": [0]}  # the refused request had logged nothing
+        assert read_epoch(state) > held_epoch
+    finally:
+        holder.release()
+        serve.delete("standby")
