@@ -1,10 +1,12 @@
 """A learner restart replays what was judged and judges what was not: the real learner class in a
 fresh process (as after a crash), on a real model store, feedback log and state file, with its
-own local Ray instance for the object store its publishes go to (never the test session's)."""
+own local Ray instance for the object store its publishes go to (never the test session's). The
+same for ownership: a second learner on one state_dir stands by, and a superseded one stops."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
@@ -196,3 +198,66 @@ def test_a_second_learner_stands_by_answering_not_owner_then_takes_over_when_the
     assert read_epoch(state) == 2 and read_state(state).epoch == 2
     events = FeedbackLogReader(state).read_from(0)
     assert [e.event_id for e in events] == [f"first-{i}" for i in range(5)] + [f"second-{i}" for i in range(5)]
+
+
+_LEARNER_FENCED = r"""
+import asyncio, json, sys, time
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
+from online_learning.learner import OnlineLearner
+
+store, state = sys.argv[1], sys.argv[2]
+loop = asyncio.new_event_loop()
+call = loop.run_until_complete
+learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
+                                              "snapshot_interval_s": 3600.0})
+events = lambda tag: [{"event_id": f"{tag}-{i}", "text": f"turn on the lamp {i}", "label": "HassTurnOn"} for i in range(3)]
+print("FIRST " + json.dumps(call(learner.submit(events("before")))), flush=True)
+sys.stdin.readline()  # the test raises the epoch on disk, as another host's learner would
+reply = call(learner.submit(events("after")))
+deadline = time.monotonic() + 60
+while learner._thread.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.05)
+try:
+    call(learner.check_health())
+    health = "healthy"
+except RuntimeError as err:
+    health = str(err)
+print("AFTER " + json.dumps({"submit": reply, "thread_alive": learner._thread.is_alive(), "health": health}), flush=True)
+"""
+
+
+def test_a_learner_whose_epoch_was_superseded_refuses_feedback_writes_nothing_and_fails_its_health_check(
+        trained_store, tmp_path):
+    """The lock is not always enough (a filesystem that does not honour it): another learner
+    raised the epoch. The running learner's next submit is refused with not_owner (nothing
+    written), its training thread stops, and its health check fails so Serve replaces it."""
+    import subprocess
+    import sys
+
+    from online_learning.persistence import EPOCH_FILE
+
+    store, state = tmp_path / "store", tmp_path / "state"
+    shutil.copytree(trained_store, store)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _LEARNER_FENCED, str(store), str(state)], cwd=root,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("FIRST "), (tmp_path / "err").read_text()[-3000:]
+        assert json.loads(first[6:]) == {"results": [[0, False], [1, False], [2, False]]}
+        (state / EPOCH_FILE).write_text(json.dumps({"epoch": 2, "pid": 0, "host": "elsewhere"}))
+        segments = {p.name: p.read_bytes() for p in state.glob("feedback-*")}
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        after = proc.stdout.readline()
+        assert after.startswith("AFTER "), (tmp_path / "err").read_text()[-3000:]
+        out = json.loads(after[6:])
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert out["submit"]["not_owner"]["epoch"] == 2 and "no longer owns" in out["submit"]["not_owner"]["message"]
+    assert out["thread_alive"] is False and "no longer owns" in out["health"]
+    assert {p.name: p.read_bytes() for p in state.glob("feedback-*")} == segments
+    assert [e.event_id for e in FeedbackLogReader(state).read_from(0)] == ["before-0", "before-1", "before-2"]
