@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.ab import ab_binary, ab_step
 from bench.cpu_cost import CpuMeter
 from bench.load import bench_texts, closed_loop, open_loop
 from bench.stats import combine_runs, goodput
@@ -78,7 +79,8 @@ def cores() -> dict:
 
 
 def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
-        keepalive: bool, repeat: int = 1, cnn_store: str | None = None, interleave: bool = False) -> dict:
+        keepalive: bool, repeat: int = 1, cnn_store: str | None = None, interleave: bool = False,
+        ab: bool = False) -> dict:
     """Every system's steps, `repeat` times each: back to back per step, or with `interleave` in
     rounds over all systems (each system started afresh per round), so that a slow drift of a
     shared machine falls on every system alike and each round gives paired ratios."""
@@ -92,6 +94,7 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
     tqdm.write(f"client ceiling (no-op server, {max(users)} users): {ceiling.summary()['tps']:.0f} req/s")
     rounds, per_round = (repeat, 1) if interleave else (1, repeat)
     runs = {name: {n: [] for n in users} for name in systems}
+    ab_runs = {name: {n: [] for n in users} for name in systems}  # Apache Bench, right after each aiohttp step
     open_rows: dict[str, list] = {name: [] for name in systems}
     report["schedule"] = []  # (round, system, start time): the order the systems were measured in
     for r in range(rounds):
@@ -105,8 +108,13 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
                 for n in tqdm(users, desc=label, unit="step", leave=False):
                     runs[name][n] += [_measured_step(meter, url, n, duration_s, texts, keepalive)
                                       for _ in range(per_round)]
+                    if ab:
+                        ab_runs[name][n] += [_measured_step(meter, url, n, duration_s, texts, keepalive, ab=True)
+                                             for _ in range(per_round)]
                     if r == rounds - 1:
                         tqdm.write(_line(name, combine_runs(runs[name][n])))
+                        if ab:
+                            tqdm.write(_line(f"{name} (ab)", combine_runs(ab_runs[name][n])))
                 if r == rounds - 1:
                     for rate in rates:
                         open_rows[name].append(asyncio.run(open_loop(url, rate, duration_s, texts)).summary())
@@ -117,13 +125,22 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
         changes = variant_changes(VARIANTS[name]) if name in VARIANTS else None
         report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows[name],
                                    "goodput": goodput(rows), "changes_from_shipped": changes}
+        if ab:
+            report["systems"][name]["ab_closed_loop"] = [combine_runs(ab_runs[name][n]) for n in users]
+    report["clients"] = ["aiohttp"] + (["ab"] if ab else [])
     return report
 
 
-def _measured_step(meter: CpuMeter, url: str, users: int, duration_s: float, texts: list[str], keepalive: bool) -> dict:
-    """One closed-loop step, with the server's CPU per answer over it (bench.cpu_cost)."""
+def _measured_step(meter: CpuMeter, url: str, users: int, duration_s: float, texts: list[str], keepalive: bool,
+                   ab: bool = False) -> dict:
+    """One closed-loop step (the aiohttp client, or Apache Bench on one text as in 2017), with the
+    server's CPU per answer over it (bench.cpu_cost). The client's own CPU is left out either way:
+    aiohttp runs in this process, ab in a child that is not among the server's processes."""
     meter.start()
-    summary = asyncio.run(closed_loop(url, users, duration_s, texts, keepalive)).summary()
+    if ab:
+        summary = ab_step(url, users, duration_s, texts[0], keepalive)
+    else:
+        summary = asyncio.run(closed_loop(url, users, duration_s, texts, keepalive)).summary()
     return {**summary, **meter.stop(summary["complete"])}
 
 
@@ -149,8 +166,8 @@ def _line(name: str, row: dict) -> str:
             f"mean {row['mean_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  failed {row['failed']}")
 
 
-def _at(report: dict, name: str, users: int) -> dict | None:
-    rows = report["systems"].get(name, {}).get("closed_loop", [])
+def _at(report: dict, name: str, users: int, table: str = "closed_loop") -> dict | None:
+    rows = report["systems"].get(name, {}).get(table, [])
     return next((r for r in rows if r["users"] == users), None)
 
 
@@ -185,14 +202,18 @@ def _paired(report: dict, ra: dict, rb: dict) -> str:
             f"over {len(ratios)} rounds")
 
 
-def _cpu_table(report: dict, users: int) -> list[str]:
+CLIENT_TABLES = {"closed_loop": "the aiohttp client", "ab_closed_loop": "Apache Bench"}
+
+
+def _cpu_table(report: dict, users: int, table: str = "closed_loop") -> list[str]:
     """Server CPU seconds per 1,000 answers at `users`, and each system's ratio to the tuned process."""
-    rows = {name: row for name in report["systems"] if (row := _at(report, name, users)) and "cpu_s_per_1k" in row}
+    rows = {name: row for name in report["systems"]
+            if (row := _at(report, name, users, table)) and "cpu_s_per_1k" in row}
     if not rows:
         return []
     tuned = rows.get("tuned-single")
-    out = [f"Work per request at {users} users: server CPU seconds per 1,000 answers (the system's processes; "
-           "machine busy CPU minus the client's in brackets), median of the repetitions:", "",
+    out = [f"Work per request at {users} users, {CLIENT_TABLES[table]}: server CPU seconds per 1,000 answers (the "
+           "system's processes; machine busy CPU minus the client's in brackets), median of the repetitions:", "",
            "| system | CPU-s / 1,000 answers | ratio to tuned-single |", "|---|---|---|"]
     for name, row in rows.items():
         ratio = f"{row['cpu_s_per_1k'] / tuned['cpu_s_per_1k']:.2f}x" if tuned and tuned["cpu_s_per_1k"] > 0 else "-"
@@ -203,14 +224,17 @@ def _cpu_table(report: dict, users: int) -> list[str]:
 def summary_lines(report: dict) -> list[str]:
     out = []
     for users in report["users"]:
-        out += [f"TPS and latency at {users} users, median of {report.get('repeat', 1)} (min-max):", "",
-                "| system | TPS | p50 ms | p99 ms | failed (all repetitions) |", "|---|---|---|---|---|"]
-        for name in report["systems"]:
-            if row := _at(report, name, users):
-                out.append(f"| {name} | {_cell(row, 'tps')} | {_cell(row, 'p50_ms')} | {_cell(row, 'p99_ms')} | "
-                           f"{row['failed']} |")
-        out.append("")
-        out += _cpu_table(report, users)
+        for table, client in CLIENT_TABLES.items():
+            if not any(_at(report, name, users, table) for name in report["systems"]):
+                continue
+            out += [f"TPS and latency at {users} users, {client}, median of {report.get('repeat', 1)} (min-max):", "",
+                    "| system | TPS | p50 ms | p99 ms | failed (all repetitions) |", "|---|---|---|---|---|"]
+            for name in report["systems"]:
+                if row := _at(report, name, users, table):
+                    out.append(f"| {name} | {_cell(row, 'tps')} | {_cell(row, 'p50_ms')} | {_cell(row, 'p99_ms')} | "
+                               f"{row['failed']} |")
+            out.append("")
+            out += _cpu_table(report, users, table)
     for name, data in report["systems"].items():
         good = data["goodput"]
         out.append(f"- {name} goodput (p99 < 1 s, 0 failed): "
@@ -234,7 +258,9 @@ def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
            f"Model: {report.get('model', '?')}  ",
            *([f"Models: --store {report['models']['store']}; --cnn-store (the -cnn system) "
               f"{report['models']['cnn_store']}  "] if "cnn_store" in report.get("models", {}) else []),
-           f"Client: {report.get('client', '?')}  ",
+           f"Client: {report.get('client', '?')}" + ("; and Apache Bench (`ab -l`, one text) right after each "
+                                                       "aiohttp step" if "ab" in report.get("clients", []) else "")
+           + "  ",
            f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each"
            + (", run in rounds over all systems (each system started afresh per round)" if report.get("interleaved")
               else "") + "; figures are medians, (min-max) where shown  ",
@@ -294,6 +320,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run the repetitions in rounds over all systems, each started afresh per round, instead of "
                         "back to back: a shared machine's slow drifts then fall on every system alike, and ratios "
                         "are also given per round")
+    p.add_argument("--ab", action="store_true",
+                   help="after each aiohttp step, the same step with Apache Bench (the 2017 study's client; one text, "
+                        "ab -l); needs apache2-utils")
     p.add_argument("--out", default="docs/BENCHMARKS", help="report path without extension")
     a = p.parse_args(argv)
     if a.repeat < 1:
@@ -322,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if not models["cnn_store"].startswith("cnn "):
             print(f"error: --cnn-store {a.cnn_store} serves a {models['cnn_store']}, not a CNN", file=sys.stderr)
             return 2
-    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store, a.interleave)
+    if a.ab:
+        ab_binary()  # missing: say so now, not after the first system's steps
+    report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store, a.interleave,
+                 a.ab)
     report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
                   cores=cores(), machine=f"{platform.machine()}, {cores()['usable']} usable cores ({cores()['logical']} "
                   f"logical, {cores()['physical']} physical, measured), client and servers on the same machine",

@@ -7,7 +7,7 @@ load step, both from the OS:
   descendants, and every process still in its session (Ray's daemons, workers, HAProxy), the
   client excluded. A process that ends inside the step is missed (none does in a steady step).
 - `machine_minus_client`: the machine's busy CPU (all cores, from /proc/stat) minus the client's
-  own (this process): kernel networking and anything else running counts, so it is an upper bound
+  own (this process, and the Apache Bench child it waited for): kernel networking and anything else running counts, so it is an upper bound
   on the system's cost and equals `server` plus the rest of the machine's activity.
 """
 
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import psutil
 
 
-def _cpu(proc: psutil.Process) -> float:
+def _cpu(proc: psutil.Process, children: bool = False) -> float:
+    """User + system CPU seconds; with `children`, also of its children that ended and were waited
+    for (an Apache Bench run)."""
     times = proc.cpu_times()
-    return times.user + times.system
+    return times.user + times.system + ((times.children_user + times.children_system) if children else 0.0)
 
 
 def server_processes(root_pid: int) -> list[psutil.Process]:
@@ -75,7 +77,7 @@ class CpuMeter:
         self._start: CpuReading | None = None
 
     def _read(self) -> CpuReading:
-        return CpuReading(_tree_cpu(self.root_pid), _machine_busy(), _cpu(self._me))
+        return CpuReading(_tree_cpu(self.root_pid), _machine_busy(), _cpu(self._me, children=True))
 
     def start(self) -> None:
         self._start = self._read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -226,3 +227,80 @@ def test_cpu_sampler_tells_a_busy_process_from_an_idle_one():
     assert labels["busy"] != labels["idle"]
     assert usage[labels["busy"]] > 30, usage.most_common(5)  # a core's worth, minus what 2 shared cores lend
     assert usage[labels["idle"]] < 10, usage.most_common(5)
+
+
+AB_SAMPLE = """Concurrency Level:      400
+Time taken for tests:   5.000 seconds
+Complete requests:      8000
+Failed requests:        3
+   (Connect: 0, Receive: 3, Length: 0, Exceptions: 0)
+Non-2xx responses:      5
+Transfer rate:          512.25 [Kbytes/sec] received
+Time per request:       250.100 [ms] (mean)
+Time per request:       0.625 [ms] (mean, across all concurrent requests)
+Percentage of the requests served within a certain time (ms)
+  50%    200
+  66%    210
+  90%    300
+  99%    640
+ 100%    900 (longest request)
+"""
+
+
+def test_apache_bench_report_as_a_step():
+    from bench.ab import parse_ab
+
+    row = parse_ab(AB_SAMPLE, 400)
+    # ab counts non-2xx answers as complete: here they are failures, and only 2xx count as answered.
+    assert row["complete"] == 8000 - 3 - 5 and row["failed"] == 8
+    assert row["tps"] == pytest.approx((8000 - 8) / 5.0)
+    assert (row["p50_ms"], row["p90_ms"], row["p99_ms"], row["max_ms"]) == (200, 300, 640, 900)
+    assert row["mean_ms"] == 250.1 and row["transfer_kb_s"] == 512.25
+    assert parse_ab("", 10)["complete"] == 0  # ab stopped before its report: nothing answered
+
+
+@pytest.mark.parametrize("server_spins", [True, False], ids=["busy_server", "idle_server"])
+def test_cpu_meter_counts_the_server_tree_not_the_client(server_spins):
+    """A server whose grandchild spins is charged for it; a sleeping one is charged ~nothing while
+    this process (the "client") spins. Bounds are loose: the machine's cores are shared."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.cpu_cost import CpuMeter, server_processes
+    from tests._helpers import wait_until
+
+    work = "while True: pass" if server_spins else "import time; time.sleep(60)"
+    tree = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {work!r}])"
+    server = subprocess.Popen([sys.executable, "-c", tree], start_new_session=True)
+    try:
+        # Both processes up (the grandchild's Python started, so its start-up is spent) before the window.
+        wait_until(lambda: len(server_processes(server.pid)) == 2, timeout=30, what="the server's grandchild")
+        meter = CpuMeter(server.pid)
+        meter.start()
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            pass
+        cost = meter.stop(answered=500)
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+    assert cost["server_processes"] == 2, cost  # the parent and the grandchild
+    assert cost["client_cpu_s"] > 0.3, cost
+    if server_spins:
+        assert 0.2 < cost["server_cpu_s"] < 1.8, cost
+        assert cost["cpu_s_per_1k"] == pytest.approx(cost["server_cpu_s"] * 2, rel=0.01)
+    else:
+        assert cost["server_cpu_s"] < 0.1, cost
+
+
+def test_every_setting_a_variant_changes_is_listed():
+    from bench.compare import VARIANTS, changes_line
+    from bench.systems import variant_changes
+
+    assert variant_changes(VARIANTS["textserve-default"]) == {}  # the shipped config as shipped
+    unbatched = variant_changes(VARIANTS["textserve-unbatched-1"])
+    assert unbatched["applications.0.deployments.0.user_config.max_batch_size"] == (32, 1)
+    assert unbatched["applications.0.deployments.0.num_replicas"] == (None, 1)
+    assert unbatched["applications.0.args.learner"][1] is None  # the learner off
+    assert "max_batch_size` 32 -> 1" in changes_line(unbatched)
