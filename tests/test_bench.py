@@ -291,7 +291,7 @@ def test_cpu_meter_counts_the_server_tree_not_the_client(server_spins):
         assert 0.2 < cost["server_cpu_s"] < 1.8, cost
         assert cost["cpu_s_per_1k"] == pytest.approx(cost["server_cpu_s"] * 2, rel=0.01)
     else:
-        assert cost["server_cpu_s"] < 0.1, cost
+        assert cost["server_cpu_s"] < 0.15, cost
 
 
 def test_every_setting_a_variant_changes_is_listed():
