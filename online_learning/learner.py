@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 import ray
 from ray import serve
@@ -44,6 +43,7 @@ from online_learning.feedback_log import EventIdConflict, FeedbackEvent, Feedbac
 from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
+from online_learning.replicas import Published, ReplicaReports, plan_update
 from online_learning.round_policy import NO_HOLDOUT, gate_reason, is_holdout, owed_followups
 from online_learning.settings import LearnerSettings
 from train.learner_state import LearnerState
@@ -72,23 +72,6 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             continue
 
 
-@dataclass(frozen=True)
-class Published:
-    """What replicas are told to serve; replaced whole (never mutated), so readers need no lock."""
-
-    lineage: str
-    version: int
-    digest: str
-    log_offset: int
-    chain_base: int  # the lineage's first version: a replica below it gets full weights
-    published_at: float
-    base: int  # the store version the lineage started from
-    deltas: dict = field(default_factory=dict)  # version -> ObjectRef of the delta that made it
-
-    def identity(self) -> dict:
-        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.5},
                   health_check_period_s=2, health_check_timeout_s=10)
 class OnlineLearner:
@@ -105,14 +88,12 @@ class OnlineLearner:
         self._log_open = False  # True once this learner owns the state_dir and has opened the log
         self._ready = False  # ...and has adopted a base
         self._fenced: str | None = None  # why this learner lost ownership (it then writes nothing)
-        self._max_reported = 0  # the highest version any replica reported holding
         self._failed_rounds = 0
         self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
         self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
         self.pub: Published | None = None  # None until the first lineage is published (after replay)
         self._full: tuple[int, asyncio.Future] | None = None
-        self._acked: deque = deque()  # (offset, ack time) of events not yet on every replica
-        self.replicas: dict[str, dict] = {}
+        self.reports = ReplicaReports()  # what replicas hold, and acknowledged events not on all of them
         self.history: deque = deque(maxlen=200)
         self.held_back = 0
         self.replayed = 0
@@ -153,10 +134,8 @@ class OnlineLearner:
             # as new events once the lineage is published, never replayed into it unchecked.
             self._judged_offset = state.judged_offset
             self._adopt(self._start_version(), reason=f"start (ownership epoch {self._owner.epoch})")
-            # Before the events submitted while adopting (already in _acked, in offset order): one
-            # C call, so a concurrent submit's append to the other end cannot interleave.
-            now = time.time()
-            self._acked.extendleft([(off, now) for off in reversed(range(self.applied_offset + 1, opened_at))])
+            # Before the events submitted while adopting, already recorded.
+            self.reports.acknowledged_before(range(self.applied_offset + 1, opened_at), time.time())
         except BaseException:
             self._owner.release()  # another learner may do better: do not keep the lease while failing
             if getattr(self, "log", None) is not None:
@@ -256,7 +235,7 @@ class OnlineLearner:
         weights_digest = model_digest(mirror.model)
         digest = weights_digest.hexdigest()
         # Above every number seen, every replica's report included (they hold it), and free.
-        version = self.numbers.lineage_first(self._max_reported, self.pub.version if self.pub else 0)
+        version = self.numbers.lineage_first(self.reports.max_reported, self.pub.version if self.pub else 0)
         self._write_state(version)  # durable before any replica hears of it
         self._next_mirror = None
         with self._model_lock:  # the mirror and self.pub change together
@@ -300,7 +279,7 @@ class OnlineLearner:
             logger.error("feedback log write failed: %s", err)
             return {"write_error": {"errno": err.errno_name, "message": str(err)}}
         now = time.time()
-        self._acked.extend((off, now) for off, dup in results if not dup)
+        self.reports.acknowledged([off for off, dup in results if not dup], now)
         self._wake.set()
         return {"results": results}
 
@@ -649,31 +628,23 @@ class OnlineLearner:
         Never blocks the event loop: full weights are built once per version in a thread."""
         now = time.time()
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
+        self.reports.report(replica, identity, now)  # a standby too: its first number goes above them all
         if not self._ready:  # a standby (epoch 0: it owns nothing), or an owner still adopting its base
             owning = self._log_open and not self._fenced
             return {"kind": "wait", "learner": {"published": False, "epoch": self._owner.epoch if owning else 0,
                                                 "owner": owning}}
-        self.replicas[replica] = {**identity, "reported_at": now}
-        self._max_reported = max(self._max_reported, identity.get("version") or 0)
-        self._forget_old_replicas(now)
-        self._prune_acked()
         pub = self.pub
+        self.reports.prune(pub.log_offset if pub else -1, now)
         info = {"ready_offset": self.ready_offset, "published": pub is not None, "epoch": self._owner.epoch,
                 "owner": self._fenced is None,
                 "published_at": pub.published_at if pub else None, "base_version": pub.base if pub else None,
                 **(pub.identity() if pub else {})}
-        if pub is None:
-            return {"kind": "wait", "learner": info}
-        same_weights = identity.get("digest") == pub.digest
-        if same_weights and identity.get("lineage") == pub.lineage and identity.get("version") == pub.version:
-            return {"kind": "none", "learner": info}
-        if same_weights:
-            return {"kind": "relabel", "learner": info}
-        wanted = range(identity.get("version", -1) + 1, pub.version + 1)
-        if (identity.get("lineage") == pub.lineage and wanted.start > pub.chain_base and len(wanted)
-                and all(v in pub.deltas for v in wanted)):
-            return {"kind": "deltas", "learner": info, "refs": [pub.deltas[v] for v in wanted]}
-        return {"kind": "full", "learner": info, "refs": [await self._full_ref()]}
+        kind, versions = plan_update(identity, pub)
+        if kind == "deltas":
+            return {"kind": kind, "learner": info, "refs": [pub.deltas[v] for v in versions]}
+        if kind == "full":
+            return {"kind": kind, "learner": info, "refs": [await self._full_ref()]}
+        return {"kind": kind, "learner": info}
 
     async def _full_ref(self):
         """One full copy per published version, built off the event loop and shared by callers."""
@@ -693,18 +664,6 @@ class OnlineLearner:
         full.update(lineage=pub.lineage, digest=pub.digest, epoch=self._owner.epoch)
         return ray.put(full)
 
-    def _forget_old_replicas(self, now: float) -> None:
-        for name in [r for r, v in self.replicas.items() if now - v["reported_at"] > 300]:
-            del self.replicas[name]
-
-    def _prune_acked(self) -> None:
-        """Forget ack times of events every live replica serves."""
-        now = time.time()
-        live = [v["log_offset"] for v in self.replicas.values() if now - v["reported_at"] < 30]
-        lowest = min(live, default=self.pub.log_offset if self.pub else -1)
-        while self._acked and self._acked[0][0] <= lowest:
-            self._acked.popleft()
-
     async def status(self) -> dict:
         now = time.time()
         if not self._ready:  # a standby, or an owner still adopting its base: nothing of its own to report yet
@@ -714,10 +673,10 @@ class OnlineLearner:
                     "lineage": None, "version": None, "digest": None, "published_at": None, "replaying": False,
                     "pid": os.getpid(), "publish_interval_s": self.s.publish_interval_s,
                     "max_staleness_s": self.s.max_staleness_s, "replicas": {}, "history": []}
-        self._prune_acked()
         pub = self.pub
-        live = {r: v for r, v in self.replicas.items() if now - v["reported_at"] < 30}
-        oldest_unserved = self._acked[0][1] if self._acked else None
+        self.reports.prune(pub.log_offset if pub else -1, now)
+        live = self.reports.live(now)
+        oldest_unserved = self.reports.oldest_unserved()
         return {
             "lineage": pub.lineage if pub else None, "version": pub.version if pub else None,
             "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,

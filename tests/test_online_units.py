@@ -316,3 +316,36 @@ def test_version_numbers_jump_other_claims_and_need_ownership(tmp_path):
         VersionNumbers(store, other, floor=0).lineage_first()
     assert store.reserved() == 10 + RESERVE_BLOCK  # the non-owner wrote no reservation
     owner.release()
+
+
+def test_plan_update_picks_the_cheapest_update_a_replica_can_apply():
+    from online_learning.replicas import Published, plan_update
+
+    pub = Published("L", 7, "d7", 70, chain_base=4, published_at=0.0, base=1, deltas={5: "r5", 6: "r6", 7: "r7"})
+    held = lambda lineage, version, digest: {"lineage": lineage, "version": version, "digest": digest, "log_offset": 0}
+    assert plan_update(held("L", 7, "d7"), None) == ("wait", [])
+    assert plan_update(held("L", 7, "d7"), pub) == ("none", [])
+    assert plan_update(held("other", 3, "d7"), pub) == ("relabel", [])  # same weights, another name
+    assert plan_update(held("L", 5, "d5"), pub) == ("deltas", [6, 7])
+    assert plan_update(held("L", 4, "d4"), pub) == ("deltas", [5, 6, 7])
+    assert plan_update(held("L", 3, "d3"), pub) == ("full", [])  # below the lineage's first version
+    assert plan_update(held("other", 6, "d6"), pub) == ("full", [])  # another lineage's 6 is other weights
+    assert plan_update(held("L", 5, "d5"), Published("L", 7, "d7", 70, 4, 0.0, 1, {7: "r7"})) == ("full", [])
+    assert plan_update({}, pub) == ("full", [])  # a replica holding nothing yet
+
+
+def test_replica_reports_track_the_oldest_event_a_live_replica_lacks():
+    from online_learning.replicas import REPLICA_FORGET_S, REPLICA_LIVE_S, ReplicaReports
+
+    reports = ReplicaReports()
+    reports.acknowledged([5, 6, 7], now=100.0)
+    reports.acknowledged_before(range(2, 5), when=90.0)  # found in the log at start, before those
+    assert [o for o, _ in reports.acked] == [2, 3, 4, 5, 6, 7]
+    reports.report("a", {"version": 3, "log_offset": 4}, now=101.0)
+    reports.report("b", {"version": 9, "log_offset": 6}, now=101.0)
+    reports.prune(served_offset=7, now=102.0)
+    assert reports.oldest_unserved() == 100.0 and reports.max_reported == 9  # "a" lacks 5..7
+    reports.prune(served_offset=7, now=101.0 + REPLICA_LIVE_S)  # both silent: no longer live
+    assert reports.oldest_unserved() is None
+    reports.report("c", {"version": 1, "log_offset": 7}, now=101.0 + REPLICA_FORGET_S + 1)
+    assert set(reports.replicas) == {"c"} and reports.max_reported == 9  # forgotten, the number not

@@ -1,0 +1,88 @@
+"""The learner's side of the replicas: what it published (`Published`), which update a replica
+holding some identity needs (`plan_update`), and what the replicas reported (`ReplicaReports`:
+the highest version any holds, and the acknowledged events not yet on every live replica, for
+the staleness figure). No Ray: the learner turns a plan into object refs."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["Published", "plan_update", "ReplicaReports", "REPLICA_LIVE_S", "REPLICA_FORGET_S"]
+
+REPLICA_LIVE_S = 30.0  # a replica that reported within this is live (staleness, status)
+REPLICA_FORGET_S = 300.0  # a replica silent this long is forgotten
+
+
+@dataclass(frozen=True)
+class Published:
+    """What replicas are told to serve; replaced whole (never mutated), so readers need no lock."""
+
+    lineage: str
+    version: int
+    digest: str
+    log_offset: int
+    chain_base: int  # the lineage's first version: a replica below it gets full weights
+    published_at: float
+    base: int  # the store version the lineage started from
+    deltas: dict = field(default_factory=dict)  # version -> ObjectRef of the delta that made it
+
+    def identity(self) -> dict:
+        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
+
+
+def plan_update(identity: dict, pub: Published | None) -> tuple[str, list[int]]:
+    """What a replica holding `identity` (lineage, version, digest) needs from `pub`: ("wait", [])
+    before any publish, ("none", []), ("relabel", []) when it holds the same weights under another
+    name, ("deltas", versions) when every delta from its version on is kept on its lineage, else
+    ("full", [])."""
+    if pub is None:
+        return "wait", []
+    same_weights = identity.get("digest") == pub.digest
+    if same_weights and identity.get("lineage") == pub.lineage and identity.get("version") == pub.version:
+        return "none", []
+    if same_weights:
+        return "relabel", []
+    wanted = range(identity.get("version", -1) + 1, pub.version + 1)
+    if (identity.get("lineage") == pub.lineage and wanted.start > pub.chain_base and len(wanted)
+            and all(v in pub.deltas for v in wanted)):
+        return "deltas", list(wanted)
+    return "full", []
+
+
+class ReplicaReports:
+    """What replicas reported holding, and the acknowledged events (offset, ack time) that some
+    live replica does not serve yet, oldest first."""
+
+    def __init__(self):
+        self.replicas: dict[str, dict] = {}
+        self.max_reported = 0  # the highest version any replica reported holding
+        self.acked: deque = deque()  # (offset, ack time), in offset order
+
+    def report(self, replica: str, identity: dict, now: float) -> None:
+        self.replicas[replica] = {**identity, "reported_at": now}
+        self.max_reported = max(self.max_reported, identity.get("version") or 0)
+        for name in [r for r, v in self.replicas.items() if now - v["reported_at"] > REPLICA_FORGET_S]:
+            del self.replicas[name]
+
+    def live(self, now: float) -> dict[str, dict]:
+        return {r: v for r, v in self.replicas.items() if now - v["reported_at"] < REPLICA_LIVE_S}
+
+    def acknowledged(self, offsets, now: float) -> None:
+        """New events acknowledged now (offsets above every one recorded)."""
+        self.acked.extend((off, now) for off in offsets)
+
+    def acknowledged_before(self, offsets: range, when: float) -> None:
+        """Events acknowledged before those recorded (a learner's start: the log it found):
+        one C call, so a concurrent `acknowledged` on the other end cannot interleave."""
+        self.acked.extendleft([(off, when) for off in reversed(offsets)])
+
+    def prune(self, served_offset: int, now: float) -> None:
+        """Forget the ack times of events every live replica serves (`served_offset`, the
+        published version's, when none is live)."""
+        lowest = min((v["log_offset"] for v in self.live(now).values()), default=served_offset)
+        while self.acked and self.acked[0][0] <= lowest:
+            self.acked.popleft()
+
+    def oldest_unserved(self) -> float | None:
+        return self.acked[0][1] if self.acked else None
