@@ -16,7 +16,7 @@ class ServeVariant:
     name: str
     fast_ingress: bool = True
     replicas: int = 1
-    max_batch_size: int = 32
+    max_batch_size: int | None = None  # None: the config's (serve.settings.BatchSettings)
     batch_wait_timeout_s: float | None = None  # None: the config's
     kind: str = "fixed"  # fixed: learner off, fixed replicas; shipped: the config as shipped; noop: Serve's floor
 
@@ -44,7 +44,8 @@ def variant_config(variant: ServeVariant, store: str, port: int, state_dir: str 
     dep = app["deployments"][0]
     dep.pop("autoscaling_config", None)  # fixed replica counts make steps comparable
     dep["num_replicas"] = variant.replicas
-    dep["user_config"]["max_batch_size"] = variant.max_batch_size
+    if variant.max_batch_size is not None:
+        dep["user_config"]["max_batch_size"] = variant.max_batch_size
     if variant.batch_wait_timeout_s is not None:
         dep["user_config"]["batch_wait_timeout_s"] = variant.batch_wait_timeout_s
     return config

@@ -61,9 +61,9 @@ def deploy(store: str, *, name: str = "textserve", route_prefix: str = "/", **op
 
     from serve.app import build_app
     from serve.classifier import Classifier
-    from serve.settings import AppSettings
+    from serve.settings import AppSettings, BatchSettings
 
-    options.setdefault("user_config", {"max_batch_size": 32, "batch_wait_timeout_s": 0.002})
+    options.setdefault("user_config", BatchSettings().model_dump())
     options.setdefault("max_ongoing_requests", 128)
     options.setdefault("autoscaling_config", AUTOSCALING)
     options.setdefault("backpressure_config", {"status_code": 503, "retry_after_s": 1})  # as in the config
