@@ -21,6 +21,12 @@ A new lineage is published only once the log after its base has been replayed up
 the learner had judged through (`ready_offset`), so a replica never takes a version that lacks
 feedback judged before it; events acknowledged but not judged before a restart are then judged as
 new feedback (the contradiction check, the gate), never replayed unchecked.
+
+What lives elsewhere: the round policy (round_policy.py), version numbering (numbering.py),
+ownership and the state file (persistence.py), the replica side (replicas.py), the log
+(feedback_log.py). This module is longer than the others for a reason: what is left is the
+state that must change together (the learner's copy, the served mirror, the lineage, the
+offsets), written by one training thread and read by the event loop under one lock.
 """
 
 import asyncio
