@@ -1,5 +1,6 @@
 # `make demo`: set up and run the main job end to end on the embedded default.
 # `make test`: set up and run the whole test suite.
+# `make test-fast`: the Ray-free tests only (units, parsers, the log on disk), for development.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(VENV)/.installed
 
 demo: install
@@ -20,3 +21,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not integration" --timeout=120

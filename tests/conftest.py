@@ -11,11 +11,37 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# Tests that need a Ray instance: through the suite's fixtures, or started by the test itself (a
+# `serve run` process, a Ray Train job, a multi-node cluster). The fast lane (`make test-fast`)
+# leaves them out; there `ray.init` refuses, so a test that needs Ray and is not marked fails loudly.
+_RAY_FIXTURES = {"ray_cluster", "s3_server"}
+_RAY_MODULES = {"test_ab_2017", "test_serve_cli_auth", "test_cluster", "test_learner_restart", "test_train_job",
+                "test_cnn_family", "test_learner_growth"}
+FAST_LANE = os.environ.get("TEXTSERVE_FAST_LANE") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     slow_ok = os.environ.get("TEXTSERVE_SLOW") == "1"
     for item in items:
         if "slow" in item.keywords and not slow_ok:
             item.add_marker(pytest.mark.skip(reason="slow (large model); run with TEXTSERVE_SLOW=1"))
+        if _RAY_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in _RAY_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_ray_in_the_fast_lane():
+    if not FAST_LANE:
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the fast lane runs without Ray: this test needs it, so it belongs to the integration "
+                           "tests (tests/conftest.py: _RAY_FIXTURES, _RAY_MODULES)")
+    real, ray.init = ray.init, refuse
+    yield
+    ray.init = real
 
 
 @pytest.fixture(scope="session")
