@@ -55,18 +55,24 @@ def replica_pids(url: str, expected: int, tries: int = 60) -> set[int]:
     return pids
 
 
-async def stalled_connection(host: str, port: int, source: str, payload: bytes, hold_s: float) -> tuple[float, bytes]:
+async def stalled_connection(host: str, port: int, source: str, payload: bytes, hold_s: float,
+                             sent: list | None = None) -> tuple[float, bytes]:
     """Send `payload` (an unfinished request) and wait: (seconds until the server closed, what it sent).
+    `sent` gets one entry once the payload is out or the connection was refused.
 
     b"" with 0.0 means the connection was refused or reset at once."""
     try:
         reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
     except OSError:
+        if sent is not None:
+            sent.append(source)
         return 0.0, b""
     start = time.monotonic()
     try:
         writer.write(payload)
         await writer.drain()
+        if sent is not None:
+            sent.append(source)
         data = await asyncio.wait_for(reader.read(), hold_s)
         return time.monotonic() - start, data
     except (OSError, asyncio.TimeoutError) as err:

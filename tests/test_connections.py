@@ -38,9 +38,13 @@ def test_stalled_clients_hold_no_replica_and_are_cut(base_url):
     n = cap + 144
 
     async def main():
-        attack = [asyncio.create_task(stalled_connection(host, port, "127.0.0.2", stalls[i % 3], hold_s=timeout_s + 10))
-                  for i in range(n)]
-        await asyncio.sleep(2)  # all sent and stalled
+        sent: list = []
+        attack = [asyncio.create_task(stalled_connection(host, port, "127.0.0.2", stalls[i % 3], hold_s=timeout_s + 10,
+                                                         sent=sent)) for i in range(n)]
+        deadline = time.monotonic() + timeout_s
+        while len(sent) < n and time.monotonic() < deadline:  # every stall sent (or refused) first
+            await asyncio.sleep(0.05)
+        assert len(sent) == n, f"only {len(sent)} of {n} attack connections sent within {timeout_s} s"
         latencies = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             for i in range(30):

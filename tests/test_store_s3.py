@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until, write_jsonl
-from train.store import TEST_PAUSE_ENV, ModelStore, VersionTaken
+from train.store import ModelStore, VersionTaken
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +80,7 @@ PUBLISHER = textwrap.dedent("""
     from train.store import ModelStore
     uri, model, go, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     store = ModelStore(uri)
+    open(f"{go}.ready.{os.getpid()}", "w").close()  # imported and connected: the test waits for both
     while not os.path.exists(go):
         time.sleep(0.005)
     print(json.dumps([store.publish(model) for _ in range(n)]))
@@ -91,7 +92,8 @@ def test_two_concurrent_publishers_get_distinct_complete_versions(s3_server, tmp
     model, go = fake_model(tmp_path), tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, uri, str(model), str(go), "3"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(2)  # both imported and waiting (a late one only makes the race easier)
+    wait_until(lambda: len(list(tmp_path.glob("go.ready.*"))) == 2 or any(p.poll() is not None for p in procs),
+               timeout=120, what="both publishers ready")
     go.touch()
     got = []
     for p in procs:
@@ -143,8 +145,16 @@ def test_an_explicit_version_goes_to_one_publisher_only(s3_server, tmp_path):
 
 
 KILLED = textwrap.dedent("""
-    import sys
+    import sys, time
+    import train.store
     from train.store import ModelStore
+    real_copy = train.store._copy
+
+    def slow_copy(src, out):  # a slow upload: a long pause after each file, so it is killed halfway
+        written = real_copy(src, out)
+        time.sleep(30)
+        return written
+    train.store._copy = slow_copy
     print(ModelStore(sys.argv[1]).publish(sys.argv[2]), flush=True)
 """)
 
@@ -153,8 +163,7 @@ def test_a_publish_killed_halfway_is_never_seen_and_is_collected(s3_server, trai
     uri = s3_server["uri"]("killed")
     store = ModelStore(uri)
     assert store.publish(trained_dir(trained_store)) == 1
-    env = {**os.environ, TEST_PAUSE_ENV: "30"}  # the hook: sleep after each uploaded file
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, uri, str(trained_dir(trained_store))], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, uri, str(trained_dir(trained_store))], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen, stop = set(), threading.Event()
 

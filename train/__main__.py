@@ -40,8 +40,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--seed", type=int, default=0, help="seed for corpus expansion and splits (default: 0)")
     p.add_argument("--epochs", type=int,
                    help=f"epochs (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EPOCHS.items())})")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"batch size (default: {TrainConfig.batch_size})")
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
+                   help=f"Adam learning rate (default: {TrainConfig.learning_rate})")
     p.add_argument("--steps-per-epoch", type=int, help="cap each epoch at this many batches")
     p.add_argument("--use-gpu", action="store_true",
                    help="train on a GPU (Ray schedules the worker on a node with one); without it training "

@@ -203,9 +203,9 @@ class LoadedModel:
     _predict: Any = field(default=None, repr=False, compare=False)
 
     def predict_fn(self):
-        """A compiled function texts -> probabilities; ~20x cheaper per call than model.predict.
-        Built once per model: a new tf.function traces again (~1 s), which every learner round
-        paid for its gate before this was cached."""
+        """A compiled function texts -> probabilities, far cheaper per call than model.predict
+        (docs/SERVING.md). Built once per model: a new tf.function traces again, which would cost
+        every learner round's gate a trace."""
         if self._predict is None:
             self._predict = self._compile()
         return self._predict

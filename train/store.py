@@ -60,7 +60,6 @@ PINS = "_pins"
 DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
 # Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
 # can kill a publish between two files (tests/test_store_s3.py).
-TEST_PAUSE_ENV = "TEXTSERVE_STORE_TEST_PAUSE_S"
 
 
 class VersionTaken(ValueError):
@@ -231,15 +230,12 @@ class ModelStore:
         if not files:
             raise FileNotFoundError(f"{local_dir} holds no files to publish")
         version, token = self._claim_next() if version is None else self._claim_exact(version)
-        pause = float(os.environ.get(TEST_PAUSE_ENV, "0"))
         written = {}
         try:
             for path in files:
                 name = path.relative_to(local_dir).as_posix()
                 with open(path, "rb") as src, self._open_out(self._path(version, name)) as out:
                     written[name] = _copy(src, out)
-                if pause:
-                    time.sleep(pause)
             record = {"version": version, "token": token, "host": socket.gethostname(), "pid": os.getpid(),
                       "committed_at": time.time(), "files": written}
             self._write_marker(version, json.dumps(record, indent=1).encode("utf-8"))
