@@ -135,7 +135,7 @@ def rayservice_auth_problems(doc: dict, source: str) -> list[str]:
     token = by_options or (env_mode and all(mode == "token" for mode in env_mode.values()))
     if not token:
         problems.append(f"{source}: no token authentication: set rayClusterConfig.authOptions.mode: token "
-                        "(KubeRay >= 1.5.1) or RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in every Ray container")
+                        "(KubeRay >= 1.6.0 for secretName) or RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in every Ray container")
     # KubeRay passes dashboard-host 0.0.0.0 when rayStartParams leaves it out
     host = str(((cluster.get("headGroupSpec") or {}).get("rayStartParams") or {}).get("dashboard-host", "0.0.0.0"))
     if host in ANY_ADDRESS and not token:

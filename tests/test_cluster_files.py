@@ -100,12 +100,13 @@ def test_kuberay_manifest_is_self_contained():
     assert manifest_reference_problems(text, "kuberay.yaml") == []
     kinds = {d["kind"]: d for d in yaml.safe_load_all(text) if d}
     assert kinds["PersistentVolumeClaim"]["metadata"]["name"] == "textserve-shared"
-    assert kinds["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # only the head pod mounts it, one at a time (upgradeStrategy None): ReadWriteOnce is enough
+    assert kinds["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteOnce"]
     # a reference to an object nobody defines is caught
     broken = text.replace("claimName: textserve-shared", "claimName: textserve-other", 1)
     assert any("PersistentVolumeClaim textserve-other" in p for p in manifest_reference_problems(broken, "k"))
-    undocumented = text.replace("kubectl create secret generic textserve-feedback", "kubectl create secret x")
-    assert any("Secret textserve-feedback" in p for p in manifest_reference_problems(undocumented, "k"))
+    undocumented = text.replace("kubectl create secret generic textserve-secrets", "kubectl create secret x")
+    assert any("Secret textserve-secrets" in p for p in manifest_reference_problems(undocumented, "k"))
 
 
 def test_kuberay_serves_exactly_serve_cluster_yaml(tmp_path):
@@ -207,11 +208,281 @@ def test_every_command_in_scaling_md_parses():
             _check_python_m_train(argv[split + 4:])
         elif argv[0] in ("ray", "serve"):
             _check_flags(argv[0], argv[1:])
-        else:  # pip, export, cd, kubectl: nothing to run them against here
+        else:  # pip, export, cd, kubectl, aws, docker, shell built-ins: nothing to run them against here
             not_here.append(argv[0])
             continue
         checked.append(" ".join(argv))
     fine_tune = [c for c in checked if "--fine-tune" in c]
     assert fine_tune and all("--storage-path" in c for c in fine_tune)  # multi-node runs need it
     assert any(c.startswith("ray get-auth-token --generate") for c in checked)
-    assert set(not_here) <= {"pip", "export", "cd", "kubectl"}, not_here
+    assert set(not_here) <= {"pip", "export", "cd", "kubectl", "aws", "docker", "mkdir", "printf", "chmod",
+                             "echo", "umask", "ssh-keygen", "cat", "sudo", "ip"}, not_here
+
+
+# --- cluster/aws.yaml would work: images, Python, profiles, the log's volume, rsync filters ---
+
+CPU_IMAGE = "resolve:ssm:/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
+GPU_IMAGE = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+
+
+def _aws() -> dict:
+    return yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+
+
+def _setup_of(config: dict, node_type: str) -> list[str]:
+    """The setup commands Ray runs on a node type (its own worker_setup_commands replace the global)."""
+    spec = config["available_node_types"][node_type]
+    if node_type == config["head_node_type"]:
+        return config["setup_commands"] + config.get("head_setup_commands", [])
+    return spec.get("worker_setup_commands", config["setup_commands"] + config.get("worker_setup_commands", []))
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_ray_up_files_pass_rays_own_offline_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((CLUSTER / name).read_text()))
+    validate_config(config)  # raises on a schema error
+    broken = copy.deepcopy(config)
+    broken["rsync_exclude"] = ".venv"  # a string where Ray's schema wants a list
+    with pytest.raises(Exception):
+        validate_config(broken)
+
+
+def test_aws_chooses_an_image_on_purpose_for_every_node_type():
+    config = _aws()
+    images = {name: spec["node_config"].get("ImageId") for name, spec in config["available_node_types"].items()}
+    # Ray's fallback (an Ubuntu 18.04 DLAMI with no python3.11) is never used: every type names one
+    assert all(images.values()), images
+    assert images["head"] == images["cpu_serving"] == CPU_IMAGE          # plain Ubuntu 22.04, no CUDA
+    assert images["gpu_trainer"] == GPU_IMAGE                             # Ubuntu 22.04 + NVIDIA driver
+    # both are Ubuntu 22.04, whose universe archive has python3.11 and python3.11-venv
+    for node_type in images:
+        setup = _setup_of(config, node_type)
+        assert "22.04" in images[node_type]
+        assert any("apt-get install -y python3.11 python3.11-venv" in c for c in setup), node_type
+        assert any("make install PYTHON=python3.11" in c for c in setup), node_type
+
+
+def test_aws_gives_every_node_type_a_profile_with_store_access():
+    config = _aws()
+    profiles = {n: s["node_config"].get("IamInstanceProfile") for n, s in config["available_node_types"].items()}
+    assert profiles == {"head": {"Name": "textserve-head"}, "gpu_trainer": {"Name": "textserve-node"},
+                        "cpu_serving": {"Name": "textserve-node"}}
+    doc = (CLUSTER.parent / "docs" / "SCALING.md").read_text()
+    for name in ("textserve-head", "textserve-node"):  # the docs say how to make them
+        assert f"--instance-profile-name {name}" in doc
+    assert "iam:PassRole" in doc  # the head launches workers with textserve-node's role
+
+
+def test_aws_mounts_the_learners_volume_where_the_log_is_read_and_nowhere_else():
+    config = _aws()
+    serve = yaml.safe_load((CLUSTER / "serve_cluster.yaml").read_text())
+    state_dir = serve["applications"][0]["args"]["learner"]["state_dir"]
+    assert state_dir.startswith("/mnt/shared/")
+    mounts = {n: [c for c in _setup_of(config, n) if "mount -t nfs4" in c] for n in config["available_node_types"]}
+    assert len(mounts["head"]) == 1 and len(mounts["gpu_trainer"]) == 1  # the learner; a fine-tune
+    assert mounts["cpu_serving"] == []
+    mount = mounts["head"][0]
+    assert '"$TEXTSERVE_EFS:/" /mnt/shared' in mount and "nfsvers=4.1" in mount
+    assert "lookupcache=none" in mount  # the ownership fence sees a new epoch at once (ONLINE_LEARNING.md)
+    # the learner is pinned to the head, which mounts the volume
+    learner = next(d for d in serve["applications"][0]["deployments"] if d["name"] == "OnlineLearner")
+    assert learner["ray_actor_options"]["resources"] == {"learner": 1}
+    assert config["available_node_types"]["head"]["resources"] == {"learner": 1}
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_rsync_filters_keep_the_venv_artifacts_and_caches_off_the_nodes(name, tmp_path):
+    """Ray's own rsync arguments, run by the real rsync on a tree shaped like a developer's checkout."""
+    import shutil
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    if not shutil.which("rsync"):
+        pytest.skip("rsync is not installed")
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    src, dst = tmp_path / "repo", tmp_path / "node"
+    for path in ("serve/app.py", ".venv/bin/python", ".venv/.installed", "artifacts/models/v1/w.bin",
+                 "serve/__pycache__/app.cpython-311.pyc", "textserve.egg-info/PKG-INFO", ".git/HEAD",
+                 ".pytest_cache/v/x", "cluster/aws.yaml"):
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_text("x")
+    shutil.copy(CLUSTER.parent / ".gitignore", src / ".gitignore")
+    runner = SSHCommandRunner.__new__(SSHCommandRunner)
+    args = runner._create_rsync_filter_args({"rsync_exclude": config["rsync_exclude"],
+                                             "rsync_filter": config["rsync_filter"]})
+    subprocess.run(["rsync", "-avz", *args, f"{src}/", f"{dst}/"], check=True, capture_output=True, cwd=src)
+    copied = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert copied == [".gitignore", "cluster/aws.yaml", "serve/app.py"]
+
+
+@pytest.mark.parametrize("name", RAY_UP_FILES)
+def test_secrets_reach_every_ray_start_from_a_file_outside_the_repo(name):
+    config = yaml.safe_load((CLUSTER / name).read_text())
+    assert config["file_mounts"]["~/.textserve/secrets.env"] == "~/.textserve/secrets.env"
+    assert any("chmod 600" in c and "~/.textserve/secrets.env" in c for c in config["setup_commands"])
+    for command in _ray_starts(config):
+        before = command.split("ray start")[0]
+        source = before.find("set -a && . ~/.textserve/secrets.env && set +a")
+        # sourced before `serve env`, which keeps the shared TEXTSERVE_INGRESS_SECRET (it makes a
+        # random one per node only when it is unset) and before `ray start`, whose raylet and
+        # workers inherit it
+        assert 0 <= source < before.find("python -m serve env"), command
+    serve = (CLUSTER / "serve_cluster.yaml").read_text()
+    assert "TEXTSERVE_FEEDBACK_TOKEN:" not in serve and "TEXTSERVE_INGRESS_SECRET" not in serve
+    assert yaml.safe_load(serve)["applications"][0]["args"]["operator_token_env"] == "TEXTSERVE_OPERATOR_TOKEN"
+
+
+def test_serve_env_keeps_a_shared_ingress_secret(monkeypatch):
+    import shutil
+    import tempfile
+
+    from serve.ingress import SECRET_ENV, fast_ingress_env
+
+    monkeypatch.setenv(SECRET_ENV, "one-secret-for-every-node")
+    run_dir = Path(tempfile.mkdtemp(prefix="tsi", dir="/tmp"))  # HAProxy's socket paths: short
+    assert fast_ingress_env(run_dir)[SECRET_ENV] == "one-secret-for-every-node"
+    monkeypatch.delenv(SECRET_ENV)
+    try:
+        assert fast_ingress_env(run_dir)[SECRET_ENV] != "one-secret-for-every-node"  # random when unset
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# --- cluster/kuberay.yaml against the real CRDs of the versions we name ---
+
+CRDS = Path(__file__).with_name("data") / "kuberay_crd"
+
+
+def _strict(schema):
+    """A CRD's openAPIV3Schema as a JSON schema that refuses unknown fields (kubectl's strict field
+    validation; the API server alone would prune them silently), except where the CRD keeps them."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    return schema
+
+
+def _crd_errors(version: str, doc: dict) -> list[str]:
+    import gzip
+    import json
+
+    crd = json.loads(gzip.decompress((CRDS / f"rayservice_v1_{version}.json.gz").read_bytes()))
+    assert crd["source"].startswith(f"ray-project/kuberay {version} ")
+    validator = jsonschema.Draft7Validator(_strict(crd["openAPIV3Schema"]))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_kuberay_manifest_needs_exactly_the_version_it_states():
+    text = _manifest()
+    assert text.startswith("# kubectl apply -f cluster/kuberay.yaml   (KubeRay operator v1.6.0 or newer;")
+    assert _crd_errors("v1.6.0", rayservice(text)) == []
+    # v1.5.1's CRD has authOptions.mode but not secretName: the manifest does not fit it
+    older = _crd_errors("v1.5.1", rayservice(text))
+    assert older and all("secretName" in e for e in older), older
+    # the real schema catches what Kubernetes would refuse
+    typo = rayservice(text)
+    typo["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["imag"] = "x"
+    assert any("imag" in e for e in _crd_errors("v1.6.0", typo))
+    bad_mode = rayservice(text)
+    bad_mode["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "tokens"
+    assert _crd_errors("v1.6.0", bad_mode)
+
+
+def _pod_specs(service: dict) -> dict[str, dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    pods.update({g["groupName"]: g["template"]["spec"] for g in cluster["workerGroupSpecs"]})
+    return pods
+
+
+def test_kuberay_mounts_the_log_only_on_the_learners_pod():
+    service = rayservice(_manifest())
+    pods = _pod_specs(service)
+    claims = {name: [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+              for name, pod in pods.items()}
+    assert claims == {"head": ["textserve-shared"], "cpu-serving": [], "gpu-trainer": []}
+    assert all("volumeMounts" not in c for name, pod in pods.items() if name != "head" for c in pod["containers"])
+    # the head is the learner's node
+    assert '\\"learner\\": 1' in service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["args"]["learner"]["state_dir"].startswith("/mnt/shared/")
+    assert pods["head"]["securityContext"] == {"fsGroup": 1000}  # the image's user may write it
+
+
+def test_kuberay_never_runs_a_second_cluster_on_the_log():
+    service = rayservice(_manifest())
+    assert service["spec"]["upgradeStrategy"] == {"type": "None"}
+    assert "upgradeStrategy None: KubeRay never starts a" in _manifest()  # the header says what it does
+
+
+def test_kuberay_secrets_reach_every_ray_container_from_one_secret():
+    text = _manifest()
+    service = rayservice(text)
+    for name, pod in _pod_specs(service).items():
+        for container in pod["containers"]:
+            refs = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
+            assert "textserve-secrets" in refs, name
+            assert not any(e["name"].startswith("TEXTSERVE_") for e in container.get("env", [])), name
+    assert 'kubectl create secret generic textserve-secrets --from-env-file="$HOME/.textserve/secrets.env"' in text
+
+
+# --- cluster/Dockerfile: what can be checked without a container runtime ---
+
+def _dockerfile() -> list[tuple[str, str]]:
+    import re
+
+    text = re.sub(r"\\\n", " ", (CLUSTER / "Dockerfile").read_text())
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_builds_the_package_from_the_repo():
+    import fnmatch
+    import tomllib
+
+    steps = _dockerfile()
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())
+    base = next(arg for op, arg in steps if op == "FROM")
+    assert base.startswith("python:3.11-"), base  # requires-python >=3.11,<3.12
+    assert project["project"]["requires-python"] == ">=3.11,<3.12"
+    copied = [c for arg in (a for op, a in steps if op == "COPY") for c in arg.split()[:-1]]
+    ignored = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for source in copied:
+        assert (CLUSTER.parent / source).exists(), source
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), source
+    # every package pip needs to build, and the readme pyproject names
+    needed = set(project["tool"]["setuptools"]["packages"]) | {"pyproject.toml", project["project"]["readme"]}
+    assert needed <= set(copied), needed - set(copied)
+    for pattern in (".venv", "artifacts", "**/__pycache__", ".git"):
+        assert pattern in ignored
+    run = " ".join(arg for op, arg in steps if op == "RUN")
+    assert 'pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"' in run
+    assert "wget" in run  # KubeRay's probes run wget
+    assert ("ARG", 'EXTRAS=""') in steps and "gpu" in project["project"]["optional-dependencies"]
+    assert next(arg for op, arg in steps if op == "USER") == "ray" and "--uid 1000" in run
+
+
+def test_dockerfile_image_matches_the_manifest():
+    import re
+    import tomllib
+
+    text = _manifest()
+    service = rayservice(text)
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())
+    ray_pin = next(d for d in project["project"]["dependencies"] if d.startswith("ray["))
+    assert ray_pin.endswith("==" + service["spec"]["rayClusterConfig"]["rayVersion"])
+    images = {name: pod["containers"][0]["image"] for name, pod in _pod_specs(service).items()}
+    version = project["project"]["version"]
+    assert images == {"head": f"your-registry/textserve:{version}", "cpu-serving": f"your-registry/textserve:{version}",
+                      "gpu-trainer": f"your-registry/textserve:{version}-gpu"}
+    builds = re.findall(r"docker build -f cluster/Dockerfile (--build-arg EXTRAS=gpu )?-t (\S+) \.", text)
+    assert sorted(builds) == sorted([("", images["head"]), ("--build-arg EXTRAS=gpu ", images["gpu-trainer"])])
