@@ -1,0 +1,171 @@
+"""Observability: the loop's metrics (online_learning/metrics.py), the Prometheus scrape config and
+alert rules (cluster/observability/, checked and unit-tested by promtool), the Grafana dashboard
+(valid structure, only exported metric names), and the terminal status view against a real HTTP
+server. No Ray: the recorders run against ray.util.metrics without a cluster (a no-op sink)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from online_learning import metrics as m
+
+ROOT = Path(__file__).resolve().parents[1]
+OBS = ROOT / "cluster" / "observability"
+DASHBOARD = OBS / "grafana" / "textserve.json"
+
+# Ray Serve's own metrics used by the dashboard and alerts (Ray 2.60; docs: "Ray Serve metrics",
+# serve/monitoring), as Prometheus sees them.
+RAY_SERVE_NAMES = {
+    "ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
+    "ray_serve_http_request_latency_ms_bucket", "ray_serve_http_request_latency_ms_sum",
+    "ray_serve_http_request_latency_ms_count", "ray_serve_deployment_replica_healthy",
+    "ray_serve_deployment_processing_latency_ms_bucket", "ray_serve_deployment_request_counter_total",
+    "ray_serve_replica_processing_queries",
+}
+# Metrics the replicas export outside metrics.py (serve/classifier.py), as Prometheus names them.
+PROMQL_WORDS = {"sum", "by", "rate", "irate", "increase", "histogram_quantile", "max", "min", "count", "avg",
+                "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+                "count_values", "clamp_min", "clamp_max", "le", "offset", "absent", "deriv", "delta", "time",
+                "changes", "topk", "bottomk", "label_replace", "vector", "scalar", "max_over_time",
+                "min_over_time", "avg_over_time", "resets", "abs", "round", "sort", "sort_desc", "quantile",
+                "inf", "nan", "e", "group", "timestamp"}
+
+
+def _serve_code_names() -> set[str]:
+    """Metric names the serve/ code registers through ray.util.metrics, as Prometheus sees them."""
+    names = set()
+    for path in (ROOT / "serve").glob("*.py"):
+        for kind, name in re.findall(r"metrics\.(Counter|Gauge|Histogram)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
+                                     path.read_text()):
+            full = m.PREFIX + name
+            if kind == "Counter":
+                names.add(full if full.endswith("_total") else full + "_total")
+            elif kind == "Histogram":
+                names |= {full + "_bucket", full + "_sum", full + "_count"}
+            else:
+                names.add(full)
+    return names
+
+
+def _metrics_py_names() -> set[str]:
+    """Names parsed from metrics.py's source text (not imported), so the check reads the file."""
+    source = (ROOT / "online_learning" / "metrics.py").read_text()
+    block = source[source.index("METRICS: dict"):source.index("_BUCKETS = ")]
+    names = set()
+    for name, kind in re.findall(r"\"(textserve_[a-z0-9_]+)\": \(\"(counter|gauge|histogram)\"", block):
+        full = m.PREFIX + name
+        names |= {full + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {full}
+    return names
+
+
+KNOWN = _metrics_py_names() | _serve_code_names() | RAY_SERVE_NAMES
+
+
+def _names_in(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers outside {...} label matchers, strings,
+    and by/without/on (...) label lists, that are not functions or keywords."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\"[^\"]*\"|'[^']*'", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\$[a-zA-Z_]+", "", expr)  # Grafana variables ($__rate_interval)
+    words = set(re.findall(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)", expr))
+    return {w for w in words if w.lower() not in PROMQL_WORDS and not re.fullmatch(r"\d+[smhdwy]", w)}
+
+
+# -- metrics.py: the pure parts and the recorders -----------------------------------------------
+
+def test_every_metric_follows_the_conventions():
+    for name, (kind, description, tags) in m.METRICS.items():
+        assert re.fullmatch(r"textserve_[a-z0-9_]+", name), name
+        assert description
+        if kind == "counter":
+            assert name.endswith("_total"), f"{name}: a counter ends in _total"
+        else:
+            assert not name.endswith("_total"), f"{name}: only counters end in _total"
+        assert set(tags) <= {"replica", "reason", "outcome", "kind"}, f"{name}: unbounded label in {tags}"
+        if kind == "histogram":
+            assert name.endswith(("_seconds", "_bytes")), f"{name}: a histogram names its unit"
+
+
+def test_held_back_reasons_map_to_a_bounded_set():
+    from online_learning.round_policy import gate_reason
+
+    class S:
+        max_base_drop, gate_margin, gate_min_losses = 0.02, 0.0, 1
+
+    assert m.held_back_kind(gate_reason(S, None, 0.9, None, None, 0)) == "no_holdout"
+    assert m.held_back_kind(gate_reason(S, 0.5, 0.9, None, None, 0)) == "base"
+    assert m.held_back_kind(gate_reason(S, 0.9, 0.9, 0.2, 0.8, 10)) == "feedback"
+    assert gate_reason(S, 0.9, 0.9, 0.8, 0.8, 10) is None
+    assert m.held_back_kind("log compacted below its offset") == "other"
+    assert m.held_back_kind(None) == "other"
+    assert {m.held_back_kind(r) for r in ("base x", "feedback y", "z", "")} <= set(m.HELD_BACK_KINDS)
+
+
+def test_submit_outcomes_from_the_learners_answers():
+    assert m.submit_outcome({"results": [(0, False), (1, True), (2, False)]}) == ("accepted", 2, 1)
+    assert m.submit_outcome({"results": [(0, True)]}) == ("duplicate", 0, 1)
+    assert m.submit_outcome({"conflict": {"event_id": "a", "offset": 3}})[0] == "conflict"
+    assert m.submit_outcome({"not_owner": {"epoch": 2, "message": "x"}})[0] == "not_owner"
+    assert m.submit_outcome({"write_error": {"errno": "ENOSPC", "message": "x"}})[0] == "write_error"
+    assert m.submit_outcome({})[0] == "other"
+    assert {o for o, _, _ in map(m.submit_outcome, ({}, {"results": []}))} <= set(m.SUBMIT_OUTCOMES)
+
+
+def test_ack_to_served_counts_only_events_new_on_the_replica():
+    acked = [(3, 100.0), (4, 101.0), (5, 102.0), (6, 109.0)]
+    assert m.newly_served(acked, 3, 5, 110.0) == [9.0, 8.0]  # 4 and 5: above 3, up to 5
+    assert m.newly_served(acked, None, 5, 110.0) == []  # first report: the replica did not exist before
+    assert m.newly_served(acked, 5, 5, 110.0) == []  # nothing new
+    assert m.newly_served(acked, 6, 4, 110.0) == []  # went back (another base)
+    assert m.newly_served(acked, 2, 9, 105.0) == [5.0, 4.0, 3.0, 0.0]  # a clock step never gives < 0
+
+
+def test_recorders_track_streaks_lineages_and_last_reports():
+    """The real recorders (ray.util.metrics without a cluster records nowhere): the state they
+    keep between calls is what the exported gauges show."""
+    learner = m.LearnerMetrics()
+    learner.round_done({"published": False, "reason": "base accuracy 0.5 < anchor 0.9 - 0.02"}, 0.1)
+    learner.round_done({"published": False, "reason": m.NO_HOLDOUT}, 0.1)
+    assert learner.held_back_streak == 2
+    learner.round_done({"published": False, "replay": True}, 0.1)
+    assert learner.held_back_streak == 2  # a replay round neither publishes nor holds back
+    learner.round_done({"published": True, "version": 9, "bytes": 4096}, 0.1)
+    assert learner.held_back_streak == 0
+    learner.round_done({"published": False, "events": 3, "refused": 3}, 0.1)  # all refused: no candidate
+    assert learner.held_back_streak == 0
+    learner.replica_report("r1", 4, [])
+    learner.replica_report("r1", 7, [(5, 1.0), (6, 2.0)], now=3.0)
+    assert learner.last_reports == {"r1": 7}
+    with pytest.raises(ValueError):
+        learner.events("a text", 1)  # never a free-form label value
+    with pytest.raises(ValueError):
+        learner.published(3, 10, "full")
+    learner.submitted({"results": [(0, False)]})
+    learner.round_failed(2)
+    learner.log_state({"disk_bytes": 10, "segments": 1, "next_offset": 4}, 1)
+
+    replica = m.ReplicaMetrics("r1", max_staleness_s=10.0)
+    replica.served(3, "aaa")
+    replica.served(4, "aaa")
+    assert replica.lineage_changes == 0
+    replica.served(9, "bbb")
+    assert replica.lineage_changes == 1 and replica.lineage == "bbb"
+    replica.staleness(1.5)
+
+
+def test_the_replicas_existing_metric_names_are_the_ones_metrics_py_declares():
+    """model_follower.py's gauges and metrics.py's ReplicaMetrics must name the same series."""
+    follower = (ROOT / "serve" / "model_follower.py").read_text()
+    for name in re.findall(r"metrics\.Gauge\(\"([a-z0-9_]+)\"", follower):
+        assert name in m.METRICS, f"{name} (serve/model_follower.py) is not declared in online_learning/metrics.py"
