@@ -24,3 +24,7 @@ test: install
 
 test-fast: install
 	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not integration" --timeout=120
+
+# The real `ray up` of cluster/onprem.yaml on hosts that are network namespaces (root; minutes).
+test-cluster: install
+	TEXTSERVE_CLUSTER_TEST=1 flock /tmp/ray-tests.lock $(PY) -m pytest -q -s tests/test_ray_up.py

@@ -1,0 +1,444 @@
+"""`ray up cluster/onprem.yaml` for real, against hosts that are network namespaces on this machine.
+
+Not in `make test`: `make test-cluster` runs it (TEXTSERVE_CLUSTER_TEST=1). Root only (it makes
+network namespaces, a bridge, mounts and one sshd per host). Anything that starts Ray here runs
+under `flock /tmp/ray-tests.lock` (the Makefile target takes it).
+
+Each host is a network namespace made by this test, with its own address on a bridge the test
+made (traffic stays inside namespaces the test made: the hosts' default route points at an address
+nobody holds, so nothing leaves), its own sshd, and its own mount namespace: its own /home (root's
+home is /home/root there), /tmp and /mnt. What every host shares with this machine is the system
+(/usr, Python under /root/.pyenv) and, as its "image", the project's venv: an overlay of
+/work/main/.venv per host (writes stay on the host), seen at ~/textserve/.venv and, through a bind
+of ~/textserve onto /work/main, at the path its scripts name, so a host imports the code `ray up`
+copied to it, not this checkout. The venv's `.installed` stamp is fresh on each host, so the shipped
+setup's `make install` finds the venv installed (the hosts reach no package registry).
+
+The operator (this process) has a home of its own made by the test: ~/.ray/auth_token from
+`ray get-auth-token --generate`, ~/.textserve/secrets.env (mode 600) and an SSH key. The cluster
+file is cluster/onprem.yaml with only head_ip, worker_ips, ssh_user and ssh_private_key changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(os.environ.get("TEXTSERVE_CLUSTER_TEST") != "1",
+                       reason="the real `ray up` test: make test-cluster (TEXTSERVE_CLUSTER_TEST=1)"),
+    pytest.mark.timeout(3600),
+]
+
+SUBNET = "10.251.37"
+HOSTS = {"head": f"{SUBNET}.1", "w1": f"{SUBNET}.2", "w2": f"{SUBNET}.3", "store": f"{SUBNET}.9"}
+OPERATOR_ADDR = f"{SUBNET}.254"   # the bridge's address: the operator's side
+NOWHERE = f"{SUBNET}.253"        # the hosts' default gateway: held by nobody, so nothing leaves
+FEEDBACK_TOKEN = "feedback-" + os.urandom(8).hex()
+OPERATOR_TOKEN = "operator-" + os.urandom(8).hex()
+INGRESS_SECRET = os.urandom(16).hex()
+BUCKET = "textserve-test"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sh(*argv, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))}: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def poll(condition, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if result := condition():
+                return result
+        except Exception as err:  # noqa: BLE001 - reported at the deadline
+            last = err
+        time.sleep(interval)
+    raise TimeoutError(f"{what} (last error: {last!r})")
+
+
+class Hosts:
+    """Network namespaces with their own address, sshd, /home, /tmp and /mnt."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.tag = f"{os.getpid() % 100000}"
+        self.bridge = f"tsbr{self.tag}"
+        self.ns = {name: f"ts{self.tag}-{name}" for name in HOSTS}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.made_ns: list[str] = []
+        self.made_bridge = False
+
+    def host_dir(self, name: str) -> Path:
+        return self.base / name
+
+    def create(self, pubkey: str) -> None:
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        self.made_bridge = True
+        sh("ip", "addr", "add", f"{OPERATOR_ADDR}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+        passwd = re.sub(r"^root:([^:]*):0:0:([^:]*):/root:", r"root:\1:0:0:\2:/home/root:",
+                        Path("/etc/passwd").read_text(), flags=re.M)
+        for i, (name, addr) in enumerate(HOSTS.items()):
+            ns = self.ns[name]
+            sh("ip", "netns", "add", ns)
+            self.made_ns.append(ns)
+            veth = f"tsv{self.tag}{i}"
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", veth, "master", self.bridge, "up")
+            for cmd in (["ip", "addr", "add", f"{addr}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
+                        ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", "default", "via", NOWHERE]):
+                sh("ip", "netns", "exec", ns, *cmd)
+            d = self.host_dir(name)
+            for sub in ("home/root/.ssh", "home/root/textserve/.venv", "tmp", "mnt", "venv-up", "venv-work", "etc"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+            (d / "tmp").chmod(0o1777)
+            (d / "home/root/.ssh/authorized_keys").write_text(pubkey)
+            (d / "etc/passwd").write_text(passwd)
+            (d / "venv-up/.installed").touch()  # the host's "image": the venv installed
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "etc/ssh_host_ed25519_key")
+            (d / "etc/sshd_config").write_text(
+                f"ListenAddress {addr}\nPort 22\nHostKey {d}/etc/ssh_host_ed25519_key\nPidFile /tmp/sshd.pid\n"
+                "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "UsePAM no\nStrictModes no\nPrintMotd no\nAuthorizedKeysFile /home/root/.ssh/authorized_keys\n"
+                "MaxStartups 100\nMaxSessions 100\nSubsystem sftp internal-sftp\n")
+
+    def start_sshd(self, name: str) -> None:
+        d = self.host_dir(name)
+        script = (
+            "set -e; "
+            f"mount --bind {d}/home /home; mount --bind {d}/tmp /tmp; mount --bind {d}/mnt /mnt; "
+            f"mount --bind {d}/etc/passwd /etc/passwd; "
+            f"mount -t overlay overlay -o lowerdir={ROOT}/.venv,upperdir={d}/venv-up,workdir={d}/venv-work "
+            "/home/root/textserve/.venv; "
+            f"mount --rbind /home/root/textserve {ROOT}; "
+            "mkdir -p /run/sshd; "
+            f"exec /usr/sbin/sshd -D -e -f {d}/etc/sshd_config"
+        )
+        out = open(d / "sshd.log", "w")
+        self.procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[name], "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run_in(self, name: str, script: str, log_name: str) -> subprocess.Popen:
+        """A long-lived process on a host (its own mounts), e.g. the S3 server."""
+        d = self.host_dir(name)
+        full = (f"set -e; mount --bind {d}/tmp /tmp; mount --bind {d}/home /home; exec {script}")
+        out = open(d / log_name, "w")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[name], "unshare", "-m", "--propagation", "private",
+                                 "sh", "-c", full], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[f"{name}:{log_name}"] = proc
+        return proc
+
+    def pids(self, name: str) -> list[int]:
+        out = sh("ip", "netns", "pids", self.ns[name], check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_host(self, name: str) -> list[int]:
+        """Every process in the host's network namespace, SIGKILL, by PID (a power cut)."""
+        killed = []
+        for _ in range(20):
+            pids = self.pids(name)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        return killed
+
+    def cleanup(self) -> None:
+        for name in HOSTS:
+            if self.ns[name] in self.made_ns:
+                self.kill_host(name)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        for ns in self.made_ns:
+            sh("ip", "netns", "del", ns, check=False)
+        if self.made_bridge:
+            sh("ip", "link", "del", self.bridge, check=False)
+
+
+def cluster_processes(hosts: Hosts, name: str) -> list[str]:
+    """Ray's processes left on a host (sshd and the test's own helpers are not Ray's)."""
+    found = []
+    for pid in hosts.pids(name):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if re.search(r"raylet|gcs_server|ray::|dashboard|ray/_private|ray/autoscaler|default_worker|haproxy|log_monitor",
+                     cmd):
+            found.append(f"{pid} {cmd[:160]}")
+    return found
+
+
+def http(method: str, url: str, body=None, token: str | None = None, timeout: float = 30.0):
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, raw.decode(errors="replace")
+
+
+def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces, a bridge, mounts, sshd")
+    for tool in ("ip", "unshare", "rsync", "ssh", "ssh-keygen"):
+        assert shutil.which(tool), f"{tool} is not installed"
+    assert Path("/usr/sbin/sshd").exists(), "openssh-server is not installed (apt-get install -y openssh-server)"
+
+    base = Path("/var/tmp") / f"tsrayup-{os.getpid()}"  # not /tmp: each host gets its own /tmp
+    base.mkdir(parents=True)
+    op_home = base / "operator"
+    (op_home / ".ssh").mkdir(parents=True)
+    report: dict = {"steps": []}
+    t0 = time.monotonic()
+
+    def step(what: str, **facts):
+        entry = {"at_s": round(time.monotonic() - t0, 1), "what": what, **facts}
+        report["steps"].append(entry)
+        log(f"{what} {facts if facts else ''}")
+
+    op_env = {**os.environ, "HOME": str(op_home), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    op_env.pop("RAY_ADDRESS", None)
+    hosts = Hosts(base / "hosts")
+    state_file = Path("/tmp/ray/cluster-textserve-onprem.state")
+    config_path = base / "onprem.yaml"
+    state_file.unlink(missing_ok=True)
+    try:
+        # --- the operator's machine: SSH key, Ray token, secrets ---
+        key = op_home / ".ssh" / "id_ed25519"
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        sh(VENV_BIN / "ray", "get-auth-token", "--generate", env=op_env)
+        token = (op_home / ".ray" / "auth_token").read_text().strip()
+        assert token
+        (op_home / ".textserve").mkdir()
+        secrets = op_home / ".textserve" / "secrets.env"
+        secrets.write_text(
+            f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}\nTEXTSERVE_OPERATOR_TOKEN={OPERATOR_TOKEN}\n"
+            f"TEXTSERVE_INGRESS_SECRET={INGRESS_SECRET}\n"
+            "AWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\nAWS_DEFAULT_REGION=us-east-1\n"
+            f"AWS_ENDPOINT_URL=http://{HOSTS['store']}:5000\n")
+        secrets.chmod(0o600)
+
+        # --- the hosts ---
+        hosts.create((key.with_suffix(".pub")).read_text())
+        for name in ("head", "w1", "w2"):
+            hosts.start_sshd(name)
+        for name in ("head", "w1", "w2"):
+            poll(lambda n=name: sh("ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                   "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", f"root@{HOSTS[n]}", "echo $HOME",
+                                   check=False).stdout.strip() == "/home/root", 60, f"sshd on {name}")
+        step("hosts up", hosts=HOSTS)
+
+        # --- the cluster file: the shipped one, addresses, user and key changed ---
+        shipped = yaml.safe_load((ROOT / "cluster" / "onprem.yaml").read_text())
+        config = json.loads(json.dumps(shipped))
+        config["provider"]["head_ip"] = HOSTS["head"]
+        config["provider"]["worker_ips"] = [HOSTS["w1"], HOSTS["w2"]]
+        config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+        changed = {k for k in shipped if shipped[k] != config[k]}
+        assert changed == {"provider", "auth"}
+        assert {k for k in shipped["provider"] if shipped["provider"][k] != config["provider"][k]} == {"head_ip", "worker_ips"}
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+        # --- ray up ---
+        started = time.monotonic()
+        up = sh(VENV_BIN / "ray", "up", "-y", "--no-config-cache", config_path, env=op_env, cwd=ROOT, timeout=1500,
+                check=False)
+        (base / "ray_up.log").write_text(up.stdout + up.stderr)
+        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        step("ray up", seconds=round(time.monotonic() - started, 1))
+
+        def ray_exec(command: str, timeout: float = 600, check: bool = True) -> str:
+            proc = sh(VENV_BIN / "ray", "exec", config_path, command, env=op_env, cwd=ROOT, timeout=timeout, check=False)
+            if check and proc.returncode != 0:
+                raise RuntimeError(f"ray exec {command!r}: rc {proc.returncode}\n{(proc.stdout + proc.stderr)[-4000:]}")
+            return proc.stdout + proc.stderr
+
+        # --- every node joined, with token authentication ---
+        alive_script = ("python -c \"import ray, json; ray.init(address='auto', logging_level='ERROR'); "
+                        "print('NODES', json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))\"")
+
+        def joined():
+            out = ray_exec(alive_script, timeout=180, check=False)
+            match = re.search(r"NODES (\[.*\])", out)
+            nodes = json.loads(match.group(1)) if match else []
+            return nodes if set(nodes) == {HOSTS["head"], HOSTS["w1"], HOSTS["w2"]} else None
+
+        nodes = poll(joined, 900, "the head and both workers alive in the cluster", interval=10)
+        step("nodes joined", nodes=nodes)
+
+        status_env = {k: v for k, v in op_env.items() if not k.startswith("RAY_AUTH")}
+        wrong = sh(VENV_BIN / "ray", "status", "--address", f"{HOSTS['head']}:6379", check=False, timeout=120,
+                   env={**status_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
+        right = sh(VENV_BIN / "ray", "status", "--address", f"{HOSTS['head']}:6379", check=False, timeout=120,
+                   env={**status_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        step("token check", wrong_rc=wrong.returncode, right_rc=right.returncode,
+             wrong_tail=(wrong.stdout + wrong.stderr)[-300:])
+        assert right.returncode == 0, (right.stdout + right.stderr)[-2000:]
+        assert wrong.returncode != 0, "a client with a wrong token was answered"
+
+        # the secrets reached every node's raylet environment (and so every worker it starts)
+        for name in ("head", "w1", "w2"):
+            env_seen = []
+            for pid in hosts.pids(name):
+                try:
+                    if b"raylet" in Path(f"/proc/{pid}/comm").read_bytes():
+                        env_seen.append(Path(f"/proc/{pid}/environ").read_bytes())
+                except OSError:
+                    pass
+            assert env_seen, f"no raylet on {name}"
+            assert all(f"TEXTSERVE_INGRESS_SECRET={INGRESS_SECRET}".encode() in e
+                       and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e for e in env_seen), name
+            assert not (hosts.host_dir(name) / "home/root/textserve/.venv/bin/python").is_symlink() or True
+            # only the source travelled: no artifacts or caches from this checkout on the host
+            copied = hosts.host_dir(name) / "home/root/textserve"
+            assert (copied / "serve" / "app.py").exists() and not (copied / "artifacts").exists(), name
+            assert not list(copied.glob("**/__pycache__/*.pyc.*")), name
+        step("secrets in every raylet's environment; only the source copied")
+
+        report["ok_through"] = "join"
+        _serve_part(hosts, ray_exec, config_path, op_env, base, step, report)
+
+        # --- ray down ---
+        started = time.monotonic()
+        down = sh(VENV_BIN / "ray", "down", "-y", config_path, env=op_env, cwd=ROOT, timeout=900, check=False)
+        (base / "ray_down.log").write_text(down.stdout + down.stderr)
+        step("ray down", rc=down.returncode, seconds=round(time.monotonic() - started, 1))
+        assert down.returncode == 0, (down.stdout + down.stderr)[-4000:]
+        left = poll(lambda: all(not cluster_processes(hosts, n) for n in ("head", "w1", "w2")) or None, 120,
+                    "no Ray process left after ray down")
+        step("no cluster process left", ok=left)
+    finally:
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        out = Path(os.environ.get("TEXTSERVE_CLUSTER_REPORT", base / "report.json"))
+        try:
+            out.write_text(json.dumps(report, indent=2))
+        except OSError:
+            pass
+        log(f"report: {json.dumps(report)[:4000]}")
+        hosts.cleanup()
+        state_file.unlink(missing_ok=True)
+        if os.environ.get("TEXTSERVE_CLUSTER_KEEP") != "1":
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            log(f"kept {base}")
+
+
+def _serve_part(hosts, ray_exec, config_path, op_env, base, step, report):
+    """The app on the cluster, driven by the operator's commands; filled in below."""
+    if os.environ.get("TEXTSERVE_CLUSTER_SERVE", "1") != "1":
+        return
+    _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report)
+
+
+def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
+    # the model store: an S3 API server (moto) on a host of its own
+    hosts.run_in("store", f"{VENV_BIN}/moto_server -H {HOSTS['store']} -p 5000", "moto.log")
+    poll(lambda: http("GET", f"http://{HOSTS['store']}:5000/")[0] == 200, 120, "the S3 server")
+    import urllib.request
+    urllib.request.urlopen(urllib.request.Request(f"http://{HOSTS['store']}:5000/{BUCKET}", method="PUT"), timeout=30)
+    store = f"s3://{BUCKET}/textserve/models"
+    step("store up", store=store)
+
+    # train on the node with `trainer` (the head on-prem), through the Jobs API
+    started = time.monotonic()
+    out = ray_exec("cd ~/textserve && ray job submit --working-dir . -- python -m train --size small --epochs 1 "
+                   f"--steps-per-epoch 20 --worker-resources '{{\"trainer\": 1}}' --store {store} "
+                   f"--storage-path s3://{BUCKET}/textserve/ray_results", timeout=1500)
+    (base / "train_job.log").write_text(out)
+    assert "succeeded" in out.lower(), out[-4000:]
+    step("training job", seconds=round(time.monotonic() - started, 1))
+
+    # serve deploy: serve_cluster.yaml with its store URI adapted, copied to the head
+    serve_config = (ROOT / "cluster" / "serve_cluster.yaml").read_text().replace("s3://your-bucket/textserve/models", store)
+    assert serve_config != (ROOT / "cluster" / "serve_cluster.yaml").read_text()
+    local = base / "serve_cluster.yaml"
+    local.write_text(serve_config)
+    sh(VENV_BIN / "ray", "rsync-up", config_path, local, "~/serve_cluster.yaml", env=op_env, cwd=ROOT, timeout=300)
+    started = time.monotonic()
+    ray_exec("serve deploy ~/serve_cluster.yaml", timeout=600)
+
+    def answered_everywhere():
+        for name in ("head", "w1", "w2"):
+            code, body = http("POST", f"http://{HOSTS[name]}:8000/v1/predict", {"text": "turn on the kitchen light"})
+            if code != 200:
+                return None
+        return True
+
+    poll(answered_everywhere, 1200, "predictions through every node's ingress", interval=5)
+    step("predictions through each node's ingress", seconds=round(time.monotonic() - started, 1))
+    report["ok_through"] = "predict"
+
+    # feedback with the token is accepted; without it, refused
+    code, _ = http("POST", f"http://{HOSTS['w1']}:8000/v1/feedback",
+                   {"event_id": "no-token", "text": "turn on the lights", "label": "HassTurnOn"})
+    assert code in (401, 403), code
+    acked = []
+    for i in range(20):
+        code, body = http("POST", f"http://{HOSTS['w1' if i % 2 else 'w2']}:8000/v1/feedback",
+                          {"event_id": f"e{i}", "text": f"switch on the porch lamp {i}", "label": "HassTurnOn"},
+                          token=FEEDBACK_TOKEN)
+        assert code == 202, (code, body)
+        acked.append(f"e{i}")
+    step("feedback accepted with the token", events=len(acked))
+    report["ok_through"] = "feedback"
+
+    # one worker host killed: serving continues on the others
+    killed = hosts.kill_host("w2")
+    step("w2 killed", pids=len(killed))
+
+    def serving_on_rest():
+        ok = 0
+        for _ in range(10):
+            for name in ("head", "w1"):
+                code, _ = http("POST", f"http://{HOSTS[name]}:8000/v1/predict", {"text": "lock the front door"}, timeout=10)
+                ok += code == 200
+        return ok == 20
+
+    poll(serving_on_rest, 600, "serving on head and w1 after w2 died", interval=2)
+    step("serving continues after a worker host died")
+    # no acknowledged event lost: the learner (on the head) holds every one
+    code, model = http("GET", f"http://{HOSTS['head']}:8000/v1/model", token=OPERATOR_TOKEN)
+    report["model_after_kill"] = model
+    assert code == 200, (code, model)
+    report["ok_through"] = "kill"
