@@ -169,3 +169,64 @@ def test_the_replicas_existing_metric_names_are_the_ones_metrics_py_declares():
     follower = (ROOT / "serve" / "model_follower.py").read_text()
     for name in re.findall(r"metrics\.Gauge\(\"([a-z0-9_]+)\"", follower):
         assert name in m.METRICS, f"{name} (serve/model_follower.py) is not declared in online_learning/metrics.py"
+
+
+# -- Prometheus: the scrape config and the alert rules, checked by a real promtool -----------------
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        reason = "promtool is missing: apt-get install prometheus (Debian's package has the server and promtool)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; .ci/run installs it")
+        pytest.skip(reason)
+    return path
+
+
+def _run_promtool(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([_promtool(), *args], cwd=OBS, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"promtool {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_promtool_checks_the_scrape_config():
+    out = _run_promtool("check", "config", "prometheus.yml")
+    assert "SUCCESS" in out.stdout + out.stderr
+    config = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    sd = [f for job in config["scrape_configs"] for c in job.get("file_sd_configs", []) for f in c["files"]]
+    assert sd == ["/tmp/ray/prom_metrics_service_discovery.json"], "Ray's service-discovery file, as Ray documents it"
+
+
+def test_promtool_checks_the_alert_rules():
+    out = _run_promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def _alerts() -> list[dict]:
+    groups = yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def test_promtool_unit_tests_fire_and_stay_quiet_for_every_alert():
+    tests = yaml.safe_load((OBS / "tests" / "alerts_test.yml").read_text())["tests"]
+    fired, quiet = set(), set()
+    for case in tests:
+        for check in case.get("alert_rule_test", []):
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = {rule["alert"] for rule in _alerts()}
+    assert names - fired == set(), f"alerts with no test where they fire: {sorted(names - fired)}"
+    assert names - quiet == set(), f"alerts with no test where they stay quiet: {sorted(names - quiet)}"
+    out = _run_promtool("test", "rules", "tests/alerts_test.yml")
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
+def test_alert_expressions_use_only_exported_metrics():
+    for rule in _alerts():
+        unknown = _names_in(rule["expr"]) - KNOWN
+        assert not unknown, f"alert {rule['alert']} uses metrics nothing exports: {sorted(unknown)}"
+
+
+def test_the_name_check_catches_an_unknown_metric():
+    assert _names_in('sum by (replica) (rate(ray_textserve_nope_total{outcome="x"}[5m]))') == {"ray_textserve_nope_total"}
+    assert _names_in("histogram_quantile(0.99, sum by (le) (rate(ray_serve_http_request_latency_ms_bucket"
+                     "[$__rate_interval])))") <= KNOWN
