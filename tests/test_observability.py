@@ -230,3 +230,68 @@ def test_the_name_check_catches_an_unknown_metric():
     assert _names_in('sum by (replica) (rate(ray_textserve_nope_total{outcome="x"}[5m]))') == {"ray_textserve_nope_total"}
     assert _names_in("histogram_quantile(0.99, sum by (le) (rate(ray_serve_http_request_latency_ms_bucket"
                      "[$__rate_interval])))") <= KNOWN
+
+
+# -- the Grafana dashboard ---------------------------------------------------------------------------
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _queries(dash: dict) -> list[tuple[str, str]]:
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target["expr"]))
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":  # label_values(metric, label): the metric is the query
+            metric = re.fullmatch(r"label_values\((\w+),\s*\w+\)", var["definition"])
+            assert metric, f"variable {var['name']}: expected label_values(metric, label), got {var['definition']!r}"
+            out.append((f"variable {var['name']}", metric.group(1)))
+    return out
+
+
+def test_dashboard_is_a_valid_grafana_model():
+    dash = _dashboard()
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert "datasource" in variables
+    cells: set[tuple[int, int]] = set()
+    for panel in dash["panels"]:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, f"{panel['title']}: gridPos {pos}"
+        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] in {"timeseries", "stat", "table", "gauge", "bargauge"}
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel.get("description"), f"{panel['title']}: say what the panel means"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert panel["targets"] and len(refs) == len(set(refs)), f"{panel['title']}: targets with unique refIds"
+        for target in panel["targets"]:
+            for var in re.findall(r"\$([a-zA-Z]\w*)", target["expr"]):
+                assert var in variables, f"{panel['title']}: ${var} is not a dashboard variable"
+
+
+def test_dashboard_queries_use_only_exported_metrics():
+    for title, expr in _queries(_dashboard()):
+        names = _names_in(expr)
+        assert names, f"{title}: no metric in {expr!r}"
+        assert not names - KNOWN, f"{title} queries metrics nothing exports: {sorted(names - KNOWN)}"
+
+
+def test_dashboard_shows_every_promise():
+    used = set().union(*(_names_in(expr) for _, expr in _queries(_dashboard())))
+    wanted = {"ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
+              "ray_textserve_model_version", "ray_textserve_replica_staleness_s",
+              "ray_textserve_replica_ack_to_served_seconds_bucket", "ray_textserve_learner_publishes_total",
+              "ray_textserve_learner_held_back_rounds_total", "ray_textserve_feedback_requests_total",
+              "ray_textserve_learner_unjudged_events"}
+    assert not wanted - used, f"panels missing for {sorted(wanted - used)}"
+    declared = {m.PREFIX + n for n in m.METRICS}
+    shown = {n.removesuffix("_bucket") for n in used}
+    assert not declared - shown, f"metrics.py declares metrics no panel shows: {sorted(declared - shown)}"
