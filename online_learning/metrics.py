@@ -23,6 +23,7 @@ parts (`held_back_kind`, `submit_outcome`, `newly_served`) need no Ray and are u
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from online_learning.round_policy import NO_HOLDOUT
@@ -165,16 +166,31 @@ class LearnerMetrics:
                    if name.startswith(("textserve_learner_", "textserve_feedback_", "textserve_replica_ack"))}
         self.held_back_streak = 0
         self.last_reports: dict[str, int | None] = {}  # replica -> log_offset at its previous report
+        self.tally: Counter = Counter()  # the counters' totals since this learner started, for status()
+
+    def counts(self) -> dict:
+        """Totals since this learner started, for OnlineLearner.status() ("feedback_outcomes"):
+        {"requests": {outcome: n}, "events": {outcome: n}, "held_back": {reason: n}, "publishes": n}."""
+        out: dict = {"requests": {}, "events": {}, "held_back": {}, "publishes": self.tally["publishes"]}
+        for key, n in self.tally.items():
+            group, _, name = key.partition(":")
+            if name and n:
+                out[group][name] = n
+        return out
 
     def submitted(self, reply: dict) -> None:
         """OnlineLearner.submit, on each answer it returns (results, conflict, not_owner, write_error)."""
         outcome, fresh, dups = submit_outcome(reply)
         self._m["textserve_feedback_requests_total"].inc(tags={"outcome": outcome})
+        self.tally[f"requests:{outcome}"] += 1
+        self.tally["events:accepted"] += fresh
+        self.tally["events:duplicate"] += dups
         if fresh:
             self._m["textserve_feedback_events_total"].inc(fresh, tags={"outcome": "accepted"})
         if dups:
             self._m["textserve_feedback_events_total"].inc(dups, tags={"outcome": "duplicate"})
         if outcome == "conflict":
+            self.tally["events:conflicting"] += 1
             self._m["textserve_learner_events_total"].inc(tags={"outcome": "conflicting"})
 
     def events(self, outcome: str, count: int) -> None:
@@ -182,6 +198,7 @@ class LearnerMetrics:
         if outcome not in EVENT_OUTCOMES:
             raise ValueError(f"unknown event outcome {outcome!r}; one of {EVENT_OUTCOMES}")
         if count > 0:
+            self.tally[f"events:{outcome}"] += count
             self._m["textserve_learner_events_total"].inc(count, tags={"outcome": outcome})
 
     def round_done(self, entry: dict, took_s: float) -> None:
@@ -194,6 +211,7 @@ class LearnerMetrics:
             self.published(entry.get("version"), entry.get("bytes") or 0, "delta")
         elif "reason" in entry:
             self.held_back_streak += 1
+            self.tally[f"held_back:{held_back_kind(entry['reason'])}"] += 1
             self._m["textserve_learner_held_back_rounds_total"].inc(tags={"reason": held_back_kind(entry["reason"])})
             self._m["textserve_learner_held_back_streak"].set(self.held_back_streak)
 
@@ -202,6 +220,7 @@ class LearnerMetrics:
         if kind not in PUBLISH_KINDS:
             raise ValueError(f"unknown publish kind {kind!r}; one of {PUBLISH_KINDS}")
         self.held_back_streak = 0
+        self.tally["publishes"] += 1
         self._m["textserve_learner_held_back_streak"].set(0)
         self._m["textserve_learner_publishes_total"].inc(tags={"kind": kind})
         if nbytes > 0:

@@ -151,7 +151,12 @@ def test_recorders_track_streaks_lineages_and_last_reports():
         learner.events("a text", 1)  # never a free-form label value
     with pytest.raises(ValueError):
         learner.published(3, 10, "full")
-    learner.submitted({"results": [(0, False)]})
+    learner.submitted({"results": [(0, False), (1, True)]})
+    learner.submitted({"conflict": {"event_id": "x", "offset": 0}})
+    learner.events("deferred", 4)
+    assert learner.counts() == {"requests": {"accepted": 1, "conflict": 1},
+                                "events": {"accepted": 1, "duplicate": 1, "conflicting": 1, "deferred": 4},
+                                "held_back": {"base": 1, "no_holdout": 1}, "publishes": 1}
     learner.round_failed(2)
     learner.log_state({"disk_bytes": 10, "segments": 1, "next_offset": 4}, 1)
 
@@ -295,3 +300,148 @@ def test_dashboard_shows_every_promise():
     declared = {m.PREFIX + n for n in m.METRICS}
     shown = {n.removesuffix("_bucket") for n in used}
     assert not declared - shown, f"metrics.py declares metrics no panel shows: {sorted(declared - shown)}"
+
+
+# -- the terminal status view, against a real HTTP server ------------------------------------------
+
+STATUS_TOKEN = "operator-token-for-the-status-test"
+
+
+def _model_answer(now: float) -> dict:
+    """A /v1/model operator answer with the fields serve/classifier.py and OnlineLearner.status() give."""
+    return {
+        "replica": "abc123def456", "model_version": 41, "lineage": "1f2e3d4c5b6a", "log_offset": 120,
+        "staleness_s": 0.4, "stale": False, "ready": True, "readiness": "ready", "learner_sync_error": None,
+        "labels": ["a", "b"], "weights_digest": "d41", "pid": 1, "started_at": now - 100, "time": now,
+        "learner": {
+            "lineage": "1f2e3d4c5b6a", "version": 42, "digest": "d42", "published_at": now - 30,
+            "replaying": False, "ready_offset": 90, "judged_offset": 130, "applied_offset": 130,
+            "served_offset": 130, "log_length": 140, "pending": 9, "held_back": 3, "refused": 5,
+            "followups_left": 0, "staleness_s": 2.5, "owner": True, "standby": False, "epoch": 7, "fenced": None,
+            "publish_interval_s": 1.0, "max_staleness_s": 10.0,
+            "replicas": {
+                "abc123def456": {"lineage": "1f2e3d4c5b6a", "version": 41, "digest": "d41", "log_offset": 120,
+                                 "reported_at": now - 0.2},
+                "zzz999": {"lineage": "1f2e3d4c5b6a", "version": 42, "digest": "d42", "log_offset": 130,
+                           "reported_at": now - 0.3},
+                "old777": {"lineage": "0000aaaa1111", "version": 12, "digest": "d12", "log_offset": 10,
+                           "reported_at": now - 5},
+            },
+            "history": [
+                {"time": now - 60, "published": True, "version": 41, "events": 4, "bytes": 2048},
+                {"time": now - 45, "published": False, "events": 6,
+                 "reason": "base accuracy 0.800 < anchor 0.900 - 0.02", "version": None, "bytes": 0},
+                {"time": now - 30, "published": True, "version": 42, "events": 2, "bytes": 4096},
+            ],
+            "feedback_outcomes": {"requests": {"accepted": 9, "conflict": 1}, "events": {"accepted": 140},
+                                  "held_back": {"base": 3}, "publishes": 2},
+        },
+    }
+
+
+@pytest.fixture
+def model_server():
+    """A real HTTP server answering GET /v1/model as the app does: the operator view for the right
+    bearer token, the public view (versions and labels only) for a missing or wrong one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"hits": 0, "version": 42}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            state["hits"] += 1
+            if self.path != "/v1/model":
+                self.send_response(404)
+                self.end_headers()
+                return
+            answer = _model_answer(__import__("time").time())
+            answer["learner"]["version"] = state["version"]
+            if self.headers.get("Authorization") != f"Bearer {STATUS_TOKEN}":
+                answer = {"model_version": answer["model_version"], "labels": answer["labels"]}
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+
+
+def _status(*args: str, token: str | None = STATUS_TOKEN, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TEXTSERVE_FEEDBACK_TOKEN"}
+    if token is not None:
+        env["TEXTSERVE_FEEDBACK_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "online_learning", "status", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_status_prints_replicas_learner_history_and_outcomes(model_server):
+    url, _ = model_server
+    done = _status("--url", url)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    lines = out.splitlines()
+    row = next(line for line in lines if line.startswith("abc123def456*"))
+    assert "41" in row and "1f2e3d4c5b6a" in row and "0.4s" in row and "ready" in row  # the answering replica
+    row = next(line for line in lines if line.startswith("zzz999"))
+    assert " current" in row and "0.0s" in row
+    row = next(line for line in lines if line.startswith("old777"))
+    assert "behind STALE (other lineage)" in row and ">=30" in row  # behind since v42 was published 30 s ago
+    assert "learner: v42 lineage 1f2e3d4c5b6a (owner, epoch 7)" in out
+    assert "backlog (unjudged) 9" in out and "held back 3 rounds" in out
+    assert "published v42" in out and "held back" in out and "base accuracy 0.800" in out
+    assert "requests: accepted 9, conflict 1" in out and "held_back: base 3" in out
+
+
+def test_status_says_what_is_wrong(model_server):
+    url, _ = model_server
+    missing = _status("--url", url, token=None)
+    assert missing.returncode == 2 and "TEXTSERVE_FEEDBACK_TOKEN" in missing.stderr and not missing.stdout
+    wrong = _status("--url", url, token="not-the-token")
+    assert wrong.returncode == 2 and "token is not the app's operator token" in wrong.stderr
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = _status("--url", closed)
+    assert down.returncode == 2 and f"cannot reach the app at {closed}" in down.stderr
+    elsewhere = _status("--url", url + "/nothing-here")
+    assert elsewhere.returncode == 1 and "HTTP 404" in elsewhere.stderr
+
+
+def test_status_watch_redraws_until_interrupted(model_server):
+    import signal
+    import time
+
+    url, state = model_server
+    env = {**os.environ, "TEXTSERVE_FEEDBACK_TOKEN": STATUS_TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "online_learning", "status", "--url", url, "--watch", "0.2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while state["hits"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state["hits"] >= 2, "no second fetch: --watch does not refresh"
+        state["version"] = 99  # the next redraw shows what changed
+        hits = state["hits"]
+        while state["hits"] < hits + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.count("learner: v42") >= 2, "redrawn"
+    assert "learner: v99" in out.rsplit("learner: v42", 1)[1], "a redraw shows what changed"
