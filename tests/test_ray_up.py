@@ -329,7 +329,6 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
             assert env_seen, f"no raylet on {name}"
             assert all(f"TEXTSERVE_INGRESS_SECRET={INGRESS_SECRET}".encode() in e
                        and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e for e in env_seen), name
-            assert not (hosts.host_dir(name) / "home/root/textserve/.venv/bin/python").is_symlink() or True
             # only the source travelled: no artifacts or caches from this checkout on the host
             copied = hosts.host_dir(name) / "home/root/textserve"
             assert (copied / "serve" / "app.py").exists() and not (copied / "artifacts").exists(), name
@@ -345,9 +344,15 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         (base / "ray_down.log").write_text(down.stdout + down.stderr)
         step("ray down", rc=down.returncode, seconds=round(time.monotonic() - started, 1))
         assert down.returncode == 0, (down.stdout + down.stderr)[-4000:]
-        left = poll(lambda: all(not cluster_processes(hosts, n) for n in ("head", "w1", "w2")) or None, 120,
-                    "no Ray process left after ray down")
-        step("no cluster process left", ok=left)
+        # `ray down` of the local provider runs `ray stop` on the head only and marks the workers
+        # terminated; a worker's raylet exits once the GCS stays unreachable (60 s by default)
+        started = time.monotonic()
+        try:
+            poll(lambda: all(not cluster_processes(hosts, n) for n in ("head", "w1", "w2")) or None, 300,
+                 "no Ray process left after ray down", interval=5)
+        finally:
+            report["left_after_down"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
+        step("no cluster process left", seconds=round(time.monotonic() - started, 1))
     finally:
         report["seconds"] = round(time.monotonic() - t0, 1)
         out = Path(os.environ.get("TEXTSERVE_CLUSTER_REPORT", base / "report.json"))
