@@ -445,3 +445,130 @@ def test_status_watch_redraws_until_interrupted(model_server):
     assert proc.returncode == 0, err
     assert out.count("learner: v42") >= 2, "redrawn"
     assert "learner: v99" in out.rsplit("learner: v42", 1)[1], "a redraw shows what changed"
+
+
+# -- a real Ray and a real Prometheus: the names Ray exports, scraped through our config --------------
+
+def _prometheus() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        reason = "the prometheus server is missing: apt-get install prometheus"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + "; .ci/run installs it")
+        pytest.skip(reason)
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prom_query(base: str, expr: str) -> dict:
+    import urllib.parse
+    import urllib.request
+
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_prometheus_scrapes_every_declared_metric_from_ray(ray_cluster, tmp_path):
+    """Every metric metrics.py declares reaches a real Prometheus, under the name the dashboard and
+    alerts use, through prometheus.yml's service discovery of Ray's metrics agents; and every
+    dashboard query and alert expression is valid PromQL to that Prometheus."""
+    import time
+
+    import ray
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    prometheus = _prometheus()
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def record(self) -> int:
+            from online_learning.metrics import LearnerMetrics, ReplicaMetrics
+
+            learner, replica = LearnerMetrics(), ReplicaMetrics("replica-a", max_staleness_s=10.0)
+            learner.submitted({"results": [(0, False), (1, True)]})
+            learner.submitted({"conflict": {"event_id": "e", "offset": 0}})
+            learner.events("refused", 2)
+            learner.round_done({"published": False, "reason": "feedback holdout 0.1 < served 0.9 - 0"}, 0.05)
+            learner.round_done({"published": True, "version": 5, "bytes": 4096}, 0.05)
+            learner.published(6, 1 << 20, "lineage")
+            learner.round_failed(1)
+            learner.log_state({"disk_bytes": 512, "segments": 1, "next_offset": 3}, 0)
+            learner.replica_report("replica-a", 0, [])
+            learner.replica_report("replica-a", 2, [(1, time.time() - 1), (2, time.time())])
+            replica.served(5, "lineage-1")
+            replica.served(6, "lineage-2")
+            replica.staleness(0.5)
+            self.keep = (learner, replica)  # the recorders live as long as the actor
+            return os.getpid()
+
+    recorder = Recorder.remote()
+    ray.get(recorder.record.remote())
+    session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
+    config = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["file_sd_configs"][0]["files"] == [f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [os.path.join(session_dir,
+                                                                               PROMETHEUS_SERVICE_DISCOVERY_FILE)]
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(OBS / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    try:
+        wanted = {m.PREFIX + name + ("_count" if kind == "histogram" else "")
+                  for name, (kind, _, _) in m.METRICS.items()}
+        missing = set(wanted)
+        deadline = time.monotonic() + 90
+        while missing and time.monotonic() < deadline:
+            try:
+                found = _prom_query(base, "count by (__name__) ({__name__=~\"ray_textserve_.*\"})")
+                missing = wanted - {r["metric"]["__name__"] for r in found["data"]["result"]}
+            except OSError:  # Prometheus still starting
+                pass
+            if missing:
+                time.sleep(0.5)
+        log = (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert not missing, f"Prometheus never saw {sorted(missing)}; its log:\n{log}"
+        version = _prom_query(base, 'max by (replica) (ray_textserve_model_version{replica="replica-a"})')
+        assert [r["value"][1] for r in version["data"]["result"]] == ["6"]
+        for title, expr in _queries(_dashboard()) + [(r["alert"], r["expr"]) for r in _alerts()]:
+            answer = _prom_query(base, expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
+                                 .replace("$application", ".*"))
+            assert answer["status"] == "success", f"{title}: {answer}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        ray.kill(recorder)
+
+
+# -- KubeRay: the monitors and the alert rules as a PrometheusRule ---------------------------------
+
+def test_kuberay_monitors_select_every_ray_pods_metrics_port():
+    docs = list(yaml.safe_load_all((OBS / "kuberay-monitors.yaml").read_text()))
+    assert {d["kind"] for d in docs} == {"PodMonitor"}
+    node_types = set()
+    for d in docs:
+        assert d["apiVersion"] == "monitoring.coreos.com/v1"
+        node_types.add(d["spec"]["selector"]["matchLabels"]["ray.io/node-type"])
+        assert [e["port"] for e in d["spec"]["podMetricsEndpoints"]] == ["metrics"]  # KubeRay's name for 8080
+    assert node_types == {"head", "worker"}
+
+
+def test_alerts_wrap_into_a_prometheus_rule_as_the_docs_say():
+    """docs/OBSERVABILITY.md builds the PrometheusRule by indenting alerts.yml under `spec:`."""
+    header = ("apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: textserve\n"
+              "  namespace: prometheus-system\n  labels: {release: prometheus}\nspec:\n")
+    body = "".join("  " + line for line in (OBS / "alerts.yml").read_text().splitlines(True))  # sed 's/^/  /'
+    rule = yaml.safe_load(header + body)
+    assert rule["spec"]["groups"] == yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+    assert "sed 's/^/  /' cluster/observability/alerts.yml" in (ROOT / "docs" / "OBSERVABILITY.md").read_text()
