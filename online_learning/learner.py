@@ -50,7 +50,7 @@ from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.replicas import Published, ReplicaReports, plan_update
-from online_learning.round_policy import NO_HOLDOUT, gate_reason, is_holdout, owed_followups
+from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout
 from online_learning.settings import LearnerSettings
 from train.learner_state import LearnerState
 from train.log_format import LogWriteError
@@ -203,8 +203,7 @@ class OnlineLearner:
         self.feedback_holdout: deque = deque(maxlen=2_000)
         self._holdout_seen = 0
         self._served_score: tuple[tuple, float] | None = None
-        self._followups_left = 0.0  # replay-only rounds owed (fractions add up)
-        self._burst_events = 0  # new events learned since the follow-up rounds last ran out
+        self.followups = Followups(self.s)
         self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
                                                 self.s.contradiction_window, self.s.contradiction_min_events)
         self._store_seen = max(self.store.versions() or [0])
@@ -307,7 +306,7 @@ class OnlineLearner:
                     last_store_check = time.monotonic()
                     self._maybe_rebase()
                 batch = self._next_batch()  # new events; none but follow-ups owed: replay what just arrived
-                if not batch and not self._followups_left:
+                if not batch and not self.followups.left:
                     if self.replaying:
                         # Caught up with everything acknowledged before; live replicas have reported
                         # their versions (the new one goes above them).
@@ -320,7 +319,8 @@ class OnlineLearner:
                     continue
                 last_round = time.monotonic()
                 kept = self._round_or_roll_back(batch)
-                self._count_followups(batch, kept)  # after the round: a failed one is retried, not counted twice
+                # After the round: a failed one is retried, not counted twice.
+                self.followups.after_round(bool(batch), kept, self.replaying)
                 self._maybe_snapshot()
                 self._failed_rounds = 0
                 # The duty cycle: after a round of t seconds, rest t * (1 - d) / d, so training
@@ -367,18 +367,6 @@ class OnlineLearner:
     def _is_holdout(self, offset: int) -> bool:
         return is_holdout(self._salt, offset, self.s.holdout_percent)
 
-    def _count_followups(self, batch, kept: int) -> None:
-        """Follow-up bookkeeping once a round has succeeded: a round of new events owes more
-        follow-ups; a follow-up round pays one (counted after it ran, so a status showing none
-        left means no publish is still coming)."""
-        if batch:
-            self._burst_events += kept
-            self._followups_left = owed_followups(self.s, self._followups_left, kept, self.replaying)
-        elif self._followups_left > 0:
-            self._followups_left = max(0.0, self._followups_left - 1)
-        if not self._followups_left:
-            self._burst_events = 0
-
     def _round(self, batch: list[LoggedEvent]) -> int:
         """Train one round (new events, or replay only) and publish or hold back the candidate;
         returns how many new events it kept for training (0 when refused or held back)."""
@@ -418,7 +406,7 @@ class OnlineLearner:
         rng = random.Random(self.trainer.steps)
         earlier = list(self.feedback_train)
         if not batch:  # a follow-up replays the current burst (and at least the newest 512), not all history
-            earlier = earlier[-max(self._burst_events, self.s.followup_replay_events):]
+            earlier = earlier[-max(self.followups.burst_events, self.s.followup_replay_events):]
         n_replay = max(self.s.replay_events, self.s.replay_ratio * len(train)) if batch else self.s.followup_replay_events
         replayed = rng.sample(earlier, min(n_replay, len(earlier)))
         # Base rehearsal in proportion to all feedback the round trains on, replayed included:
@@ -693,7 +681,7 @@ class OnlineLearner:
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
             "refused": self.refused,
-            "followups_left": math.ceil(self._followups_left),
+            "followups_left": math.ceil(self.followups.left),
             "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
             "owner": self._fenced is None, "standby": False, "epoch": self._owner.epoch, "fenced": self._fenced,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["is_holdout", "gate_reason", "owed_followups", "NO_HOLDOUT"]
+__all__ = ["is_holdout", "gate_reason", "owed_followups", "Followups", "NO_HOLDOUT"]
 
 NO_HOLDOUT = "no holdout to judge by"
 
@@ -51,3 +51,23 @@ def owed_followups(s, left: float, learned: int, replaying: bool = False) -> flo
         return max(left, floor)
     more = s.followup_passes * learned / s.followup_replay_events
     return max(floor, min(s.followup_rounds, left + more))
+
+
+class Followups:
+    """The follow-up rounds owed (replay-only rounds after new events), kept once a round has
+    succeeded: a round of new events owes more; a follow-up round pays one (counted after it
+    ran, so none left means no publish is still coming)."""
+
+    def __init__(self, s):
+        self.s = s
+        self.left = 0.0  # replay-only rounds owed (fractions add up)
+        self.burst_events = 0  # new events learned since the follow-up rounds last ran out
+
+    def after_round(self, had_events: bool, kept: int, replaying: bool) -> None:
+        if had_events:
+            self.burst_events += kept
+            self.left = owed_followups(self.s, self.left, kept, replaying)
+        elif self.left > 0:
+            self.left = max(0.0, self.left - 1)
+        if not self.left:
+            self.burst_events = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -349,3 +350,20 @@ def test_replica_reports_track_the_oldest_event_a_live_replica_lacks():
     assert reports.oldest_unserved() is None
     reports.report("c", {"version": 1, "log_offset": 7}, now=101.0 + REPLICA_FORGET_S + 1)
     assert set(reports.replicas) == {"c"} and reports.max_reported == 9  # forgotten, the number not
+
+
+def test_followups_are_owed_by_rounds_that_learned_and_paid_by_follow_up_rounds():
+    from online_learning.round_policy import Followups, owed_followups
+
+    s = LearnerSettings()
+    f = Followups(s)
+    f.after_round(True, 40, replaying=False)
+    owed = owed_followups(s, 0, 40)
+    assert f.left == owed > 0 and f.burst_events == 40
+    f.after_round(True, 0, replaying=False)  # a round that kept nothing owes nothing more
+    assert f.left == owed
+    paid = 0
+    while f.left:
+        f.after_round(False, 0, replaying=False)
+        paid += 1
+    assert paid == math.ceil(owed) and f.burst_events == 0  # the burst is over once they are paid
