@@ -572,3 +572,49 @@ def test_alerts_wrap_into_a_prometheus_rule_as_the_docs_say():
     rule = yaml.safe_load(header + body)
     assert rule["spec"]["groups"] == yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
     assert "sed 's/^/  /' cluster/observability/alerts.yml" in (ROOT / "docs" / "OBSERVABILITY.md").read_text()
+
+
+def test_status_matches_a_real_apps_model_answer(ray_cluster, base_url, trained_store, tmp_path):
+    """The real app (Classifier + OnlineLearner): after feedback is acknowledged and published,
+    the status view shows the learner's version and every replica the learner reports, as
+    /v1/model says them."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until
+
+    store, state = str(tmp_path / "store"), str(tmp_path / "state")
+    shutil.copytree(trained_store, store)
+    deploy_online(store, state, name="obs", classifier_replicas=1)
+    url = f"{base_url}/obs"
+    auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+    try:
+        wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="the obs app")
+        labels = requests.get(f"{url}/v1/model", timeout=10).json()["labels"]
+        events = [{"event_id": f"obs-{i}", "text": f"turn on the light number {i}", "label": labels[0]}
+                  for i in range(6)]
+        r = requests.post(f"{url}/v1/feedback", json=events, headers=auth, timeout=30)
+        assert r.status_code == 202, r.text
+
+        def judged() -> dict | None:
+            info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
+            learner = info.get("learner") or {}
+            done = (learner.get("judged_offset") or -1) >= 5 and learner.get("replicas")
+            return info if done else None
+
+        wait_until(judged, timeout=120, what="the learner judging the feedback")
+        done = _status("--url", url, token=FEEDBACK_TOKEN)
+        info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
+        assert done.returncode == 0, done.stderr
+        learner = info["learner"]
+        assert f"learner: v{learner['version']} lineage {learner['lineage'][:11]}" in done.stdout
+        for name, rep in learner["replicas"].items():
+            row = next(line for line in done.stdout.splitlines() if line.startswith(name[:13]))
+            assert f" {rep['version']} " in row, row
+        assert "backlog (unjudged) 0" in done.stdout
+        wrong = _status("--url", url, token="not-the-token")
+        assert wrong.returncode == 2 and "not the app's operator token" in wrong.stderr
+    finally:
+        serve.delete("obs")
