@@ -6,8 +6,8 @@ under `flock /tmp/ray-tests.lock` (the Makefile target takes it).
 
 Each host is a network namespace made by this test, with its own address on a bridge the test
 made (traffic stays inside namespaces the test made: the hosts' default route points at an address
-nobody holds, so nothing leaves), its own sshd, and its own mount namespace: its own /home (root's
-home is /home/root there), /tmp and /mnt. What every host shares with this machine is the system
+nobody holds, so nothing leaves), its own sshd, its own PID namespace, and its own mount namespace:
+its own /home (root's home is /home/root there), /tmp and /mnt. What every host shares with this machine is the system
 (/usr, Python under /root/.pyenv) and, as its "image", the project's venv: an overlay of
 /work/main/.venv per host (writes stay on the host), seen at ~/textserve/.venv and, through a bind
 of ~/textserve onto /work/main, at the path its scripts name, so a host imports the code `ray up`
@@ -52,6 +52,10 @@ FEEDBACK_TOKEN = "feedback-" + os.urandom(8).hex()
 OPERATOR_TOKEN = "operator-" + os.urandom(8).hex()
 INGRESS_SECRET = os.urandom(16).hex()
 BUCKET = "textserve-test"
+# A host's own mount and PID namespaces: without its own PIDs, `ray stop` on one host (the setup
+# runs it before every `ray start`) finds and kills every other host's Ray processes, and this
+# machine's. Killing the namespace's first process ends every process of the host.
+UNSHARE = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"]
 
 
 def log(message: str) -> None:
@@ -138,7 +142,7 @@ class Hosts:
         )
         out = open(d / "sshd.log", "w")
         self.procs[name] = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns[name], "unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            ["ip", "netns", "exec", self.ns[name], *UNSHARE, "sh", "-c", script],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def run_in(self, name: str, script: str, log_name: str) -> subprocess.Popen:
@@ -146,8 +150,8 @@ class Hosts:
         d = self.host_dir(name)
         full = (f"set -e; mount --bind {d}/tmp /tmp; mount --bind {d}/home /home; exec {script}")
         out = open(d / log_name, "w")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[name], "unshare", "-m", "--propagation", "private",
-                                 "sh", "-c", full], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[name], *UNSHARE, "sh", "-c", full],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[f"{name}:{log_name}"] = proc
         return proc
 
@@ -336,7 +340,12 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         step("secrets in every raylet's environment; only the source copied")
 
         report["ok_through"] = "join"
-        _serve_part(hosts, ray_exec, config_path, op_env, base, step, report)
+        serve_failure = None
+        try:  # whatever happens to the app, `ray down` below still runs and is checked
+            _serve_part(hosts, ray_exec, config_path, op_env, base, step, report)
+        except Exception as err:  # noqa: BLE001 - raised again after ray down
+            serve_failure = err
+            step("serve part failed", error=repr(err)[:2000])
 
         # --- ray down ---
         started = time.monotonic()
@@ -353,6 +362,8 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         finally:
             report["left_after_down"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
         step("no cluster process left", seconds=round(time.monotonic() - started, 1))
+        if serve_failure is not None:
+            raise serve_failure
     finally:
         report["seconds"] = round(time.monotonic() - t0, 1)
         out = Path(os.environ.get("TEXTSERVE_CLUSTER_REPORT", base / "report.json"))
