@@ -70,9 +70,11 @@ async def stalled_connection(host: str, port: int, source: str, payload: bytes, 
     start = time.monotonic()
     try:
         writer.write(payload)
-        await writer.drain()
-        if sent is not None:
-            sent.append(source)
+        try:
+            await writer.drain()
+        finally:  # sent, or cut while sending: either way this connection is in place or over
+            if sent is not None:
+                sent.append(source)
         data = await asyncio.wait_for(reader.read(), hold_s)
         return time.monotonic() - start, data
     except (OSError, asyncio.TimeoutError) as err:
