@@ -216,7 +216,7 @@ def test_every_command_in_scaling_md_parses():
     assert fine_tune and all("--storage-path" in c for c in fine_tune)  # multi-node runs need it
     assert any(c.startswith("ray get-auth-token --generate") for c in checked)
     assert set(not_here) <= {"pip", "export", "cd", "kubectl", "aws", "docker", "mkdir", "printf", "chmod",
-                             "echo", "umask", "ssh-keygen", "cat", "sudo", "ip", "curl"}, not_here
+                             "echo", "umask", "ssh-keygen", "cat", "sudo", "ip", "curl", "ssh"}, not_here
 
 
 # --- cluster/aws.yaml would work: images, Python, profiles, the log's volume, rsync filters ---
