@@ -471,6 +471,18 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
     except TimeoutError as err:
         report["learned"] = {"timeout": str(err), "status": learner_status()}
 
+    # where the replicas run: one Classifier on each worker (Serve spreads them; `serving` nodes only)
+    where = ray_exec("python -c \"import ray, json, collections; ray.init(address='auto', logging_level='ERROR'); "
+                     "from ray.util.state import list_actors; ip = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()}; "
+                     "print('WHERE', json.dumps(collections.Counter(ip[a.node_id] + ' ' + a.class_name.split(':')[-1] "
+                     "for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=1000) if 'ServeReplica' in a.class_name)))\"",
+                     timeout=300)
+    placement = json.loads(re.search(r"WHERE (\{.*\})", where).group(1))
+    report["replicas"] = placement
+    step("replicas placed", replicas=placement)
+    assert placement.get(f"{HOSTS['w1']} Classifier") and placement.get(f"{HOSTS['w2']} Classifier"), placement
+    assert placement.get(f"{HOSTS['head']} OnlineLearner") == 1, placement
+
     # one worker host killed: serving continues on the others
     killed = hosts.kill_host("w2")
     step("w2 killed", pids=len(killed))
