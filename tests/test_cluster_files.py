@@ -457,6 +457,8 @@ def test_dockerfile_builds_the_package_from_the_repo():
     ignored = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     for source in copied:
+        if source.startswith("--"):
+            continue
         assert (CLUSTER.parent / source).exists(), source
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), source
     # every package pip needs to build, and the readme pyproject names
@@ -486,3 +488,32 @@ def test_dockerfile_image_matches_the_manifest():
                       "gpu-trainer": f"your-registry/textserve:{version}-gpu"}
     builds = re.findall(r"docker build -f cluster/Dockerfile (--build-arg EXTRAS=gpu )?-t (\S+) \.", text)
     assert sorted(builds) == sorted([("", images["head"]), ("--build-arg EXTRAS=gpu ", images["gpu-trainer"])])
+
+
+def test_the_image_puts_the_fast_ingress_in_kuberays_ray_start_only(tmp_path):
+    """KubeRay runs `/bin/bash -c -- "... ray start ..."` (v1.6.0 GetContainerCommand; no login shell
+    by default since v1.4.0): BASH_ENV is the one hook every such bash reads. Run for real here."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    steps = _dockerfile()
+    assert ("COPY", "cluster/ray_start_env.sh /etc/textserve/ray_start_env.sh") in steps
+    assert any(op == "ENV" and "BASH_ENV=/etc/textserve/ray_start_env.sh" in arg for op, arg in steps)
+    import sys
+
+    run_dir = tempfile.mkdtemp(prefix="tsk", dir="/tmp")  # HAProxy's socket paths: short
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "BASH_ENV": str(CLUSTER / "ray_start_env.sh"),
+           "TEXTSERVE_INGRESS_DIR": f"{run_dir}/i", "TEXTSERVE_INGRESS_SECRET": "shared-by-every-pod",
+           "PYTHONPATH": str(CLUSTER.parent), "HOME": str(tmp_path)}
+    show = 'echo "secret=$TEXTSERVE_INGRESS_SECRET haproxy=$RAY_SERVE_ENABLE_HA_PROXY bin=$RAY_SERVE_HAPROXY_BINARY_PATH"'
+    try:
+        start = subprocess.run(["bash", "-c", "--", f"ulimit -n 1024; true ray start --block; {show}"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(["bash", "-c", f"wget -q -O- http://localhost:52365/ || true; {show}"],
+                               env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert start.returncode == 0, start.stderr[-2000:]
+    assert f"secret=shared-by-every-pod haproxy=1 bin={run_dir}/i/haproxy" in start.stdout, start.stdout
+    assert "haproxy= bin=" in probe.stdout, probe.stdout  # a probe's bash is left alone
