@@ -53,10 +53,12 @@ from train.log_format import (
     LogWriteError,
     OffsetCompacted,
     committed,
+    damaged,
     encode,
     fsync_dir,
     list_numbered,
     parse_marks,
+    scan_positions,
     segment_name,
     sidecar_name,
     write_all,
@@ -182,7 +184,9 @@ class FeedbackLog(LogView):
             if sidecar is None:  # missing or damaged: rebuild it from the segment
                 ids, nxt = segment_ids(path, first)
                 if nxt != firsts[k + 1]:
-                    raise CorruptLog(f"{path.name} ends at offset {nxt} but the next segment starts at {firsts[k + 1]}")
+                    # a segment is sealed only after its last batch was acknowledged: damage
+                    raise damaged(path, nxt, scan_positions(path, first)[2],
+                                  f"the segment ends at offset {nxt} but the next one starts at {firsts[k + 1]}")
                 sidecar = write_sidecar(self.directory, first, sidecar_name(first), ids)
             sidecars.append(sidecar)
         return sorted(sidecars, key=lambda s: s.first, reverse=True)
@@ -197,11 +201,13 @@ class FeedbackLog(LogView):
                     positions.append(good)
                 ids[record["event_id"]] = (off, payload_digest(record["text"], record["label"]))
                 nxt, good = off + 1, after
-        if good < path.stat().st_size:  # a torn batch: never fsynced whole, so never acknowledged
+        size = path.stat().st_size
+        if good < size:  # a torn batch or a zero page: never fsynced whole, so never acknowledged
             with open(path, "r+b") as f:
                 f.truncate(good)
                 os.fsync(f.fileno())
-            logger.warning("feedback log %s: dropped an incomplete last write", path.name)
+            logger.warning("feedback log %s: dropped an unfinished last write (%d bytes after offset %d)",
+                           path.name, size - good, nxt - 1)
         self._ids: dict[str, tuple[int, int]] = ids  # the active segment's id -> (offset, digest)
         self._sparse[first] = positions
         self._next, self._size = nxt, good

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from online_learning.feedback_log import (
+    CorruptLog,
     EventIdConflict,
     FeedbackEvent,
     FeedbackLog,
@@ -407,3 +408,88 @@ def test_growth_200k_events_keeps_memory_and_disk_bounded(tmp_path):
     assert f["segment_bytes_end"] < (20_000 + 2 * 10_000 + 256) * line  # retention + the active segment
     assert f["id_index_bytes"] <= total * 24 + 128 * 20 + 256 * 24  # 24 B per event ever logged
     assert f["max_disk"] < (20_000 + 2 * 10_000 + 256) * line + total * 24 + 1 * mb
+
+
+def _lines(offsets, end):
+    return [json.dumps({"offset": o, "event_id": f"new-{o}", "text": "t" * 300, "label": "L", "ts": 1.0,
+                        "end": end}).encode() + b"\n" for o in offsets]
+
+
+@pytest.mark.parametrize("shape", ["zeros_inside_the_batch", "zeros_only", "zeros_then_torn_line"])
+def test_reopen_recovers_from_a_tail_a_power_loss_left_mid_write(tmp_path, shape):
+    log = FeedbackLog(tmp_path, segment_events=10)
+    fill(log, 0, 30)
+    active = log.active_path
+    log.close()
+    good = active.read_bytes()
+    # A power loss while a 20-event batch (offsets 30..49) was being written: the file kept its new
+    # length but some of its pages never reached the disk and read back as zeros.
+    batch = b"".join(_lines(range(30, 50), 49))
+    if shape == "zeros_inside_the_batch":  # zeros, then complete lines of that batch, its end line too
+        tail = batch[:100] + b"\0" * 4096 + batch[100 + 4096:]
+        assert tail.endswith(b"\n") and b'"offset": 49' in tail[4196:]
+    elif shape == "zeros_only":
+        tail = b"\0" * 8192
+    else:
+        tail = batch[:500] + b"\0" * 4096 + b'{"offset": 4'
+    active.write_bytes(good + tail)
+    assert [e.offset for e in FeedbackLogReader(tmp_path).read_from(25)] == [25, 26, 27, 28, 29]
+    again = FeedbackLog(tmp_path, segment_events=10)
+    assert len(again) == 30 and active.read_bytes() == good
+    assert again.append([ev(30), ev(29)]) == [(30, False), (29, True)]
+    again.close()
+    assert [e.offset for e in FeedbackLogReader(tmp_path).read_from(0)] == list(range(31))
+
+
+def test_damaged_acknowledged_events_refuse_to_open_and_say_what_to_do(tmp_path):
+    log = FeedbackLog(tmp_path, segment_events=100)
+    fill(log, 0, 30)
+    log.append([FeedbackEvent(f"x-{i}", "t" * 300, "L") for i in range(30)])  # offsets 30..59, one batch
+    fill(log, 60, 70)  # written only after that batch was fsynced and acknowledged
+    active = log.active_path
+    log.close()
+    data = bytearray(active.read_bytes())
+    start = data.index(b'"offset": 40,') - 1
+    data[start:start + 4096] = b"\0" * 4096  # a bad page inside acknowledged events 40..~52
+    active.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog) as err:
+        FeedbackLog(tmp_path, segment_events=100)
+    message = str(err.value)
+    keep = len(b"".join(active.read_bytes().splitlines(keepends=True)[:30]))
+    assert "acknowledged events from offset 30" in message and f"truncate -s {keep} " in message
+    assert active.read_bytes() == bytes(data)  # nothing changed
+    with pytest.raises(CorruptLog):
+        FeedbackLogReader(tmp_path).read_from(0)
+
+
+def _big_mark(log, n):
+    log.mark(range(0, n, 2), "holdout")  # every other offset: one line of n/2 ranges, several pages
+
+
+def test_a_multi_page_mark_cut_by_a_power_loss_is_dropped_and_a_damaged_confirmed_one_refuses(tmp_path):
+    log = FeedbackLog(tmp_path, segment_events=10_000)
+    fill(log, 0, 3000, batch=500)
+    log.mark([1], "rejected")
+    marks = tmp_path / "marks.jsonl"
+    confirmed = marks.read_bytes()
+    _big_mark(log, 3000)
+    line = marks.read_bytes()[len(confirmed):]
+    assert len(line) > 3 * 4096
+    log.close()
+    # the line's first pages never reached the disk; its last page, with the newline, did
+    marks.write_bytes(confirmed + b"\0" * 8192 + line[8192:])
+    assert not any(e.holdout for e in FeedbackLogReader(tmp_path).read_from(0))
+    again = FeedbackLog(tmp_path, segment_events=10_000)
+    assert marks.read_bytes() == confirmed
+    assert [e.offset for e in again.read_from(0) if e.rejected] == [1]
+    _big_mark(again, 3000)  # the learner marks them again; confirmed this time
+    again.mark([3], "rejected")
+    again.close()
+    assert sum(e.holdout for e in FeedbackLogReader(tmp_path).read_from(0)) == 1500
+    # damage inside a confirmed mark with a later mark after it: refuse, say what to do
+    data = bytearray(marks.read_bytes())
+    data[len(confirmed) + 10:len(confirmed) + 10 + 4096] = b"\0" * 4096
+    marks.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog, match=f"truncate -s {len(confirmed)} "):
+        FeedbackLog(tmp_path, segment_events=10_000)
+    assert marks.read_bytes() == bytes(data)

@@ -71,28 +71,74 @@ def encode(offset: int, end: int, event_id: str, text: str, label: str, ts: floa
     return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
+def _record(line: bytes) -> dict | None:
+    """The record on `line`, or None when it is not one (a torn write, a page of zeros)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("offset"), int):
+        return None
+    if not isinstance(record.get("end", record["offset"]), int):
+        return None
+    if not all(isinstance(record.get(k), str) for k in ("event_id", "text", "label")):
+        return None
+    return record
+
+
+def damaged(path, offset: int, good: int, why: str) -> CorruptLog:
+    """The error for acknowledged events that cannot be read: says what the operator can do."""
+    return CorruptLog(
+        f"{path}: acknowledged events from offset {offset} on are damaged ({why}); nothing was changed. "
+        f"Restore the state folder from a backup; or, to keep the events before offset {offset} and lose the "
+        f"rest of this segment and every later one, stop the learner, cut the file to its first {good} bytes "
+        f"(truncate -s {good} {path}), move the later segments away, and start it again")
+
+
+def _tail_or_raise(f, pending_end: int | None, expected: int, good: int) -> None:
+    """After an unreadable line: return if what follows is the rest of one write that never
+    finished (so never fsynced, never acknowledged), raise CorruptLog if a later batch follows
+    (a batch is written only once the one before it is fsynced and acknowledged).
+
+    A power loss in the middle of a write can leave pages of zeros anywhere in the bytes that write
+    added, with complete lines of the same batch after them; all of those carry that batch's
+    `end`. Two different `end`s after the last good byte mean a second batch was written."""
+    ends = set() if pending_end is None else {pending_end}
+    for line in f:
+        record = _record(line) if line.endswith(b"\n") else None
+        if record is not None:
+            ends.add(record.get("end", record["offset"]))
+            if len(ends) > 1:
+                raise damaged(f.name, expected, good, "an unreadable line is followed by a later complete batch")
+
+
 def committed(f, expected: int) -> Iterator[tuple[dict, int]]:
     """(record, byte position after its line) for each record of a committed batch, reading `f`
     from its current position, where the record with offset `expected` starts. Stops before a
-    torn line or an incomplete batch (a write in flight or cut short)."""
+    torn line, an incomplete batch (a write in flight or cut short) or an unreadable tail that
+    only a write that never finished can have left; raises CorruptLog when an unreadable line
+    has a later batch after it (acknowledged data is damaged)."""
     pending: list[tuple[dict, int]] = []
-    pos = f.tell()
+    pos = good = f.tell()
+    first_pending = expected
     for line in f:
         if not line.endswith(b"\n"):
             return
         pos += len(line)
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise CorruptLog(f"{f.name}: unreadable line at offset {expected}: {err}") from None
-        end = record.get("end", record.get("offset"))  # earlier versions: one-event batches
-        if record.get("offset") != expected or end < expected:
-            raise CorruptLog(f"{f.name}: expected offset {expected}, found {record.get('offset')} (end {end})")
+        record = _record(line)
+        if record is None:
+            _tail_or_raise(f, pending[0][0].get("end") if pending else None, first_pending, good)
+            return
+        end = record.get("end", record["offset"])  # earlier versions: one-event batches
+        if record["offset"] != expected or end < expected:
+            raise damaged(f.name, first_pending, good,
+                          f"expected offset {expected}, found {record['offset']} (end {end})")
         expected += 1
         pending.append((record, pos))
         if record["offset"] == end:
             yield from pending
             pending.clear()
+            good, first_pending = pos, expected
 
 
 def scan_positions(path: Path, first: int) -> tuple[list[int], int, int]:
@@ -135,16 +181,39 @@ def fsync_dir(directory: Path) -> None:
 
 
 def parse_marks(path: Path) -> tuple[list[dict], int]:
-    """The complete records of the marks file and the byte length they take (a torn last line,
-    a mark in flight or cut short, is left out)."""
+    """The complete records of the marks file and the byte length they take. A last line that is
+    torn or unreadable (a mark in flight when the power went: pages of zeros in a line) is left
+    out: it was never confirmed to its caller. An unreadable line with a complete mark after it
+    raises CorruptLog: marks after it were confirmed, so it was too."""
     records, good = [], 0
     try:
         with open(path, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
                     break
-                records.append(json.loads(line))
+                record = _mark(line)
+                if record is None:
+                    if any(ln.endswith(b"\n") and _mark(ln) is not None for ln in f):
+                        raise CorruptLog(
+                            f"{path}: a confirmed mark at byte {good} is unreadable and later marks follow it; "
+                            f"nothing was changed. Restore the state folder from a backup; or stop the learner, "
+                            f"cut the file to its first {good} bytes (truncate -s {good} {path}) and start it "
+                            f"again: the events of the lost marks count as unmarked (held-out events may be "
+                            f"trained on, held-back rounds replayed)")
+                    break
+                records.append(record)
                 good += len(line)
     except FileNotFoundError:
         pass
     return records, good
+
+
+def _mark(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("mark"), str) \
+            or not isinstance(record.get("ranges"), list):
+        return None
+    return record

@@ -20,6 +20,7 @@ from train.log_format import (
     CorruptLog,
     OffsetCompacted,
     committed,
+    damaged,
     list_numbered,
     parse_marks,
     scan_positions,
@@ -107,7 +108,9 @@ class LogView:
             for j in range(i, len(segments)):
                 first, path = segments[j]
                 if nxt is not None and nxt != first:
-                    raise CorruptLog(f"{path.name} starts at offset {first} but the segment before it ends at {nxt}")
+                    prev = segments[j - 1][1]
+                    raise damaged(prev, nxt, scan_positions(prev, segments[j - 1][0])[2],
+                                  f"it ends at offset {nxt} but the next segment starts at {first}")
                 want = max(offset, first)
                 try:
                     f = open(path, "rb")
