@@ -50,7 +50,7 @@ from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.replicas import Published, ReplicaReports, plan_update
-from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout
+from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout, next_batch
 from online_learning.settings import LearnerSettings
 from train.learner_state import LearnerState
 from train.log_format import LogWriteError
@@ -95,6 +95,8 @@ class OnlineLearner:
         self._ready = False  # ...and has adopted a base
         self._fenced: str | None = None  # why this learner lost ownership (it then writes nothing)
         self._failed_rounds = 0
+        self._warned_gap: tuple[int, int] | None = None
+        self.compacted_unlearned = 0  # events a lineage's base lacked and compaction had deleted
         self._loop_threads: set[int] = set()  # the event loop's thread, kept at normal priority
         self._model_lock = threading.Lock()  # the served mirror: publish (thread) vs full builds (executor)
         self.pub: Published | None = None  # None until the first lineage is published (after replay)
@@ -356,13 +358,19 @@ class OnlineLearner:
         """The next events to learn; while replaying, only those judged before the lineage began
         (later ones wait for its first publish and are judged then, so a replay cannot run forever
         and never trains an unjudged event unchecked)."""
-        limit = self.s.max_round_events
-        if self.replaying:
-            limit = min(limit, self.ready_offset - self.applied_offset)
-        if limit <= 0:
-            return []
-        start = max(self.applied_offset + 1, self.log.first_offset)  # below it: compacted, in the base
-        return self.log.read_from(start, limit=limit)
+        batch, skipped = next_batch(self.log, self.applied_offset, self.ready_offset if self.replaying else None,
+                                    self.s.max_round_events)
+        if skipped and self._warned_gap != (self.applied_offset, skipped):
+            # The base is older than the log's compaction point: those events are in no snapshot
+            # this lineage holds and can never be replayed. Said once per gap, not every loop.
+            self._warned_gap = (self.applied_offset, skipped)
+            self.compacted_unlearned += skipped
+            logger.error("lineage %s (base v%s, log offset %s): events %s..%s were compacted before it learned "
+                         "them; it goes on without them (the snapshot the log was compacted against holds them, "
+                         "this base does not)",
+                         self.lineage, self.base_version, self.applied_offset, self.applied_offset + 1,
+                         self.applied_offset + skipped)
+        return batch
 
     def _is_holdout(self, offset: int) -> bool:
         return is_holdout(self._salt, offset, self.s.holdout_percent)
@@ -677,6 +685,7 @@ class OnlineLearner:
             "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
             "base_version": pub.base if pub else None, "next_base_version": self.base_version if self.replaying else None,
             "ready_offset": self.ready_offset, "judged_offset": self._judged_offset,
+            "compacted_unlearned": self.compacted_unlearned,
             "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
             "log_length": len(self.log), "replayed_on_start": self.replayed,
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,

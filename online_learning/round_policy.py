@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["is_holdout", "gate_reason", "owed_followups", "Followups", "NO_HOLDOUT"]
+__all__ = ["is_holdout", "gate_reason", "owed_followups", "Followups", "NO_HOLDOUT", "next_batch"]
 
 NO_HOLDOUT = "no holdout to judge by"
 
@@ -71,3 +71,19 @@ class Followups:
             self.left = max(0.0, self.left - 1)
         if not self.left:
             self.burst_events = 0
+
+
+def next_batch(log, applied: int, ready: int | None, max_events: int) -> tuple[list, int]:
+    """The next events to learn from `log` after `applied` (the last offset the learner's copy
+    holds), at most `max_events`, and none past `ready` when it is given (a replay: events after
+    it are judged as new feedback once the lineage is published). Also returns how many offsets
+    after `applied` compaction already deleted (the base is older than the compaction): those are
+    lost to this lineage, and the caller says so."""
+    start = max(applied + 1, log.first_offset)  # below first_offset: deleted by compaction
+    limit = max_events
+    if ready is not None:  # counted from where the batch starts, not from `applied`
+        limit = min(limit, ready - start + 1)
+    skipped = start - (applied + 1)
+    if limit <= 0:
+        return [], skipped
+    return log.read_from(start, limit=limit), skipped
