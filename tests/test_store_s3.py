@@ -276,3 +276,13 @@ def test_serve_learn_fine_tune_rebase_on_s3(ray_cluster, base_url, s3_server, tr
         print(f"\nS3 cycle: snapshots {snapshots}, fine-tune v{tuned}, store {store.versions()}")
     finally:
         serve.delete("s3")
+
+
+def test_a_publish_collected_while_it_uploads_commits_nothing_on_s3(s3_server, tmp_path, monkeypatch):
+    from tests.test_store_claims import model_dir, publish_collected_midway
+    from train.store import ClaimLost
+
+    uri = s3_server["uri"]("collected")
+    outcome, store = publish_collected_midway(uri, model_dir(tmp_path), monkeypatch)
+    assert isinstance(outcome[0], ClaimLost), outcome
+    assert store.versions() == [] and store.latest() is None

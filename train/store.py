@@ -12,7 +12,12 @@ a version is written in place and committed by a marker written last:
 Readers (`versions`, `latest`, `metrics`, `load`) see only committed versions. A crashed publish
 leaves an uncommitted prefix; `gc`, and every later publish, deletes it once nothing in it has
 changed for `grace_s`. A publish stalled longer than `grace_s` may be collected, so `grace_s` must
-exceed the longest upload of one file.
+exceed the longest upload of one file. A publish checks before each file after the first, before
+its marker and after it, that its claim is still the only one and every file it wrote is there at
+its size; otherwise it removes its claim (and its own marker) and raises ClaimLost: a collected
+prefix never gets a marker, and a publisher that took the number meanwhile keeps its files (one
+window stays: a file being uploaded while the number changes hands, which needs a stall past
+`grace_s` inside that very file).
 
 Version numbers: a publisher writes a claim object with a unique token into the prefix, then lists
 the prefix; it owns the number only if its claim is the only file there, and otherwise deletes its
@@ -60,6 +65,11 @@ PINS = "_pins"
 DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
 # Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
 # can kill a publish between two files (tests/test_store_s3.py).
+
+
+class ClaimLost(RuntimeError):
+    """A publish's number was collected (stalled past `grace_s`) or taken while it uploaded:
+    nothing was committed."""
 
 
 class VersionTaken(ValueError):
@@ -232,17 +242,56 @@ class ModelStore:
         version, token = self._claim_next() if version is None else self._claim_exact(version)
         written = {}
         try:
-            for path in files:
+            for k, path in enumerate(files):
                 name = path.relative_to(local_dir).as_posix()
+                if k:  # still ours: never write over the files of a publisher that took the number since
+                    self._check_claim(version, token, written)
                 with open(path, "rb") as src, self._open_out(self._path(version, name)) as out:
                     written[name] = _copy(src, out)
             record = {"version": version, "token": token, "host": socket.gethostname(), "pid": os.getpid(),
                       "committed_at": time.time(), "files": written}
+            # A publish stalled past grace_s may have been collected (gc, or another publisher's
+            # claim) while it uploaded: a marker then would commit a prefix with files missing.
+            # Checked before the marker and again after it (a collection between the two).
+            self._check_claim(version, token, written)
             self._write_marker(version, json.dumps(record, indent=1).encode("utf-8"))
+            self._check_claim(version, token, written, marker=True)
+        except ClaimLost:
+            self._remove_own(version, token)  # the number may be someone else's now
+            raise
         except Exception:
             self._remove(version, self._scan().get(version))  # our own claim: no one else writes here
             raise
         return version
+
+    def _check_claim(self, version: int, token: str, written: dict, marker: bool = False) -> None:
+        """Raise ClaimLost unless the prefix still holds our claim alone and every file we wrote,
+        at its size (and, with `marker`, our marker)."""
+        there = {i.path[len(self._path(version)) + 1:]: i.size for i in
+                 self._fs.get_file_info(pafs.FileSelector(self._path(version), recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File}
+        claims = sorted(n for n in there if n.startswith(CLAIMS + "/"))
+        missing = sorted(n for n, size in written.items() if there.get(n) != size)
+        if claims != [f"{CLAIMS}/{token}"] or missing or (marker and MARKER not in there):
+            raise ClaimLost(f"version {version} in {self.shown} was collected or claimed by another publish while "
+                            f"this one uploaded (claims {claims}, files missing or changed: {missing[:5]}); "
+                            f"nothing was committed: publish again (grace_s {self.grace_s:g} s must exceed the "
+                            f"longest upload of one file)")
+
+    def _remove_own(self, version: int, token: str) -> None:
+        """Delete our marker (if we wrote one) and our claim, nothing else: another publisher may
+        own the number now and have written files of the same names. Files left behind are an
+        uncommitted prefix's, collected after grace_s."""
+        try:
+            with self._fs.open_input_stream(self._path(version, MARKER)) as f:
+                if json.loads(f.read()).get("token") == token:
+                    self._fs.delete_file(self._path(version, MARKER))
+        except (FileNotFoundError, ValueError):
+            pass
+        try:
+            self._fs.delete_file(self._path(version, f"{CLAIMS}/{token}"))
+        except FileNotFoundError:
+            pass
 
     def _open_out(self, path: str):
         if self.is_local:  # object stores have no folders to make
