@@ -184,40 +184,52 @@ class OnlineLearner:
 
     def _adopt(self, store_version: int, reason: str) -> None:
         """Start a new lineage on a store version: load it, replay the log after its offset,
-        publish once caught up (see `_run`). Called at start and by the training thread."""
+        publish once caught up (see `_run`). Called at start and by the training thread.
+
+        All or nothing: everything that can fail (loading, base data, the store listing) runs
+        before the first field changes, so a failure leaves the current lineage as it was (a
+        half-adopted learner would publish old served weights with the new base's name)."""
         from online_learning.trainer import OnlineTrainer
 
         loaded, mirror = self.store.load(store_version), self.store.load(store_version)
         metrics = loaded.metrics
+        base_data = None
         if self._base_data_spec is None or metrics.get("data"):
-            self._set_base_data(metrics.get("data"))
+            base_data = self._load_base_data(metrics.get("data"))
         offset = metrics.get("log_offset", -1)
-        self.trainer = OnlineTrainer(loaded, self.s.learning_rate, self.s.dense_learning_rate)
+        trainer = OnlineTrainer(loaded, self.s.learning_rate, self.s.dense_learning_rate)
+        store_seen = max(self.store.versions() or [0])
+        # The lineage's first version holds every event judged so far (replayed); events acknowledged
+        # but not judged yet are judged as new feedback once it is published.
+        ready_offset = max(offset, min(len(self.log) - 1, self._judged_offset))
+        contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
+                                           self.s.contradiction_window, self.s.contradiction_min_events)
+        # -- nothing below can fail: the swap
+        if base_data is not None:
+            self._base_data_spec, self.base_train, self.base_holdout = base_data
+        self.trainer = trainer
         self._next_mirror = mirror  # becomes the served mirror when this lineage is published
         self._adopted_at = time.monotonic()
         self.lineage = uuid.uuid4().hex[:12]
         self.base_version = store_version
         self.applied_offset = offset
-        # The lineage's first version holds every event judged so far (replayed); events acknowledged
-        # but not judged yet are judged as new feedback once it is published.
-        self.ready_offset = max(offset, min(len(self.log) - 1, self._judged_offset))
+        self.ready_offset = ready_offset
         self.feedback_train: deque = deque(maxlen=20_000)
         self.feedback_holdout: deque = deque(maxlen=2_000)
         self._holdout_seen = 0
         self._served_score: tuple[tuple, float] | None = None
         self.followups = Followups(self.s)
-        self.contradiction = ContradictionCheck(self.s.max_contradiction_share, self.s.contradiction_confidence,
-                                                self.s.contradiction_window, self.s.contradiction_min_events)
-        self._store_seen = max(self.store.versions() or [0])
+        self.contradiction = contradiction
+        self._store_seen = store_seen
         self.replaying = True
         logger.info("%s: lineage %s on store v%s (%s, log offset %s); replaying %s events before publishing",
                     reason, self.lineage, store_version, metrics.get("kind", "trained"), offset,
                     self.ready_offset - offset)
 
-    def _set_base_data(self, data: dict | None) -> None:
+    def _load_base_data(self, data: dict | None) -> tuple[dict | None, list, list]:
+        """(spec, base training examples, gate holdout) for a base's data record; changes nothing."""
         from train.data import load_dataset, spec_from_record
 
-        self._base_data_spec = data
         base = None
         if data:
             try:
@@ -225,11 +237,10 @@ class OnlineLearner:
             except (OSError, ValueError) as err:  # e.g. a user file that is not on this node
                 logger.warning("base data unavailable (%s); the gate uses the feedback holdout only", err)
         rng = random.Random(0)
-        self.base_train = base.train if base else []
         # The gate judges on the validation split: the test split stays unseen by every decision,
         # so the accuracy reported on it (python -m bench drift) is not one the gate selected for.
         held = base.validation if base else []
-        self.base_holdout = rng.sample(held, min(self.s.holdout_base_examples, len(held)))
+        return data, (base.train if base else []), rng.sample(held, min(self.s.holdout_base_examples, len(held)))
 
     def _publish_lineage(self) -> None:
         """The replayed state becomes the lineage's first version (training thread)."""
