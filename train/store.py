@@ -9,6 +9,10 @@ a version is written in place and committed by a marker written last:
     v000007/<model files>      the files `save_model_dir` wrote
     v000007/_COMMITTED         written last: JSON with who, when, and every file with its size
 
+On a local folder every file and folder of the version is fsynced before the marker is renamed
+into place, and the marker and the rename after it, so a marker that survives a power loss never
+vouches for empty or missing weights (the learner compacts its log against such a snapshot).
+
 Readers (`versions`, `latest`, `metrics`, `load`) see only committed versions. A crashed publish
 leaves an uncommitted prefix; `gc`, and every later publish, deletes it once nothing in it has
 changed for `grace_s`. A publish stalled longer than `grace_s` may be collected, so `grace_s` must
@@ -254,6 +258,8 @@ class ModelStore:
             # claim) while it uploaded: a marker then would commit a prefix with files missing.
             # Checked before the marker and again after it (a collection between the two).
             self._check_claim(version, token, written)
+            if self.is_local:  # the marker must never reach the disk before the files it vouches for
+                _fsync_tree(Path(self._path(version)), written)
             self._write_marker(version, json.dumps(record, indent=1).encode("utf-8"))
             self._check_claim(version, token, written, marker=True)
         except ClaimLost:
@@ -303,7 +309,9 @@ class ModelStore:
             tmp = self._path(version, f".{MARKER}.{uuid.uuid4().hex}")
             with self._open_out(tmp) as out:
                 out.write(data)
+            _fsync_path(tmp)
             self._fs.move(tmp, self._path(version, MARKER))
+            _fsync_path(self._path(version))  # the rename itself, durable before publish returns
         else:  # one PUT: the object appears whole or not at all
             with self._open_out(self._path(version, MARKER)) as out:
                 out.write(data)
@@ -454,6 +462,29 @@ class ModelStore:
             self._fs.delete_dir(self._path(version))
         except FileNotFoundError:
             pass
+
+
+def _fsync_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor flushes a file's or a folder's data too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path, names) -> None:
+    """fsync every written file, then every folder holding one (their entries), up to `root`:
+    after a power loss a marker that survived never vouches for empty or missing weights."""
+    folders = {root}
+    for name in names:
+        _fsync_path(root / name)
+        parent = (root / name).parent
+        while parent != root and root in parent.parents:
+            folders.add(parent)
+            parent = parent.parent
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
+        _fsync_path(folder)
+    _fsync_path(root.parent)  # the version folder's own entry in the store
 
 
 def _copy(src, out, chunk: int = 8 << 20) -> int:
