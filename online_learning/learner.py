@@ -143,7 +143,7 @@ class OnlineLearner:
             self._judged_offset = state.judged_offset
             self._adopt(self._start_version(), reason=f"start (ownership epoch {self._owner.epoch})")
             # Before the events submitted while adopting, already recorded.
-            self.reports.acknowledged_before(range(self.applied_offset + 1, opened_at), time.time())
+            self.reports.acknowledged_before(range(self.applied_offset + 1, opened_at))
         except BaseException:
             self._owner.release()  # another learner may do better: do not keep the lease while failing
             if getattr(self, "log", None) is not None:
@@ -296,8 +296,7 @@ class OnlineLearner:
         except LogWriteError as err:  # nothing written, nothing acknowledged; the log is as before
             logger.error("feedback log write failed: %s", err)
             return {"write_error": {"errno": err.errno_name, "message": str(err)}}
-        now = time.time()
-        self.reports.acknowledged([off for off, dup in results if not dup], now)
+        self.reports.acknowledged([off for off, dup in results if not dup])  # its own monotonic clock
         self._wake.set()
         return {"results": results}
 
@@ -639,15 +638,14 @@ class OnlineLearner:
         learner answering (0 for a standby, which owns nothing), as does every update dict: a
         replica ignores updates from an epoch below the highest it has seen.
         Never blocks the event loop: full weights are built once per version in a thread."""
-        now = time.time()
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
-        self.reports.report(replica, identity, now)  # a standby too: its first number goes above them all
+        self.reports.report(replica, identity)  # a standby too: its first number goes above them all
         if not self._ready:  # a standby (epoch 0: it owns nothing), or an owner still adopting its base
             owning = self._log_open and not self._fenced
             return {"kind": "wait", "learner": {"published": False, "epoch": self._owner.epoch if owning else 0,
                                                 "owner": owning}}
         pub = self.pub
-        self.reports.prune(pub.log_offset if pub else -1, now)
+        self.reports.prune(pub.log_offset if pub else -1)
         info = {"ready_offset": self.ready_offset, "published": pub is not None, "epoch": self._owner.epoch,
                 "owner": self._fenced is None,
                 "published_at": pub.published_at if pub else None, "base_version": pub.base if pub else None,
@@ -678,7 +676,6 @@ class OnlineLearner:
         return ray.put(full)
 
     async def status(self) -> dict:
-        now = time.time()
         if not self._ready:  # a standby, or an owner still adopting its base: nothing of its own to report yet
             owning = self._log_open and not self._fenced
             return {"owner": owning, "standby": not self._log_open, "epoch": self._owner.epoch if owning else 0,
@@ -687,9 +684,8 @@ class OnlineLearner:
                     "pid": os.getpid(), "publish_interval_s": self.s.publish_interval_s,
                     "max_staleness_s": self.s.max_staleness_s, "replicas": {}, "history": []}
         pub = self.pub
-        self.reports.prune(pub.log_offset if pub else -1, now)
-        live = self.reports.live(now)
-        oldest_unserved = self.reports.oldest_unserved()
+        self.reports.prune(pub.log_offset if pub else -1)
+        live = self.reports.live()
         return {
             "lineage": pub.lineage if pub else None, "version": pub.version if pub else None,
             "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
@@ -702,7 +698,7 @@ class OnlineLearner:
             "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
             "refused": self.refused,
             "followups_left": math.ceil(self.followups.left),
-            "pid": os.getpid(), "staleness_s": now - oldest_unserved if oldest_unserved else 0.0,
+            "pid": os.getpid(), "staleness_s": self.reports.staleness_s(),
             "owner": self._fenced is None, "standby": False, "epoch": self._owner.epoch, "fenced": self._fenced,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
             "replicas": live, "history": list(self.history)[-50:],

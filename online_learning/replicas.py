@@ -5,6 +5,7 @@ the staleness figure). No Ray: the learner turns a plan into object refs."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,32 +53,42 @@ def plan_update(identity: dict, pub: Published | None) -> tuple[str, list[int]]:
 
 class ReplicaReports:
     """What replicas reported holding, and the acknowledged events (offset, ack time) that some
-    live replica does not serve yet, oldest first."""
+    live replica does not serve yet, oldest first.
 
-    def __init__(self):
+    Every interval here (a replica's liveness, an event's staleness) is measured within the
+    learner's process, so `now` and the ack times are `time.monotonic()` by default: a step of the
+    wall clock (NTP, a VM resumed) neither fails healthy replicas nor hides real staleness.
+    `reported_at` stays wall-clock time, for people and other processes reading it."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
         self.replicas: dict[str, dict] = {}
         self.max_reported = 0  # the highest version any replica reported holding
-        self.acked: deque = deque()  # (offset, ack time), in offset order
+        self.acked: deque = deque()  # (offset, ack time on `clock`), in offset order
 
-    def report(self, replica: str, identity: dict, now: float) -> None:
-        self.replicas[replica] = {**identity, "reported_at": now}
+    def report(self, replica: str, identity: dict, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self.replicas[replica] = {**identity, "reported_at": time.time(), "seen": now}
         self.max_reported = max(self.max_reported, identity.get("version") or 0)
-        for name in [r for r, v in self.replicas.items() if now - v["reported_at"] > REPLICA_FORGET_S]:
+        for name in [r for r, v in self.replicas.items() if now - v["seen"] > REPLICA_FORGET_S]:
             del self.replicas[name]
 
-    def live(self, now: float) -> dict[str, dict]:
-        return {r: v for r, v in self.replicas.items() if now - v["reported_at"] < REPLICA_LIVE_S}
+    def live(self, now: float | None = None) -> dict[str, dict]:
+        now = self.clock() if now is None else now
+        return {r: v for r, v in self.replicas.items() if now - v["seen"] < REPLICA_LIVE_S}
 
-    def acknowledged(self, offsets, now: float) -> None:
+    def acknowledged(self, offsets, now: float | None = None) -> None:
         """New events acknowledged now (offsets above every one recorded)."""
+        now = self.clock() if now is None else now
         self.acked.extend((off, now) for off in offsets)
 
-    def acknowledged_before(self, offsets: range, when: float) -> None:
+    def acknowledged_before(self, offsets: range, when: float | None = None) -> None:
         """Events acknowledged before those recorded (a learner's start: the log it found):
         one C call, so a concurrent `acknowledged` on the other end cannot interleave."""
+        when = self.clock() if when is None else when
         self.acked.extendleft([(off, when) for off in reversed(offsets)])
 
-    def prune(self, served_offset: int, now: float) -> None:
+    def prune(self, served_offset: int, now: float | None = None) -> None:
         """Forget the ack times of events every live replica serves (`served_offset`, the
         published version's, when none is live)."""
         lowest = min((v["log_offset"] for v in self.live(now).values()), default=served_offset)
@@ -86,3 +97,8 @@ class ReplicaReports:
 
     def oldest_unserved(self) -> float | None:
         return self.acked[0][1] if self.acked else None
+
+    def staleness_s(self, now: float | None = None) -> float:
+        """How long the oldest acknowledged event some live replica lacks has waited (0: none)."""
+        oldest = self.oldest_unserved()
+        return (self.clock() if now is None else now) - oldest if oldest is not None else 0.0

@@ -16,7 +16,12 @@ vouches for empty or missing weights (the learner compacts its log against such 
 Readers (`versions`, `latest`, `metrics`, `load`) see only committed versions. A crashed publish
 leaves an uncommitted prefix; `gc`, and every later publish, deletes it once nothing in it has
 changed for `grace_s`. A publish stalled longer than `grace_s` may be collected, so `grace_s` must
-exceed the longest upload of one file. A publish checks before each file after the first, before
+exceed the longest upload of one file. An age is the collecting host's wall clock minus the
+mtime the storage gave the newest file (the NFS or object server's clock, or the writing host's on
+a local folder), so it compares clocks across hosts: a collector whose clock runs ahead of the
+storage's by `skew` collects a publish stalled `grace_s - skew`; the skew tolerated is `grace_s`
+minus the longest upload of one file (with the default 900 s and uploads under 5 min, 10 min of
+skew; NTP keeps hosts within a second). A clock behind only delays collection. A publish checks before each file after the first, before
 its marker and after it, that its claim is still the only one and every file it wrote is there at
 its size; otherwise it removes its claim (and its own marker) and raises ClaimLost: a collected
 prefix never gets a marker, and a publisher that took the number meanwhile keeps its files (one
