@@ -50,7 +50,7 @@ from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.replicas import Published, ReplicaReports, plan_update
-from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout, next_batch
+from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout, lineage_anchor, next_batch
 from online_learning.settings import LearnerSettings
 from train.learner_state import LearnerState
 from train.log_format import LogWriteError
@@ -212,6 +212,7 @@ class OnlineLearner:
         self._adopted_at = time.monotonic()
         self.lineage = uuid.uuid4().hex[:12]
         self.base_version = store_version
+        self._next_base_metrics = metrics
         self.applied_offset = offset
         self.ready_offset = ready_offset
         self.feedback_train: deque = deque(maxlen=20_000)
@@ -262,11 +263,18 @@ class OnlineLearner:
             self.pub = Published(self.lineage, version, digest, self.applied_offset, version, time.time(),
                                  self.base_version)
         texts, labels = [e.text for e in self.base_holdout], [e.label for e in self.base_holdout]
-        self.anchor_base_accuracy = accuracy(self.served, texts, labels) if texts else float("nan")
+        measured = accuracy(self.served, texts, labels) if texts else float("nan")
+        self.anchor_base_accuracy = lineage_anchor(self._next_base_metrics, measured) if texts else measured
+        if measured < self.anchor_base_accuracy - self.s.max_base_drop:
+            # Published all the same: replicas need this lineage, and its rounds are held to the
+            # kept anchor, so they cannot publish lower; said so an operator sees the gap.
+            logger.warning("lineage %s's first version scores %.3f on the base holdout, below the anchor %.3f it "
+                           "keeps from v%s", self.lineage, measured, self.anchor_base_accuracy, self.base_version)
         self.replaying = False
         self.history.append({"time": time.time(), "lineage": self.lineage, "version": version, "published": True,
                              "base": self.base_version, "log_offset": self.applied_offset, "digest": digest,
-                             "base_accuracy": self.anchor_base_accuracy, "events": 0, "bytes": 0})
+                             "base_accuracy": measured, "anchor_base_accuracy": self.anchor_base_accuracy,
+                             "events": 0, "bytes": 0})
         logger.info("published lineage %s as v%s (digest %s, log offset %s)", self.lineage, version, digest,
                     self.applied_offset)
 
@@ -568,7 +576,10 @@ class OnlineLearner:
             with self._model_lock:  # the mirror as published under pub (the thread is its only writer)
                 self.served.metrics = {**self.served.metrics, "log_offset": pub.log_offset, "kind": "online-snapshot",
                                        "lineage": pub.lineage, "digest": pub.digest, "base_version": pub.base,
-                                       "snapshot_at": time.time()}
+                                       "snapshot_at": time.time(),
+                                       # the next lineage started on this snapshot keeps this bar
+                                       "anchor_base_accuracy": None if math.isnan(self.anchor_base_accuracy)
+                                       else self.anchor_base_accuracy}
                 save_model_dir(self.served, tmp)
             try:
                 self._owner.check()

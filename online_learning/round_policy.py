@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["is_holdout", "gate_reason", "owed_followups", "Followups", "NO_HOLDOUT", "next_batch"]
+__all__ = ["is_holdout", "gate_reason", "owed_followups", "Followups", "NO_HOLDOUT", "next_batch", "lineage_anchor"]
 
 NO_HOLDOUT = "no holdout to judge by"
 
@@ -87,3 +87,15 @@ def next_batch(log, applied: int, ready: int | None, max_events: int) -> tuple[l
     if limit <= 0:
         return [], skipped
     return log.read_from(start, limit=limit), skipped
+
+
+def lineage_anchor(base_metrics: dict, measured: float) -> float:
+    """The base accuracy a new lineage's gate holds its candidates to. A lineage started from the
+    learner's own snapshot (a restart) keeps the anchor that snapshot's lineage had, recorded in
+    it: re-measuring would let every restart lower the bar by up to `max_base_drop` again. A base
+    trained on all the data (a plain retrain, a fine-tune) sets a new one: `measured`, its own
+    first version's accuracy. A restart never lowers the bar: the higher of the two."""
+    recorded = base_metrics.get("anchor_base_accuracy")
+    if base_metrics.get("kind") == "online-snapshot" and isinstance(recorded, (int, float)) and recorded == recorded:
+        return max(float(recorded), measured) if measured == measured else float(recorded)
+    return measured

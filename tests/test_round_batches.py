@@ -38,3 +38,21 @@ def test_live_rounds_take_at_most_max_events_from_the_first_offset_still_there(t
     batch, skipped = next_batch(log, applied=97, ready=None, max_events=8)
     assert [e.offset for e in batch] == [98, 99] and skipped == 0
     log.close()
+
+
+def test_restarts_on_snapshots_keep_the_lineage_anchor_so_base_accuracy_cannot_ratchet_down():
+    from online_learning.round_policy import lineage_anchor
+    from online_learning.settings import LearnerSettings
+
+    drop = LearnerSettings().max_base_drop
+    anchor = lineage_anchor({"kind": None}, 0.965)  # a trained base: its own first version
+    assert anchor == 0.965
+    # Worst case each time: the snapshot a restart starts from scores a full max_base_drop below
+    # the anchor (the most the gate lets through). Five restarts later the bar has not moved.
+    for _ in range(5):
+        snapshot = {"kind": "online-snapshot", "anchor_base_accuracy": anchor}
+        anchor = lineage_anchor(snapshot, anchor - drop)
+    assert anchor == 0.965
+    assert lineage_anchor({"kind": "online-snapshot", "anchor_base_accuracy": 0.9}, 0.95) == 0.95  # never lower
+    assert lineage_anchor({"kind": "online-snapshot", "anchor_base_accuracy": None}, 0.95) == 0.95  # none kept
+    assert lineage_anchor({"kind": "fine-tune", "anchor_base_accuracy": 0.99}, 0.95) == 0.95  # a new base
