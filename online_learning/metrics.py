@@ -165,8 +165,10 @@ class LearnerMetrics:
         self._m = {name: _make(name) for name in METRICS
                    if name.startswith(("textserve_learner_", "textserve_feedback_", "textserve_replica_ack"))}
         self.held_back_streak = 0
+        self.failed_in_row = 0
         self.last_reports: dict[str, int | None] = {}  # replica -> log_offset at its previous report
         self.tally: Counter = Counter()  # the counters' totals since this learner started, for status()
+        self._set_gauges()  # a new learner (a restart) shows 0s at once, not the old process' last values
 
     def counts(self) -> dict:
         """Totals since this learner started, for OnlineLearner.status() ("feedback_outcomes"):
@@ -233,11 +235,18 @@ class LearnerMetrics:
         after a round succeeded (where `self._failed_rounds = 0`)."""
         if in_row > 0:
             self._m["textserve_learner_rounds_failed_total"].inc()
+        self.failed_in_row = in_row
         self._m["textserve_learner_failed_rounds_in_row"].set(in_row)
 
+    def _set_gauges(self) -> None:
+        self._m["textserve_learner_held_back_streak"].set(self.held_back_streak)
+        self._m["textserve_learner_failed_rounds_in_row"].set(self.failed_in_row)
+
     def log_state(self, stats: dict, judged_offset: int) -> None:
-        """Once per pass of OnlineLearner._run (FeedbackLog.stats(), the judged offset): log size
-        and the acknowledged-but-unjudged backlog."""
+        """Every pass of OnlineLearner._run, idle ones included (FeedbackLog.stats(), the judged
+        offset): log size and the acknowledged-but-unjudged backlog, and the streak gauges again,
+        so all of them are current while the learner waits, replays or fails."""
+        self._set_gauges()
         self._m["textserve_learner_log_bytes"].set(stats.get("disk_bytes", 0))
         self._m["textserve_learner_log_segments"].set(stats.get("segments", 0))
         self._m["textserve_learner_unjudged_events"].set(max(0, stats.get("next_offset", 0) - 1 - judged_offset))

@@ -158,6 +158,9 @@ def test_recorders_track_streaks_lineages_and_last_reports():
                                 "events": {"accepted": 1, "duplicate": 1, "conflicting": 1, "deferred": 4},
                                 "held_back": {"base": 1, "no_holdout": 1}, "publishes": 1}
     learner.round_failed(2)
+    assert learner.failed_in_row == 2
+    learner.round_failed(0)
+    assert learner.failed_in_row == 0
     learner.log_state({"disk_bytes": 10, "segments": 1, "next_offset": 4}, 1)
 
     replica = m.ReplicaMetrics("r1", max_staleness_s=10.0)
