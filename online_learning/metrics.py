@@ -255,7 +255,8 @@ class LearnerMetrics:
                        now: float | None = None) -> None:
         """OnlineLearner.updates_since, after `self.reports.report(...)` and before `prune`: the
         ack-to-served seconds of every event this replica serves now and did not at its last report
-        (`acked`: ReplicaReports.acked; `log_offset`: identity.get("log_offset"))."""
+        (`acked`: ReplicaReports.acked; `log_offset`: identity.get("log_offset"); `now` on the
+        clock of `acked`'s ack times: ReplicaReports.clock(), monotonic)."""
         now = time.time() if now is None else now
         before = self.last_reports.get(replica)
         self.last_reports[replica] = log_offset
