@@ -213,11 +213,31 @@ def harden_in_place(args: list[str], env=os.environ) -> None:
         os.replace(tmp, source)
 
 
+def die_with_parent() -> None:
+    """Linux: the HAProxy this process becomes gets SIGKILL when the process that started it (Ray's
+    HAProxyManager actor) dies. Without it an HAProxy outlives a killed actor, `ray stop` does not
+    know it (it is no Ray process), and a node keeps serving on a stale config and holding the
+    port its replacement needs. The setting survives the exec below."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        print(f"haproxy_hardening: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()})", file=sys.stderr)
+    elif os.getppid() != parent:  # the parent died before the setting took effect
+        sys.exit("haproxy_hardening: the process that started HAProxy is gone; not starting it")
+
+
 def main(argv: list[str]) -> None:
     real = os.environ.get("TEXTSERVE_HAPROXY_REAL_BINARY")
     if not real:
         sys.exit("haproxy_hardening: TEXTSERVE_HAPROXY_REAL_BINARY is not set (serve/ingress.py sets it)")
     harden_in_place(argv[1:])
+    die_with_parent()
     os.execv(real, [real, *argv[1:]])
 
 

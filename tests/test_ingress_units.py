@@ -172,3 +172,45 @@ def test_token_buckets_bound_memory_and_keep_active_clients_limited():
             assert buckets.take("hammer", now) > 0  # still limited: recent keys are never evicted
     assert len(buckets) <= 100
     assert buckets.take("hammer", now + 5) == 0.0  # refills with time
+
+
+def test_haproxy_dies_with_the_process_that_started_it(tmp_path, clean_env):
+    """The wrapper Ray runs as HAProxy: when its starter (Ray's HAProxyManager) is killed, HAProxy
+    goes too (a real HAProxy, started the way Ray starts it, its starter killed with SIGKILL)."""
+    import os
+    import signal
+    import sys
+
+    from tests._helpers import wait_until
+
+    path = ray_config(tmp_path)
+    starter = (
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, sys.argv[1], '-db', '-f', sys.argv[2]],"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(300)\n")
+    hardener = str(Path(__file__).resolve().parent.parent / "serve" / "haproxy_hardening.py")
+    env = {**os.environ, "TEXTSERVE_HAPROXY_REAL_BINARY": real_haproxy_binary()}
+    proc = subprocess.Popen([sys.executable, "-c", starter, hardener, str(path)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    haproxy = int(proc.stdout.readline())
+    try:
+        def running(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+            except FileNotFoundError:
+                return False
+        wait_until(lambda: running(haproxy) and os.readlink(f"/proc/{haproxy}/exe").endswith("haproxy"),
+                   timeout=30, what="HAProxy running under the wrapper")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_until(lambda: not running(haproxy), timeout=10, what="HAProxy gone with its starter")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.kill(haproxy, signal.SIGKILL)  # by PID: only if the test failed and it is still there
+        except ProcessLookupError:
+            pass
