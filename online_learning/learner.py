@@ -45,6 +45,7 @@ import ray
 from ray import serve
 
 from online_learning.contradiction import ContradictionCheck
+from online_learning.metrics import LearnerMetrics
 from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
 from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
@@ -106,6 +107,7 @@ class OnlineLearner:
         self.held_back = 0
         self.replayed = 0
         self.refused = 0  # events refused by the contradiction check
+        self._metrics = LearnerMetrics()
         self._rest_until = 0.0  # the duty cycle's rest after the last round (monotonic)
         self._limiter = FeedbackLimiter(self.s.rate_limit_per_s, self.s.rate_burst, self.s.auth_fail_rate_per_s,
                                         self.s.auth_fail_burst, self.s.rate_limit_clients)
@@ -275,6 +277,7 @@ class OnlineLearner:
                              "base": self.base_version, "log_offset": self.applied_offset, "digest": digest,
                              "base_accuracy": measured, "anchor_base_accuracy": self.anchor_base_accuracy,
                              "events": 0, "bytes": 0})
+        self._metrics.published(version, 0, "lineage")
         logger.info("published lineage %s as v%s (digest %s, log offset %s)", self.lineage, version, digest,
                     self.applied_offset)
 
@@ -285,6 +288,11 @@ class OnlineLearner:
         return self._limiter.admit(client, auth_ok)
 
     async def submit(self, events: list[dict]) -> dict:
+        reply = await self._submit(events)
+        self._metrics.submitted(reply)
+        return reply
+
+    async def _submit(self, events: list[dict]) -> dict:
         """Append to the durable log (fsync); the training thread reads new events from the log.
 
         {"results": [(offset, duplicate), ...]}, or {"conflict": {"event_id", "offset"}} when an
@@ -325,6 +333,7 @@ class OnlineLearner:
                 if time.monotonic() - last_store_check >= STORE_CHECK_S:
                     last_store_check = time.monotonic()
                     self._maybe_rebase()
+                self._metrics.log_state(self.log.stats(), self._judged_offset)
                 batch = self._next_batch()  # new events; none but follow-ups owed: replay what just arrived
                 if not batch and not self.followups.left:
                     if self.replaying:
@@ -343,17 +352,20 @@ class OnlineLearner:
                 self.followups.after_round(bool(batch), kept, self.replaying)
                 self._maybe_snapshot()
                 self._failed_rounds = 0
+                self._metrics.round_failed(0)
                 # The duty cycle: after a round of t seconds, rest t * (1 - d) / d, so training
                 # takes at most a share d of the time (the CPU it leaves goes to serving).
                 took, duty = time.monotonic() - last_round, self.s.train_duty_cycle
                 self._rest_until = time.monotonic() + took * (1 - duty) / duty
                 if self.history:  # the entry `_round` just appended
                     self.history[-1]["round_s"] = round(took, 3)
+                    self._metrics.round_done(self.history[-1], took)
             except NotOwner as err:  # superseded: not one more write; Serve replaces this replica
                 self._lost_ownership(err)
                 return
             except Exception:  # a failed round must not end learning: log it, retry next round
                 self._failed_rounds += 1
+                self._metrics.round_failed(self._failed_rounds)
                 logger.exception("learner round failed (%s in a row)", self._failed_rounds)
                 if self._stop.wait(self.s.publish_interval_s):
                     return
@@ -402,6 +414,7 @@ class OnlineLearner:
             logger.warning("skipping %s events with labels the model lacks, e.g. %r", len(unknown), unknown[0].label)
             if not self.replaying:
                 self.log.mark([e.offset for e in unknown], "rejected")
+                self._metrics.events("rejected", len(unknown))
             batch_known = [e for e in batch if e.label in self.trainer.index]
         else:
             batch_known = batch
@@ -419,6 +432,7 @@ class OnlineLearner:
             if reason := self.contradiction.verdict(flags):
                 self.log.mark(sorted(flagged), "rejected")
                 self.refused += len(flagged)
+                self._metrics.events("refused", len(flagged))
                 entry.update(refused=len(flagged), refused_reason=reason)
                 logger.warning("refused %s events: %s", len(flagged), reason)
                 train = [e for e in train if e.offset not in flagged]
@@ -465,10 +479,14 @@ class OnlineLearner:
                 # fine-tune, except confident contradictions (a relabelling the check let through)
                 self.log.mark([e.offset for e in train if e.offset not in flagged], "deferred")
                 self.log.mark([e.offset for e in train if e.offset in flagged], "rejected")
+                self._metrics.events("deferred", sum(e.offset not in flagged for e in train))
+                self._metrics.events("rejected", sum(e.offset in flagged for e in train))
             elif entry["reason"] == NO_HOLDOUT:  # not judgeable here: left to a fine-tune
                 self.log.mark([e.offset for e in train], "deferred")
+                self._metrics.events("deferred", len(train))
             else:  # judged bad: not replayed, not fine-tuned on
                 self.log.mark([e.offset for e in train], "rejected")
+                self._metrics.events("rejected", len(train))
             if batch:
                 self._judged(batch[-1].offset)  # after the marks: a crash between them judges again
         self.history.append(entry)
@@ -650,7 +668,9 @@ class OnlineLearner:
         replica ignores updates from an epoch below the highest it has seen.
         Never blocks the event loop: full weights are built once per version in a thread."""
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
-        self.reports.report(replica, identity)  # a standby too: its first number goes above them all
+        self.reports.report(replica, identity)
+        self._metrics.replica_report(replica, identity.get("log_offset"), self.reports.acked, self.reports.clock())
+        # a standby too: its first number goes above them all
         if not self._ready:  # a standby (epoch 0: it owns nothing), or an owner still adopting its base
             owning = self._log_open and not self._fenced
             return {"kind": "wait", "learner": {"published": False, "epoch": self._owner.epoch if owning else 0,
@@ -713,6 +733,7 @@ class OnlineLearner:
             "owner": self._fenced is None, "standby": False, "epoch": self._owner.epoch, "fenced": self._fenced,
             "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
             "replicas": live, "history": list(self.history)[-50:],
+            "feedback_outcomes": self._metrics.counts(), "log": self.log.stats(),
         }
 
     async def check_health(self) -> None:

@@ -19,7 +19,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ray.util import metrics
+from online_learning.metrics import ReplicaMetrics
 
 from serve.settings import AppSettings
 
@@ -53,9 +53,7 @@ class ModelFollower:
         self._fenced_logged: set[str] = set()  # reasons already logged, so a poll loop logs each once
         self._fresh_at = time.monotonic()  # when this replica last knew it held the learner's version
         self._poller: asyncio.Task | None = None
-        self._version_gauge = metrics.Gauge("textserve_model_version", "model version served", tag_keys=("replica",))
-        self._staleness_gauge = metrics.Gauge("textserve_replica_staleness_s", "seconds since this replica last "
-                                              "held the learner's current version", tag_keys=("replica",))
+        self._metrics = ReplicaMetrics(replica, settings.learner.max_staleness_s if settings.learner else None)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,7 +101,7 @@ class ModelFollower:
 
     def _install(self, served) -> None:
         self.model = served
-        self._version_gauge.set(served.version, tags={"replica": self.replica})
+        self._metrics.served(served.version, served.lineage)
         logger.info("replica %s serves model version %s", self.replica, served.version)
 
     def _model_for(self, info: dict, updates: list[dict]):
@@ -133,7 +131,7 @@ class ModelFollower:
                 if self.sync_error is None:
                     logger.warning("cannot reach the learner (%r); serving v%s meanwhile", err, self.model.version)
                 self.sync_error = repr(err)
-            self._staleness_gauge.set(self.staleness_s(), tags={"replica": self.replica})
+            self._metrics.staleness(self.staleness_s())
 
     async def _catch_up(self) -> None:
         """Sync until this replica is ready: on the learner's lineage, or holding every event the
@@ -204,7 +202,7 @@ class ModelFollower:
         if not info.get("published") or served.identity == {k: info.get(k) for k in ("lineage", "version", "digest",
                                                                                       "log_offset")}:
             self._fresh_at = time.monotonic()
-        self._version_gauge.set(served.version, tags={"replica": self.replica})
+        self._metrics.served(served.version, served.lineage)
         return True
 
     # -- what the replica reports ------------------------------------------------------------

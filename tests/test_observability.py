@@ -735,8 +735,6 @@ def test_stale_replica_alert_fires_when_the_learner_stops_and_resolves_after(obs
     wait_until(lambda: _values(prom, firing) == {}, timeout=240, what="TextserveReplicaStale resolving")
 
 
-@pytest.mark.xfail(strict=True, reason="the learner's metrics are not wired into online_learning/learner.py and "
-                   "serve/model_follower.py yet (docs/OBSERVABILITY.md); remove this mark once they are")
 def test_every_dashboard_panel_has_data_from_the_real_app(observed_app):
     import time
 
