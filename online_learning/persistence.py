@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from train.learner_state import LearnerState, read_state, write_state_file
+from train.learner_state import LearnerState, read_state, write_durably, write_state_file
 
 __all__ = ["LOCK_FILE", "EPOCH_FILE", "DamagedEpoch", "NotOwner", "Ownership", "StateFile", "read_epoch"]
 
@@ -54,20 +54,6 @@ def read_epoch(state_dir: str | Path) -> int:
         raise DamagedEpoch(f"{path} is unreadable ({err}); it holds the ownership epoch of {state_dir}. Stop every "
                            f"learner on it, then write {{\"epoch\": N}} there with N above the \"epoch\" in "
                            "learner_state.json") from None
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ownership:
@@ -108,7 +94,7 @@ class Ownership:
             try:
                 epoch = read_epoch(self.directory) + 1
                 holder = {"epoch": epoch, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-                _write_durably(self.directory / EPOCH_FILE, json.dumps(holder).encode())
+                write_durably(self.directory / EPOCH_FILE, json.dumps(holder).encode())
                 os.ftruncate(fd, 0)  # who holds it, for an operator reading the lock file
                 os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
             except BaseException:  # the lease is not kept by an owner that could not record its epoch

@@ -57,13 +57,12 @@ def encode_state(state: LearnerState) -> bytes:
     return json.dumps(asdict(state)).encode()
 
 
-def write_state_file(state_dir: str | Path, state: LearnerState) -> None:
-    """Durably replace the state file (temp file, fsync, rename, fsync of the folder). The caller
-    checks ownership first: only the owner of state_dir may call this."""
-    path = Path(state_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new content, never a mix:
+    a temp file, fsync, rename, fsync of the folder."""
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(encode_state(state))
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -72,3 +71,9 @@ def write_state_file(state_dir: str | Path, state: LearnerState) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_state_file(state_dir: str | Path, state: LearnerState) -> None:
+    """Durably replace the state file. The caller checks ownership first: only the owner of
+    state_dir may call this."""
+    write_durably(Path(state_dir) / STATE_FILE, encode_state(state))
