@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast test-cluster
 install: $(VENV)/.installed
 
 demo: install

@@ -11,9 +11,12 @@ batch wait up to `batch_wait_timeout_s` to fill.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Awaitable, Callable
 
 from serve.settings import BatchSettings
+
+logger = logging.getLogger("ray.serve")
 
 
 class ModelBatcher:
@@ -53,9 +56,6 @@ class ModelBatcher:
                 del self._pending[:len(batch)]
                 try:
                     answers = await self._run([t for t, _, _ in batch], [k for _, k, _ in batch])
-                    self.last_batch_size = len(batch)
-                    if self._on_batch is not None:
-                        self._on_batch(len(batch))
                 except BaseException as err:  # the batch's requests fail; the batcher goes on
                     for _, _, fut in batch:
                         if not fut.done():
@@ -67,5 +67,11 @@ class ModelBatcher:
                     if not fut.done():  # its client may have left
                         fut.set_result(answer)
                 busy = len(batch) > 1
+                self.last_batch_size = len(batch)
+                if self._on_batch is not None:  # after the answers: a metric error fails no request
+                    try:
+                        self._on_batch(len(batch))
+                    except Exception:
+                        logger.exception("recording a batch's size failed")
         finally:
             self._drain = None

@@ -183,7 +183,11 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path, clean_env):
 
     from tests._helpers import wait_until
 
-    path = ray_config(tmp_path)
+    from ray.serve.config import HTTPOptions
+
+    # Ports of its own: the suite's Serve, when it runs, holds the defaults (18080 aside, 8404, 9101).
+    path = ray_config(tmp_path, replica_port=_free_port(), http_options=HTTPOptions(host="127.0.0.1", port=_free_port()),
+                      stats_port=_free_port(), metrics_port=_free_port())
     starter = (
         "import os, subprocess, sys, time\n"
         "p = subprocess.Popen([sys.executable, sys.argv[1], '-db', '-f', sys.argv[2]],"
@@ -195,13 +199,14 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path, clean_env):
     proc = subprocess.Popen([sys.executable, "-c", starter, hardener, str(path)], stdout=subprocess.PIPE, text=True,
                             env=env)
     haproxy = int(proc.stdout.readline())
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
     try:
-        def running(pid: int) -> bool:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().split(") ")[-1][0] != "Z"  # a zombie has exited
-            except FileNotFoundError:
-                return False
         wait_until(lambda: running(haproxy) and os.readlink(f"/proc/{haproxy}/exe").endswith("haproxy"),
                    timeout=30, what="HAProxy running under the wrapper")
         proc.send_signal(signal.SIGKILL)
@@ -210,7 +215,5 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path, clean_env):
     finally:
         if proc.poll() is None:
             proc.kill()
-        try:
-            os.kill(haproxy, signal.SIGKILL)  # by PID: only if the test failed and it is still there
-        except ProcessLookupError:
-            pass
+        if running(haproxy) and os.readlink(f"/proc/{haproxy}/exe").endswith("haproxy"):
+            os.kill(haproxy, signal.SIGKILL)  # by PID: only if the test failed and it is still ours
