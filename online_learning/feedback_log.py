@@ -143,10 +143,10 @@ class FeedbackLog(LogView):
             fsync_dir(self.directory)
             self._segments = [(0, self.directory / segment_name(0))]
         self._sidecars: list[Sidecar] = self._open_sidecars()  # newest first
-        self._recover_active()
-        self._fd = os.open(self._segments[-1][1], os.O_WRONLY | os.O_APPEND)
         records, good = parse_marks(self.directory / MARKS_FILE)
         self._marks = marks_from(records, self._segments[0][0])
+        self._recover_active(self._acknowledged_floor(records))
+        self._fd = os.open(self._segments[-1][1], os.O_WRONLY | os.O_APPEND)
         self._marks_fd = os.open(self.directory / MARKS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if os.fstat(self._marks_fd).st_size > good:  # a torn mark: never confirmed to its caller
             os.ftruncate(self._marks_fd, good)
@@ -191,7 +191,18 @@ class FeedbackLog(LogView):
             sidecars.append(sidecar)
         return sorted(sidecars, key=lambda s: s.first, reverse=True)
 
-    def _recover_active(self) -> None:
+    def _acknowledged_floor(self, mark_records: list[dict]) -> int:
+        """The highest offset known to have been acknowledged: marked (a mark follows judging, which
+        follows the acknowledgement), or named by the learner's state file as applied or judged.
+        A tail that looks unfinished but reaches it was acknowledged: damaged, not unfinished."""
+        from train.learner_state import read_state
+
+        marked = max((stop - 1 for record in mark_records for _, stop in record["ranges"]), default=-1)
+        state = read_state(self.directory)
+        named = max(state.log_offset, state.judged_offset) if state is not None else -1
+        return max(marked, named)
+
+    def _recover_active(self, acknowledged: int = -1) -> None:
         first, path = self._segments[-1]
         ids, positions, nxt, good = {}, [], first, 0
         with open(path, "rb") as f:
@@ -202,6 +213,9 @@ class FeedbackLog(LogView):
                 ids[record["event_id"]] = (off, payload_digest(record["text"], record["label"]))
                 nxt, good = off + 1, after
         size = path.stat().st_size
+        if good < size and acknowledged >= nxt:  # the "unfinished" tail holds events known acknowledged
+            raise damaged(path, nxt, good, f"offset {acknowledged} was marked or recorded as learned, "
+                          f"but the log's readable events end at offset {nxt - 1}")
         if good < size:  # a torn batch or a zero page: never fsynced whole, so never acknowledged
             with open(path, "r+b") as f:
                 f.truncate(good)

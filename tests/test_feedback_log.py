@@ -462,6 +462,30 @@ def test_damaged_acknowledged_events_refuse_to_open_and_say_what_to_do(tmp_path)
         FeedbackLogReader(tmp_path).read_from(0)
 
 
+@pytest.mark.parametrize("known_by", ["a_mark", "the_state_file"])
+def test_a_damaged_last_batch_that_was_marked_or_learned_refuses_to_open(tmp_path, known_by):
+    """Damage inside the last batch looks like a write cut short, but when a mark or the learner's
+    state names one of its offsets it was acknowledged: refuse, change nothing, reuse no offset."""
+    from train.learner_state import LearnerState, write_state_file
+
+    log = FeedbackLog(tmp_path, segment_events=100)
+    fill(log, 0, 3)
+    log.append([ev(i) for i in range(3, 8)])  # the last batch: offsets 3..7, acknowledged
+    if known_by == "a_mark":
+        log.mark([4, 5], "rejected")
+    active = log.active_path
+    log.close()
+    if known_by == "the_state_file":
+        write_state_file(tmp_path, LearnerState(version=2, log_offset=7, judged_offset=7))
+    data = bytearray(active.read_bytes())
+    at = data.index(b'"offset": 5,')
+    data[at + 2] ^= 0x20  # one flipped byte: line 5 no longer parses
+    active.write_bytes(bytes(data))
+    with pytest.raises(CorruptLog, match="acknowledged events from offset 3"):
+        FeedbackLog(tmp_path, segment_events=100)
+    assert active.read_bytes() == bytes(data)  # nothing cut, so no offset can be handed out twice
+
+
 def _big_mark(log, n):
     log.mark(range(0, n, 2), "holdout")  # every other offset: one line of n/2 ranges, several pages
 
