@@ -436,11 +436,15 @@ class FeedbackLog(LogView):
         self._marks_size = len(data)
 
     def close(self) -> None:
+        """Idempotent: a second call closes nothing (the fd numbers may belong to others by then)."""
         with self._lock:
             for fd in (self._fd, self._marks_fd):
+                if fd < 0:
+                    continue
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+            self._fd = self._marks_fd = -1
             if self._own_lease:
                 self.owner.release()

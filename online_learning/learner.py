@@ -150,6 +150,7 @@ class OnlineLearner:
             self._owner.release()  # another learner may do better: do not keep the lease while failing
             if getattr(self, "log", None) is not None:
                 self.log.close()
+            self._log_open, self.log = False, None  # closed once: its fd numbers may be reused by now
             raise
         self._ready = True
 
