@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from train.learner_state import LearnerState, read_state, write_durably, write_state_file
@@ -45,11 +46,18 @@ class DamagedEpoch(RuntimeError):
 
 def read_epoch(state_dir: str | Path) -> int:
     """The durable ownership epoch of `state_dir` (0 before anyone owned it)."""
+    return int(read_holder(state_dir).get("epoch", 0))
+
+
+def read_holder(state_dir: str | Path) -> dict:
+    """Who took the current epoch: {"epoch", "pid", "host", "since", "token"} ({} before anyone)."""
     path = Path(state_dir) / EPOCH_FILE
     try:
-        return int(json.loads(path.read_text())["epoch"])
+        holder = json.loads(path.read_text())
+        int(holder["epoch"])
+        return holder
     except FileNotFoundError:
-        return 0
+        return {}
     except (ValueError, KeyError, TypeError) as err:
         raise DamagedEpoch(f"{path} is unreadable ({err}); it holds the ownership epoch of {state_dir}. Stop every "
                            f"learner on it, then write {{\"epoch\": N}} there with N above the \"epoch\" in "
@@ -63,6 +71,7 @@ class Ownership:
     def __init__(self, state_dir: str | Path):
         self.directory = Path(state_dir)
         self.epoch: int | None = None  # this owner's epoch; None while not owning
+        self._token: str | None = None  # what this owner wrote with its epoch
         self._fd: int | None = None
         self._lost: str | None = None  # why ownership was lost: sticky, a lost owner never writes again
         self._mutex = threading.Lock()
@@ -93,14 +102,17 @@ class Ownership:
                 return False
             try:
                 epoch = read_epoch(self.directory) + 1
-                holder = {"epoch": epoch, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+                # The token tells two takers of the same number apart (where locks do not work, two
+                # may both read N and write N + 1): the one whose token is not on disk has lost.
+                holder = {"epoch": epoch, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                          "token": uuid.uuid4().hex}
                 write_durably(self.directory / EPOCH_FILE, json.dumps(holder).encode())
                 os.ftruncate(fd, 0)  # who holds it, for an operator reading the lock file
                 os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
             except BaseException:  # the lease is not kept by an owner that could not record its epoch
                 os.close(fd)
                 raise
-            self._fd, self.epoch, self._lost = fd, epoch, None
+            self._fd, self.epoch, self._token, self._lost = fd, epoch, holder["token"], None
             return True
 
     def acquire(self, stop: threading.Event, retry_s: float = 0.5) -> bool:
@@ -130,14 +142,25 @@ class Ownership:
                 raise NotOwner(f"this process does not own {self.directory} (another learner does)",
                                read_epoch(self.directory))
             if self._lost is None:
-                current = read_epoch(self.directory)
+                try:
+                    holder = read_holder(self.directory)
+                except DamagedEpoch as err:
+                    holder = {"epoch": -1, "damaged": str(err)}
                 if not self._names(self._fd):
                     self._lost = f"its lock file {self.lock_path} was removed or replaced"
-                elif current != self.epoch:
-                    self._lost = f"ownership passed to epoch {current}"
+                elif "damaged" in holder:
+                    self._lost = holder["damaged"]
+                elif holder.get("epoch") != self.epoch or holder.get("token", self._token) != self._token:
+                    self._lost = f"ownership passed to epoch {holder.get('epoch')} ({holder.get('host')}, pid {holder.get('pid')})"
             if self._lost is not None:
                 raise NotOwner(f"this learner (epoch {self.epoch}) no longer owns {self.directory}: {self._lost}; "
-                               "it writes nothing more there", read_epoch(self.directory))
+                               "it writes nothing more there", self._epoch_or_zero())
+
+    def _epoch_or_zero(self) -> int:
+        try:
+            return read_epoch(self.directory)
+        except DamagedEpoch:
+            return 0
 
     def release(self) -> None:
         """Give the lease up (closing the file releases the lock); the epoch stays as it is."""

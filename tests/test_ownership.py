@@ -290,3 +290,32 @@ def test_a_damaged_epoch_file_stops_ownership_with_instructions_and_keeps_no_lea
     fixed = Ownership(tmp_path)
     assert fixed.try_acquire() and fixed.epoch == 8  # the lock was not kept by the failed attempt
     fixed.release()
+
+
+def test_a_second_taker_of_the_same_epoch_number_fences_the_first(tmp_path):
+    """Where locks do not work, two learners can both read epoch N and write N + 1: the one whose
+    token is not on disk is no longer the owner, although the number is its own."""
+    import json
+
+    from online_learning.persistence import EPOCH_FILE, NotOwner, Ownership
+
+    first = Ownership(tmp_path)
+    assert first.try_acquire() and first.epoch == 1
+    first.check()  # owns it
+    path = tmp_path / EPOCH_FILE
+    holder = json.loads(path.read_text())
+    path.write_text(json.dumps({**holder, "pid": holder["pid"] + 1, "token": "another-taker"}))  # same epoch 1
+    with pytest.raises(NotOwner, match="passed to epoch 1"):
+        first.check()
+    first.release()
+
+
+def test_a_damaged_epoch_file_mid_run_is_a_lost_ownership_not_a_crash(tmp_path):
+    from online_learning.persistence import EPOCH_FILE, NotOwner, Ownership
+
+    owner = Ownership(tmp_path)
+    assert owner.try_acquire()
+    (tmp_path / EPOCH_FILE).write_text("{not json")
+    with pytest.raises(NotOwner, match="unreadable"):
+        owner.check()
+    owner.release()

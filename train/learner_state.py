@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def encode_state(state: LearnerState) -> bytes:
 def write_durably(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content, never a mix:
     a temp file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # writers never share one
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
