@@ -217,7 +217,9 @@ def die_with_parent() -> None:
     """Linux: the HAProxy this process becomes gets SIGKILL when the process that started it (Ray's
     HAProxyManager actor) dies. Without it an HAProxy outlives a killed actor, `ray stop` does not
     know it (it is no Ray process), and a node keeps serving on a stale config and holding the
-    port its replacement needs. The setting survives the exec below."""
+    port its replacement needs. The setting survives the exec below. Linux ties it to the thread
+    that forked: Ray starts HAProxy from the actor's event-loop thread, which lives as long as the
+    actor (tests/test_ingress_units.py checks the process case)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -217,3 +217,25 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path, clean_env):
             proc.kill()
         if running(haproxy) and os.readlink(f"/proc/{haproxy}/exe").endswith("haproxy"):
             os.kill(haproxy, signal.SIGKILL)  # by PID: only if the test failed and it is still ours
+
+
+@pytest.mark.parametrize("exempt, rule", [
+    (None, "reject if { sc0_conn_cur gt 256 } !{ src 127.0.0.1/32 ::1/128 }"),  # the default: this host
+    ("", "reject if { sc0_conn_cur gt 256 }\n"),  # empty: every address capped
+    ("10.0.0.0/8, 127.0.0.1", "reject if { sc0_conn_cur gt 256 } !{ src 10.0.0.0/8 127.0.0.1/32 }"),
+])
+def test_the_cap_exemption_renders_and_haproxy_accepts_it(tmp_path, clean_env, monkeypatch, exempt, rule):
+    if exempt is not None:
+        monkeypatch.setenv("TEXTSERVE_INGRESS_CAP_EXEMPT", exempt)
+    path = ray_config(tmp_path)
+    harden_in_place(["-f", str(path)])
+    haproxy_check(path)
+    assert rule in path.read_text()
+
+
+def test_a_bad_exemption_is_refused_with_what_to_give(clean_env, monkeypatch):
+    from serve.haproxy_hardening import setting
+
+    monkeypatch.setenv("TEXTSERVE_INGRESS_CAP_EXEMPT", "localhost")
+    with pytest.raises(ValueError, match="not an IP address or network"):
+        setting("TEXTSERVE_INGRESS_CAP_EXEMPT")
