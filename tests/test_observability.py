@@ -542,8 +542,14 @@ def test_prometheus_scrapes_every_declared_metric_from_ray(ray_cluster, tmp_path
                 time.sleep(0.5)
         log = (tmp_path / "prometheus.log").read_text()[-3000:]
         assert not missing, f"Prometheus never saw {sorted(missing)}; its log:\n{log}"
-        version = _prom_query(base, 'max by (replica) (ray_textserve_model_version{replica="replica-a"})')
-        assert [r["value"][1] for r in version["data"]["result"]] == ["6"]
+        from tests._helpers import wait_until
+
+        # The names may come first from the suite's running apps (their replicas export them too):
+        # wait for this recorder's own series.
+        def recorded_version():
+            found = _prom_query(base, 'max by (replica) (ray_textserve_model_version{replica="replica-a"})')
+            return [r["value"][1] for r in found["data"]["result"]] or None
+        assert wait_until(recorded_version, timeout=60, what="replica-a's version in Prometheus") == ["6"]
         for title, expr in _queries(_dashboard()) + [(r["alert"], r["expr"]) for r in _alerts()]:
             answer = _prom_query(base, expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
                                  .replace("$application", ".*"))
