@@ -28,7 +28,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -66,6 +65,7 @@ from train.log_format import (
 from train.log_reader import MARKS, FeedbackLogReader, LoggedEvent, LogView, marks_from
 
 from online_learning.persistence import NotOwner, Ownership
+from online_learning.protocol import FeedbackEvent
 
 __all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "EventIdConflict", "LogWriteError",
            "OffsetCompacted", "CorruptLog", "MARKS", "NotOwner"]
@@ -73,13 +73,6 @@ __all__ = ["FeedbackEvent", "LoggedEvent", "FeedbackLog", "FeedbackLogReader", "
 logger = logging.getLogger(__name__)
 MERGE_FAN_IN = 8  # id indexes of compacted segments merge 8 of one size class into one ...
 MERGE_MAX_IDS = 1 << 20  # ... up to 1M ids (24 MB): lookups search O(8 log8 n) files, not one per segment
-
-
-@dataclass(frozen=True)
-class FeedbackEvent:
-    event_id: str
-    text: str
-    label: str
 
 
 class EventIdConflict(ValueError):

@@ -46,9 +46,11 @@ from ray import serve
 
 from online_learning.contradiction import ContradictionCheck
 from online_learning.metrics import LearnerMetrics
-from online_learning.feedback_log import EventIdConflict, FeedbackEvent, FeedbackLog, LoggedEvent
+from online_learning.feedback_log import EventIdConflict, FeedbackLog, LoggedEvent
 from online_learning.numbering import VersionNumbers
 from online_learning.persistence import NotOwner, Ownership, StateFile
+from online_learning.protocol import (Accepted, Conflict, FeedbackEvent, LearnerInfo, LearnerStatus, NotOwnerAnswer,
+                                      ReplicaIdentity, StandbyStatus, SubmitAnswer, UpdatesAnswer, WriteFailed)
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.replicas import Published, ReplicaReports, plan_update
 from online_learning.round_policy import NO_HOLDOUT, Followups, gate_reason, is_holdout, lineage_anchor, next_batch
@@ -162,10 +164,10 @@ class OnlineLearner:
         self._take_over()
         self._run()
 
-    def _not_owner(self) -> dict:
+    def _not_owner(self) -> NotOwnerAnswer:
         epoch = self._owner.current_epoch()
         why = self._fenced or f"another learner owns {self.s.state_dir} (epoch {epoch}); this one is standing by"
-        return {"not_owner": {"epoch": epoch, "message": why}}
+        return NotOwnerAnswer(epoch, why)
 
     def _lost_ownership(self, err: NotOwner) -> None:
         if self._fenced is None:
@@ -288,34 +290,32 @@ class OnlineLearner:
         self._loop_threads.add(threading.get_native_id())
         return self._limiter.admit(client, auth_ok)
 
-    async def submit(self, events: list[dict]) -> dict:
+    async def submit(self, events: list[FeedbackEvent]) -> SubmitAnswer:
         reply = await self._submit(events)
         self._metrics.submitted(reply)
         return reply
 
-    async def _submit(self, events: list[dict]) -> dict:
+    async def _submit(self, events: list[FeedbackEvent]) -> SubmitAnswer:
         """Append to the durable log (fsync); the training thread reads new events from the log.
 
-        {"results": [(offset, duplicate), ...]}, or {"conflict": {"event_id", "offset"}} when an
-        id already names another event (then nothing of the batch was written), or
-        {"not_owner": {"epoch", "message"}} when this learner does not own the log (a standby, or
-        one that was superseded): nothing written, the caller retries (another replica may own it)."""
+        Accepted, or Conflict when an id already names another event (then nothing of the batch
+        was written), or NotOwnerAnswer when this learner does not own the log (a standby, or one
+        that was superseded): nothing written, the caller retries (another replica may own it)."""
         if not self._log_open or self._fenced:
             return self._not_owner()
-        evs = [FeedbackEvent(e["event_id"], e["text"], e["label"]) for e in events]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, evs)
+            results = await asyncio.get_running_loop().run_in_executor(None, self.log.append, list(events))
         except NotOwner as err:  # nothing written: the owner now is another learner
             self._lost_ownership(err)
             return self._not_owner()
         except EventIdConflict as err:
-            return {"conflict": {"event_id": err.event_id, "offset": err.offset}}
+            return Conflict(err.event_id, err.offset)
         except LogWriteError as err:  # nothing written, nothing acknowledged; the log is as before
             logger.error("feedback log write failed: %s", err)
-            return {"write_error": {"errno": err.errno_name, "message": str(err)}}
+            return WriteFailed(err.errno_name, str(err))
         self.reports.acknowledged([off for off, dup in results if not dup])  # its own monotonic clock
         self._wake.set()
-        return {"results": results}
+        return Accepted(tuple((off, dup) for off, dup in results))
 
     # -- the training thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -554,7 +554,7 @@ class OnlineLearner:
         logger.warning("held back a candidate: %s", entry["reason"])
 
     def _publish(self, entry: dict) -> None:
-        from online_learning.weights import apply_update, make_delta, update_bytes
+        from online_learning.weights import apply_update, make_delta
 
         pub = self.pub
         version = self.numbers.after(pub.version)
@@ -567,13 +567,12 @@ class OnlineLearner:
             apply_update(self.served.model, delta, self._served_digest())
             self.served.version = version
             digest = self._digest.hexdigest()
-            delta.update(lineage=self.lineage, digest=digest, epoch=self._owner.epoch)
+            delta = delta.named(self.lineage, digest, self._owner.epoch)
             deltas = {v: r for v, r in pub.deltas.items() if v > version - self.s.retain_deltas}
             deltas[version] = ray.put(delta)
             self.pub = Published(self.lineage, version, digest, self.applied_offset, chain_base, time.time(), pub.base,
                                  deltas)
-        entry.update(published=True, version=version, digest=digest, bytes=update_bytes(delta),
-                     rows=int(delta["rows"].size))
+        entry.update(published=True, version=version, digest=digest, bytes=delta.nbytes, rows=int(delta.rows.size))
 
     def _served_digest(self):
         """The served mirror's WeightsDigest, kept current as deltas apply (call with the lock)."""
@@ -661,33 +660,31 @@ class OnlineLearner:
                                        judged_offset=self._judged_offset, epoch=self._owner.epoch))
 
     # -- replicas --------------------------------------------------------------------------
-    async def updates_since(self, replica: str, identity: dict) -> dict:
-        """What a replica holding `identity` (lineage, version, digest, log_offset) needs:
+    async def updates_since(self, replica: str, identity: ReplicaIdentity) -> UpdatesAnswer:
+        """What a replica holding `identity` needs:
         wait (no lineage published yet, or this learner is a standby), none, relabel (same
         digest), deltas, or full weights. `learner` carries `epoch`, the ownership epoch of the
-        learner answering (0 for a standby, which owns nothing), as does every update dict: a
+        learner answering (0 for a standby, which owns nothing), as does every update: a
         replica ignores updates from an epoch below the highest it has seen.
         Never blocks the event loop: full weights are built once per version in a thread."""
         self._loop_threads.add(threading.get_native_id())  # spared by _lower_priority
         self.reports.report(replica, identity)
-        self._metrics.replica_report(replica, identity.get("log_offset"), self.reports.acked, self.reports.clock())
+        self._metrics.replica_report(replica, identity.log_offset, self.reports.acked, self.reports.clock())
         # a standby too: its first number goes above them all
         if not self._ready:  # a standby (epoch 0: it owns nothing), or an owner still adopting its base
             owning = self._log_open and not self._fenced
-            return {"kind": "wait", "learner": {"published": False, "epoch": self._owner.epoch if owning else 0,
-                                                "owner": owning}}
+            return UpdatesAnswer("wait", LearnerInfo(epoch=self._owner.epoch if owning else 0, owner=owning))
         pub = self.pub
         self.reports.prune(pub.log_offset if pub else -1)
-        info = {"ready_offset": self.ready_offset, "published": pub is not None, "epoch": self._owner.epoch,
-                "owner": self._fenced is None,
-                "published_at": pub.published_at if pub else None, "base_version": pub.base if pub else None,
-                **(pub.identity() if pub else {})}
+        info = LearnerInfo(epoch=self._owner.epoch, owner=self._fenced is None,
+                           identity=pub.identity() if pub else None, ready_offset=self.ready_offset,
+                           published_at=pub.published_at if pub else None, base_version=pub.base if pub else None)
         kind, versions = plan_update(identity, pub)
         if kind == "deltas":
-            return {"kind": kind, "learner": info, "refs": [pub.deltas[v] for v in versions]}
+            return UpdatesAnswer(kind, info, tuple(pub.deltas[v] for v in versions))
         if kind == "full":
-            return {"kind": kind, "learner": info, "refs": [await self._full_ref()]}
-        return {"kind": kind, "learner": info}
+            return UpdatesAnswer(kind, info, (await self._full_ref(),))
+        return UpdatesAnswer(kind, info)
 
     async def _full_ref(self):
         """One full copy per published version, built off the event loop and shared by callers."""
@@ -704,38 +701,32 @@ class OnlineLearner:
         with self._model_lock:  # the mirror and self.pub change together under this lock
             pub = self.pub
             full = make_full(self.served.model, pub.version, pub.log_offset)
-        full.update(lineage=pub.lineage, digest=pub.digest, epoch=self._owner.epoch)
-        return ray.put(full)
+        return ray.put(full.named(pub.lineage, pub.digest, self._owner.epoch))
 
-    async def status(self) -> dict:
+    async def status(self) -> LearnerStatus | StandbyStatus:
         if not self._ready:  # a standby, or an owner still adopting its base: nothing of its own to report yet
             owning = self._log_open and not self._fenced
-            return {"owner": owning, "standby": not self._log_open, "epoch": self._owner.epoch if owning else 0,
-                    "owner_epoch": self._owner.current_epoch(),
-                    "lineage": None, "version": None, "digest": None, "published_at": None, "replaying": False,
-                    "pid": os.getpid(), "publish_interval_s": self.s.publish_interval_s,
-                    "max_staleness_s": self.s.max_staleness_s, "replicas": {}, "history": []}
+            return StandbyStatus(owner=owning, standby=not self._log_open, epoch=self._owner.epoch if owning else 0,
+                                 owner_epoch=self._owner.current_epoch(), pid=os.getpid(),
+                                 publish_interval_s=self.s.publish_interval_s, max_staleness_s=self.s.max_staleness_s)
         pub = self.pub
         self.reports.prune(pub.log_offset if pub else -1)
-        live = self.reports.live()
-        return {
-            "lineage": pub.lineage if pub else None, "version": pub.version if pub else None,
-            "digest": pub.digest if pub else None, "published_at": pub.published_at if pub else None,
-            "replaying": self.replaying, "next_lineage": self.lineage if self.replaying else None,
-            "base_version": pub.base if pub else None, "next_base_version": self.base_version if self.replaying else None,
-            "ready_offset": self.ready_offset, "judged_offset": self._judged_offset,
-            "compacted_unlearned": self.compacted_unlearned,
-            "applied_offset": self.applied_offset, "served_offset": pub.log_offset if pub else None,
-            "log_length": len(self.log), "replayed_on_start": self.replayed,
-            "pending": max(0, len(self.log) - 1 - self.applied_offset), "held_back": self.held_back,
-            "refused": self.refused,
-            "followups_left": math.ceil(self.followups.left),
-            "pid": os.getpid(), "staleness_s": self.reports.staleness_s(),
-            "owner": self._fenced is None, "standby": False, "epoch": self._owner.epoch, "fenced": self._fenced,
-            "publish_interval_s": self.s.publish_interval_s, "max_staleness_s": self.s.max_staleness_s,
-            "replicas": live, "history": list(self.history)[-50:],
-            "feedback_outcomes": self._metrics.counts(), "log": self.log.stats(),
-        }
+        return LearnerStatus(
+            lineage=pub.lineage if pub else None, version=pub.version if pub else None,
+            digest=pub.digest if pub else None, published_at=pub.published_at if pub else None,
+            replaying=self.replaying, next_lineage=self.lineage if self.replaying else None,
+            base_version=pub.base if pub else None, next_base_version=self.base_version if self.replaying else None,
+            ready_offset=self.ready_offset, judged_offset=self._judged_offset,
+            compacted_unlearned=self.compacted_unlearned,
+            applied_offset=self.applied_offset, served_offset=pub.log_offset if pub else None,
+            log_length=len(self.log), replayed_on_start=self.replayed,
+            pending=max(0, len(self.log) - 1 - self.applied_offset), held_back=self.held_back,
+            refused=self.refused, followups_left=math.ceil(self.followups.left),
+            pid=os.getpid(), staleness_s=self.reports.staleness_s(),
+            owner=self._fenced is None, standby=False, epoch=self._owner.epoch, fenced=self._fenced,
+            publish_interval_s=self.s.publish_interval_s, max_staleness_s=self.s.max_staleness_s,
+            replicas=self.reports.live(), history=list(self.history)[-50:],
+            feedback_outcomes=self._metrics.counts(), log=self.log.stats())
 
     async def check_health(self) -> None:
         if self._fenced:  # superseded: a new replica starts as a standby (or owner) instead

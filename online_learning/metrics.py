@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 
+from online_learning.protocol import Accepted, Conflict, NotOwnerAnswer, SubmitAnswer, WriteFailed
 from online_learning.round_policy import NO_HOLDOUT
 
 __all__ = ["PREFIX", "METRICS", "HELD_BACK_KINDS", "EVENT_OUTCOMES", "SUBMIT_OUTCOMES", "PUBLISH_KINDS",
@@ -123,16 +124,16 @@ def held_back_kind(reason: str | None) -> str:
     return "other"
 
 
-def submit_outcome(reply: dict) -> tuple[str, int, int]:
+def submit_outcome(reply: SubmitAnswer) -> tuple[str, int, int]:
     """(outcome, events accepted, duplicates) of the learner's answer to `submit`. A submit whose
     every event is a duplicate is "duplicate"; one with any new event is "accepted"."""
-    for key, outcome in (("not_owner", "not_owner"), ("write_error", "write_error"), ("conflict", "conflict")):
-        if key in reply:
+    for kind, outcome in ((NotOwnerAnswer, "not_owner"), (WriteFailed, "write_error"), (Conflict, "conflict")):
+        if isinstance(reply, kind):
             return outcome, 0, 0
-    if "results" not in reply:
+    if not isinstance(reply, Accepted):
         return "other", 0, 0
-    dups = sum(1 for _, dup in reply["results"] if dup)
-    fresh = len(reply["results"]) - dups
+    dups = sum(1 for _, dup in reply.results if dup)
+    fresh = len(reply.results) - dups
     return ("accepted" if fresh else "duplicate"), fresh, dups
 
 
@@ -180,8 +181,8 @@ class LearnerMetrics:
                 out[group][name] = n
         return out
 
-    def submitted(self, reply: dict) -> None:
-        """OnlineLearner.submit, on each answer it returns (results, conflict, not_owner, write_error)."""
+    def submitted(self, reply: SubmitAnswer) -> None:
+        """OnlineLearner.submit, on each answer it returns."""
         outcome, fresh, dups = submit_outcome(reply)
         self._m["textserve_feedback_requests_total"].inc(tags={"outcome": outcome})
         self.tally[f"requests:{outcome}"] += 1

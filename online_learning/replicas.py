@@ -9,6 +9,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from online_learning.protocol import ReplicaIdentity, ReplicaReport
+
 __all__ = ["Published", "plan_update", "ReplicaReports", "REPLICA_LIVE_S", "REPLICA_FORGET_S"]
 
 REPLICA_LIVE_S = 30.0  # a replica that reported within this is live (staleness, status)
@@ -28,24 +30,24 @@ class Published:
     base: int  # the store version the lineage started from
     deltas: dict = field(default_factory=dict)  # version -> ObjectRef of the delta that made it
 
-    def identity(self) -> dict:
-        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
+    def identity(self) -> ReplicaIdentity:
+        return ReplicaIdentity(self.lineage, self.version, self.digest, self.log_offset)
 
 
-def plan_update(identity: dict, pub: Published | None) -> tuple[str, list[int]]:
+def plan_update(identity: ReplicaIdentity, pub: Published | None) -> tuple[str, list[int]]:
     """What a replica holding `identity` (lineage, version, digest) needs from `pub`: ("wait", [])
     before any publish, ("none", []), ("relabel", []) when it holds the same weights under another
     name, ("deltas", versions) when every delta from its version on is kept on its lineage, else
     ("full", [])."""
     if pub is None:
         return "wait", []
-    same_weights = identity.get("digest") == pub.digest
-    if same_weights and identity.get("lineage") == pub.lineage and identity.get("version") == pub.version:
+    same_weights = identity.digest == pub.digest
+    if same_weights and identity.lineage == pub.lineage and identity.version == pub.version:
         return "none", []
     if same_weights:
         return "relabel", []
-    wanted = range(identity.get("version", -1) + 1, pub.version + 1)
-    if (identity.get("lineage") == pub.lineage and wanted.start > pub.chain_base and len(wanted)
+    wanted = range(identity.version + 1, pub.version + 1)
+    if (identity.lineage == pub.lineage and wanted.start > pub.chain_base and len(wanted)
             and all(v in pub.deltas for v in wanted)):
         return "deltas", list(wanted)
     return "full", []
@@ -62,20 +64,20 @@ class ReplicaReports:
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
-        self.replicas: dict[str, dict] = {}
+        self.replicas: dict[str, ReplicaReport] = {}
         self.max_reported = 0  # the highest version any replica reported holding
         self.acked: deque = deque()  # (offset, ack time on `clock`), in offset order
 
-    def report(self, replica: str, identity: dict, now: float | None = None) -> None:
+    def report(self, replica: str, identity: ReplicaIdentity, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        self.replicas[replica] = {**identity, "reported_at": time.time(), "seen": now}
-        self.max_reported = max(self.max_reported, identity.get("version") or 0)
-        for name in [r for r, v in self.replicas.items() if now - v["seen"] > REPLICA_FORGET_S]:
+        self.replicas[replica] = ReplicaReport.of(identity, reported_at=time.time(), seen=now)
+        self.max_reported = max(self.max_reported, identity.version or 0)
+        for name in [r for r, v in self.replicas.items() if now - v.seen > REPLICA_FORGET_S]:
             del self.replicas[name]
 
-    def live(self, now: float | None = None) -> dict[str, dict]:
+    def live(self, now: float | None = None) -> dict[str, ReplicaReport]:
         now = self.clock() if now is None else now
-        return {r: v for r, v in self.replicas.items() if now - v["seen"] < REPLICA_LIVE_S}
+        return {r: v for r, v in self.replicas.items() if now - v.seen < REPLICA_LIVE_S}
 
     def acknowledged(self, offsets, now: float | None = None) -> None:
         """New events acknowledged now (offsets above every one recorded)."""
@@ -91,7 +93,7 @@ class ReplicaReports:
     def prune(self, served_offset: int, now: float | None = None) -> None:
         """Forget the ack times of events every live replica serves (`served_offset`, the
         published version's, when none is live)."""
-        lowest = min((v["log_offset"] for v in self.live(now).values()), default=served_offset)
+        lowest = min((v.log_offset for v in self.live(now).values()), default=served_offset)
         while self.acked and self.acked[0][0] <= lowest:
             self.acked.popleft()
 

@@ -246,7 +246,8 @@ class Classifier:
             learner = {"error": f"unreachable: {follower.sync_error}"}
         elif self._learner is not None:
             try:
-                learner = await asyncio.wait_for(self._learner.status.remote(), timeout=STATUS_TIMEOUT_S)
+                status = await asyncio.wait_for(self._learner.status.remote(), timeout=STATUS_TIMEOUT_S)
+                learner = status.as_json()
             except Exception as err:  # report it; the replica's own part still answers
                 learner = {"error": repr(err)}
         ready, why = follower.readiness()

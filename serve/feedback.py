@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
+from online_learning.protocol import Accepted, Conflict, FeedbackEvent, NotOwnerAnswer, SubmitAnswer, WriteFailed
 from serve.ingress import from_our_ingress
 from serve.requests import RequestError, check_text, decode_json, few_names as _few
 
@@ -47,7 +48,7 @@ def client_key(request, trusted_header: str | None) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]:
+def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[FeedbackEvent]:
     """Validate a feedback body: one event object or a list; every event checked before any is kept."""
     payload = decode_json(body, limits)
     events = payload if isinstance(payload, list) else [payload]
@@ -72,7 +73,7 @@ def parse_feedback(body: bytes, limits, learner, labels: set[str]) -> list[dict]
         if ev["label"] not in labels:
             raise RequestError(422, "unknown_label",
                                f"{where}: unknown label {ev['label'][:100]!r}; GET /v1/model lists the labels")
-        out.append({"event_id": ev["event_id"], "text": ev["text"].strip(), "label": ev["label"]})
+        out.append(FeedbackEvent(ev["event_id"], ev["text"].strip(), ev["label"]))
     return out
 
 
@@ -83,26 +84,24 @@ def feedback_json_schema() -> dict:
         "schema": {"oneOf": [event, {"type": "array", "items": event}]}}}}}
 
 
-def submit_answer(reply: dict) -> dict:
+def submit_answer(reply: SubmitAnswer) -> dict:
     """The 202 body for the learner's answer to `submit`, or the RequestError it stands for:
-    nothing of the request was acknowledged unless the answer has `results`."""
-    if "not_owner" in reply:  # a standby during a handover; the owner answers within a second or two
-        refused = reply["not_owner"]
+    nothing of the request was acknowledged unless the answer is `Accepted`."""
+    if isinstance(reply, NotOwnerAnswer):  # a standby during a handover; the owner answers within a second or two
         raise RequestError(503, "not_owner", f"the learner that answered does not own the feedback log "
-                           f"({refused['message']}); nothing in this request was acknowledged; retry",
-                           {"Retry-After": "1"}, detail={"epoch": refused["epoch"]})
-    if "write_error" in reply:
-        failed = reply["write_error"]
+                           f"({reply.message}); nothing in this request was acknowledged; retry",
+                           {"Retry-After": "1"}, detail={"epoch": reply.epoch})
+    if isinstance(reply, WriteFailed):
         raise RequestError(
-            507, "log_write_failed", f"the feedback log could not be written ({failed['errno']}); nothing in this "
-            "request was acknowledged; retry later", {"Retry-After": "30"}, detail={"errno": failed["errno"]})
-    if "conflict" in reply:
-        clash = reply["conflict"]
+            507, "log_write_failed", f"the feedback log could not be written ({reply.errno}); nothing in this "
+            "request was acknowledged; retry later", {"Retry-After": "30"}, detail={"errno": reply.errno})
+    if isinstance(reply, Conflict):
         raise RequestError(
-            409, "event_id_conflict", f"event_id {clash['event_id'][:200]!r} " + (
-                f"already names another event (offset {clash['offset']})" if clash["offset"] is not None
+            409, "event_id_conflict", f"event_id {reply.event_id[:200]!r} " + (
+                f"already names another event (offset {reply.offset})" if reply.offset is not None
                 else "appears twice in this request") + " with a different text or label; nothing in this "
-            "request was written. Use a new event_id for a new event", detail={"event_id": clash["event_id"]})
-    results = reply["results"]
-    dups = sum(1 for _, dup in results if dup)
-    return {"accepted": len(results) - dups, "duplicates": dups, "offsets": [off for off, _ in results]}
+            "request was written. Use a new event_id for a new event", detail={"event_id": reply.event_id})
+    if not isinstance(reply, Accepted):
+        raise TypeError(f"not an answer to submit: {reply!r}")
+    dups = sum(1 for _, dup in reply.results if dup)
+    return {"accepted": len(reply.results) - dups, "duplicates": dups, "offsets": [off for off, _ in reply.results]}

@@ -5,7 +5,7 @@ answers HTTP over it. Loading, updates and model calls share the replica's one m
 update lands between two batches, never inside one, and each answer names the version that made it.
 
 Fencing: the learner's answers and each update it publishes carry the ownership epoch of the
-learner that made them (`epoch`; a missing one reads as 0). A learner that lost ownership of the
+learner that made them (`epoch`; 0 from a learner that names none). A learner that lost ownership of the
 feedback log keeps its older epoch, so the follower remembers the highest epoch it has seen and
 ignores any answer or update below it: a superseded learner cannot get one more publish onto this
 replica. An answer from a learner that says it owns no log (`owner: false`: a standby during a
@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from online_learning.metrics import ReplicaMetrics
+from online_learning.protocol import LearnerInfo, Update, UpdatesAnswer
 
 from serve.settings import AppSettings
 
@@ -30,11 +31,6 @@ logger = logging.getLogger("ray.serve")
 # builds full weights for a new version (seconds for the large model) must not read as down.
 POLL_TIMEOUT_MIN_S = 5.0
 POLL_TIMEOUT_POLLS = 4
-
-
-def epoch_of(answer: dict) -> int:
-    """The ownership epoch an answer or update carries; 0 from a learner that names none."""
-    return int(answer.get("epoch") or 0)
 
 
 class ModelFollower:
@@ -48,7 +44,7 @@ class ModelFollower:
         self.pool = pool  # the replica's one model thread: model calls and updates, one at a time
         self.model = None  # a ServedModel once loaded; updates land in it on the model thread
         self.sync_error: str | None = None  # why the last poll of the learner failed; None when it answered
-        self.learner_info: dict | None = None  # what the learner serves, from its last answer
+        self.learner_info: LearnerInfo | None = None  # what the learner serves, from its last answer
         self.epoch = 0  # the highest ownership epoch seen: anything below it comes from a fenced learner
         self._fenced_logged: set[str] = set()  # reasons already logged, so a poll loop logs each once
         self._fresh_at = time.monotonic()  # when this replica last knew it held the learner's version
@@ -104,13 +100,13 @@ class ModelFollower:
         self._metrics.served(served.version, served.lineage)
         logger.info("replica %s serves model version %s", self.replica, served.version)
 
-    def _model_for(self, info: dict, updates: list[dict]):
+    def _model_for(self, info: LearnerInfo, updates: list[Update]):
         """Full weights of another model than the one served (a retrain into another family or
         label set): load the lineage's base version from the store, then take the weights."""
         from serve.runner import ServedModel
         from train.store import ModelStore
 
-        served = ServedModel(ModelStore(self.settings.model_store).load(info["base_version"]))
+        served = ServedModel(ModelStore(self.settings.model_store).load(info.base_version))
         served.apply(updates)
         return served
 
@@ -139,7 +135,8 @@ class ModelFollower:
         while True:
             try:
                 await self.sync()
-                if self.learner_info is not None and "ready_offset" in self.learner_info and self.readiness()[0]:
+                info = self.learner_info
+                if info is not None and info.ready_offset is not None and self.readiness()[0]:
                     return  # an owner with a target answered, and this replica meets it
             except Exception as err:  # the learner still starting (a poll timed out): retry to the deadline
                 logger.info("waiting for the learner: %r", err)
@@ -148,21 +145,21 @@ class ModelFollower:
     async def sync(self) -> None:
         """Ask the learner what this replica is missing, and apply it."""
         timeout = max(POLL_TIMEOUT_MIN_S, POLL_TIMEOUT_POLLS * self.settings.learner.replica_poll_s)
-        reply = await asyncio.wait_for(self.learner.updates_since.remote(self.replica, self.model.poll_identity),
-                                       timeout=timeout)
-        if self._fenced(reply["learner"], "answer"):
+        reply: UpdatesAnswer = await asyncio.wait_for(
+            self.learner.updates_since.remote(self.replica, self.model.poll_identity), timeout=timeout)
+        if self._fenced(reply.learner, "answer"):
             return  # nothing fetched from a superseded learner
-        updates = list(await asyncio.gather(*reply.get("refs", ())))  # from this node's object store
+        updates = list(await asyncio.gather(*reply.refs))  # from this node's object store
         await self.apply(reply, updates)
 
-    def _fenced(self, answer: dict, what: str) -> bool:
+    def _fenced(self, answer: LearnerInfo | Update, what: str) -> bool:
         """Whether to ignore `answer` (the learner's info, or one update): it comes from an epoch
         below the highest seen, or from a learner that says it does not own the log (a standby,
         or one that found itself superseded). Logged once per reason, not once per poll."""
-        epoch = epoch_of(answer)
+        epoch = answer.epoch
         if epoch < self.epoch:
             why = f"ownership epoch {epoch}, below epoch {self.epoch} already seen (a superseded learner)"
-        elif answer.get("owner") is False:
+        elif isinstance(answer, LearnerInfo) and not answer.owner:
             why = f"a learner that does not own the feedback log (epoch {epoch})"
         else:
             return False
@@ -171,7 +168,7 @@ class ModelFollower:
         log("replica %s: ignored an %s from %s", self.replica, what, why)
         return True
 
-    async def apply(self, reply: dict, updates: list[dict]) -> bool:
+    async def apply(self, reply: UpdatesAnswer, updates: list[Update]) -> bool:
         """Apply one answer of `updates_since` (`reply`, its refs already fetched as `updates`).
 
         False, and nothing changed, when the answer or any of its updates comes from an ownership
@@ -180,27 +177,26 @@ class ModelFollower:
         asks for full weights)."""
         from serve.runner import DigestMismatch, ModelMismatch
 
-        info, kind = reply["learner"], reply["kind"]
+        info, kind = reply.learner, reply.kind
         if self._fenced(info, "answer") or any(self._fenced(u, "update") for u in updates):
             return False
-        self.epoch = max([self.epoch, epoch_of(info), *map(epoch_of, updates)])
+        self.epoch = max([self.epoch, info.epoch, *(u.epoch for u in updates)])
         served = self.model
         loop = asyncio.get_running_loop()
         try:
             if kind == "relabel":
-                await loop.run_in_executor(self.pool, served.relabel, info)
+                await loop.run_in_executor(self.pool, served.relabel, info.identity)
             elif kind in ("deltas", "full"):
                 try:
                     await loop.run_in_executor(self.pool, served.apply, updates)
                 except ModelMismatch as err:
-                    logger.warning("replica %s: %s; loading v%s from the store", self.replica, err, info["base_version"])
+                    logger.warning("replica %s: %s; loading v%s from the store", self.replica, err, info.base_version)
                     served = await loop.run_in_executor(self.pool, self._model_for, info, updates)
                     self._install(served)  # swapped whole: a batch in flight finishes on the old model
         except DigestMismatch as err:  # nothing written; the next poll brings full weights
             logger.error("replica %s: %s", self.replica, err)
         self.learner_info = info
-        if not info.get("published") or served.identity == {k: info.get(k) for k in ("lineage", "version", "digest",
-                                                                                      "log_offset")}:
+        if not info.published or served.identity == info.identity:
             self._fresh_at = time.monotonic()
         self._metrics.served(served.version, served.lineage)
         return True
@@ -217,10 +213,11 @@ class ModelFollower:
             return False, "no_model"
         if self.learner is None:
             return True, "ready"
-        if self.sync_error is not None or info is None or "ready_offset" not in info:
+        if self.sync_error is not None or info is None or info.ready_offset is None:
             # No answer, or one with no target yet (an owner still adopting its base after a
             # takeover): as when the learner is unreachable, serve what this replica has.
             return True, "learner_unreachable"
-        if served.lineage == info.get("lineage") or served.log_offset >= info["ready_offset"]:
+        on_lineage = info.identity is not None and served.lineage == info.identity.lineage
+        if on_lineage or served.log_offset >= info.ready_offset:
             return True, "ready"
         return False, "catching_up"

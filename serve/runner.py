@@ -7,10 +7,12 @@ lands between two batches, never inside one, and each answer names the version t
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
+from online_learning.protocol import FullUpdate, ReplicaIdentity, Update
 from serve.requests import ModelError
 from train.model import LoadedModel
 
@@ -71,18 +73,18 @@ class ServedModel:
         return answers
 
     @property
-    def identity(self) -> dict:
-        return {"lineage": self.lineage, "version": self.version, "digest": self.digest, "log_offset": self.log_offset}
+    def identity(self) -> ReplicaIdentity:
+        return ReplicaIdentity(self.lineage, self.version, self.digest, self.log_offset)
 
     @property
-    def poll_identity(self) -> dict:
+    def poll_identity(self) -> ReplicaIdentity:
         """What the replica tells the learner it holds: after a refused update it names no
         lineage, so the learner's answer is full weights (answers keep the true identity)."""
-        return {**self.identity, "lineage": "resync"} if self._resync else self.identity
+        return dataclasses.replace(self.identity, lineage="resync") if self._resync else self.identity
 
     _resync = False
 
-    def apply(self, updates: list[dict]) -> None:
+    def apply(self, updates: list[Update]) -> None:
         """Runs on the model thread. Each update is checked before anything is written: a delta
         must follow this lineage and version, and the digest the weights would have after it must
         be the one the learner published. A refused update leaves the weights, and the identity
@@ -91,38 +93,38 @@ class ServedModel:
         from online_learning.weights import apply_update, dense_variables, embedding_variable
 
         for update in updates:
-            if update["kind"] == "delta" and (update["lineage"] != self.lineage or update["version"] != self.version + 1):
+            full = isinstance(update, FullUpdate)
+            name = f"{update.lineage}/v{update.version}"
+            if not full and (update.lineage != self.lineage or update.version != self.version + 1):
                 self._resync = True
-                raise DigestMismatch(f"delta {update['lineage']}/v{update['version']} does not follow "
-                                     f"{self.lineage}/v{self.version}")
+                raise DigestMismatch(f"delta {name} does not follow {self.lineage}/v{self.version}")
             shapes = [tuple(v.shape) for v in dense_variables(self.loaded.model)]
-            if shapes != [a.shape for a in update["dense"]] or (
-                    update["kind"] == "full" and update["embedding"].shape != tuple(embedding_variable(self.loaded.model).shape)):
-                if update["kind"] == "full":  # checked before hashing: nothing spent on weights that cannot fit
-                    raise ModelMismatch(f"{update['lineage']}/v{update['version']} is another model (family, size "
-                                        "or labels) than this replica's")
+            if shapes != [a.shape for a in update.dense] or (
+                    full and update.embedding.shape != tuple(embedding_variable(self.loaded.model).shape)):
+                if full:  # checked before hashing: nothing spent on weights that cannot fit
+                    raise ModelMismatch(f"{name} is another model (family, size or labels) than this replica's")
                 self._resync = True
-                raise DigestMismatch(f"{update['lineage']}/v{update['version']}: dense shapes do not fit this model")
-            if update["kind"] == "full":
-                after = WeightsDigest(update["embedding"], update["dense"])
+                raise DigestMismatch(f"{name}: dense shapes do not fit this model")
+            if full:
+                after = WeightsDigest(update.embedding, update.dense)
             else:
                 after = copy.copy(self._digest)
-                if update["rows"].size:
-                    old = tf.gather(embedding_variable(self.loaded.model).value, update["rows"]).numpy()
-                    after.update_rows(update["rows"], old, update["row_values"])
-                after.set_dense(update["dense"])
-            if after.hexdigest() != update["digest"]:
+                if update.rows.size:
+                    old = tf.gather(embedding_variable(self.loaded.model).value, update.rows).numpy()
+                    after.update_rows(update.rows, old, update.row_values)
+                after.set_dense(update.dense)
+            if after.hexdigest() != update.digest:
                 self._resync = True
-                raise DigestMismatch(f"{update['kind']} {update['lineage']}/v{update['version']} would give digest "
-                                     f"{after.hexdigest()}, the learner published {update['digest']}; not applied")
+                raise DigestMismatch(f"{update.kind} {name} would give digest {after.hexdigest()}, the learner "
+                                     f"published {update.digest}; not applied")
             apply_update(self.loaded.model, update)
             self._digest, self._resync = after, False
-            self.version, self.log_offset, self.lineage = update["version"], update["log_offset"], update["lineage"]
+            self.version, self.log_offset, self.lineage = update.version, update.log_offset, update.lineage
             self.digest = after.hexdigest()
 
-    def relabel(self, identity: dict) -> None:
+    def relabel(self, identity: ReplicaIdentity) -> None:
         """Same weights (equal digests), the learner's name for them: no weights move."""
-        if identity["digest"] != self.digest:
-            raise DigestMismatch(f"relabel to {identity['digest']} but this replica holds {self.digest}")
-        self.lineage, self.version, self.log_offset = identity["lineage"], identity["version"], identity["log_offset"]
+        if identity.digest != self.digest:
+            raise DigestMismatch(f"relabel to {identity.digest} but this replica holds {self.digest}")
+        self.lineage, self.version, self.log_offset = identity.lineage, identity.version, identity.log_offset
         self._resync = False

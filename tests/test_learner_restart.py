@@ -26,7 +26,7 @@ learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_inter
                                               "snapshot_interval_s": 3600.0})
 deadline = time.monotonic() + 180
 while time.monotonic() < deadline:
-    status = asyncio.run(learner.status())
+    status = asyncio.run(learner.status()).as_json()
     if (not status["replaying"] and status["applied_offset"] >= last and status["pending"] == 0
             and status["followups_left"] == 0):
         break
@@ -106,31 +106,36 @@ _LEARNER_OWNER = r"""
 import asyncio, json, sys, time
 import ray
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
+from dataclasses import asdict
 from online_learning.learner import OnlineLearner
+from online_learning.protocol import Accepted, FeedbackEvent, ReplicaIdentity
 
 store, state, name = sys.argv[1], sys.argv[2], sys.argv[3]
 loop = asyncio.new_event_loop()
 call = loop.run_until_complete
-probe = {"lineage": None, "version": 0, "digest": None, "log_offset": -1}  # a replica holding nothing yet
+probe = ReplicaIdentity(None, 0, None, -1)  # a replica holding nothing yet
 learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
                                               "snapshot_interval_s": 3600.0})
-events = [{"event_id": f"{name}-{i}", "text": f"turn on the light number {i}", "label": "HassTurnOn"} for i in range(5)]
+events = [FeedbackEvent(f"{name}-{i}", f"turn on the light number {i}", "HassTurnOn") for i in range(5)]
 reply = call(learner.submit(events))
-status = call(learner.status())
-print("FIRST " + json.dumps({"submit": reply, "updates": call(learner.updates_since("probe", probe)),
+status = call(learner.status()).as_json()
+update = call(learner.updates_since("probe", probe))
+print("FIRST " + json.dumps({"submit": {type(reply).__name__: asdict(reply)},
+                             "updates": {"kind": update.kind, "learner": asdict(update.learner)},
                              "status": {k: status.get(k) for k in ("owner", "standby", "epoch")}}), flush=True)
 deadline = time.monotonic() + 240
-while "results" not in reply and time.monotonic() < deadline:
+while not isinstance(reply, Accepted) and time.monotonic() < deadline:
     time.sleep(0.1)  # a client's retry after a 503 not_owner
     reply = call(learner.submit(events))
 update = call(learner.updates_since("probe", probe))
-while update["kind"] == "wait" and time.monotonic() < deadline:
+while update.kind == "wait" and time.monotonic() < deadline:
     time.sleep(0.1)
     update = call(learner.updates_since("probe", probe))
-full = ray.get(update["refs"][0]) if update.get("refs") else {}
-status = call(learner.status())
-print("OWNED " + json.dumps({"submit": reply, "kind": update["kind"], "learner": update["learner"],
-                             "update_epoch": full.get("epoch"), "status_epoch": status["epoch"]}), flush=True)
+full = ray.get(update.refs[0]) if update.refs else None
+status = call(learner.status()).as_json()
+print("OWNED " + json.dumps({"submit": {type(reply).__name__: asdict(reply)}, "kind": update.kind,
+                             "learner": asdict(update.learner), "update_epoch": full.epoch if full else None,
+                             "status_epoch": status["epoch"]}), flush=True)
 sys.stdin.readline()  # held until the test kills it or closes stdin
 """
 
@@ -176,18 +181,20 @@ def test_a_second_learner_stands_by_answering_not_owner_then_takes_over_when_the
     second = None
     try:
         owned1 = line(first, "OWNED")
-        assert owned1["submit"]["results"] == [[i, False] for i in range(5)]
+        assert owned1["submit"]["Accepted"]["results"] == [[i, False] for i in range(5)]
         assert owned1["learner"]["epoch"] == 1 and owned1["update_epoch"] == 1 and owned1["status_epoch"] == 1
         second = start("second")
         standby = line(second, "FIRST")  # the constructor returned while the first owns the log
-        assert standby["submit"] == {"not_owner": {"epoch": 1, "message": standby["submit"]["not_owner"]["message"]}}
-        assert "standing by" in standby["submit"]["not_owner"]["message"]
-        assert standby["updates"] == {"kind": "wait", "learner": {"published": False, "epoch": 0, "owner": False}}
+        refused = standby["submit"]["NotOwnerAnswer"]
+        assert refused["epoch"] == 1 and "standing by" in refused["message"]
+        assert standby["updates"] == {"kind": "wait", "learner": {"epoch": 0, "owner": False, "identity": None,
+                                                                  "ready_offset": None, "published_at": None,
+                                                                  "base_version": None}}
         assert standby["status"] == {"owner": False, "standby": True, "epoch": 0}
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
         owned2 = line(second, "OWNED")
-        assert owned2["submit"]["results"] == [[5 + i, False] for i in range(5)]
+        assert owned2["submit"]["Accepted"]["results"] == [[5 + i, False] for i in range(5)]
         assert owned2["kind"] == "full" and owned2["learner"]["epoch"] == 2 and owned2["update_epoch"] == 2
         assert owned2["status_epoch"] == 2
     finally:
@@ -204,15 +211,18 @@ _LEARNER_FENCED = r"""
 import asyncio, json, sys, time
 import ray
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
+from dataclasses import asdict
 from online_learning.learner import OnlineLearner
+from online_learning.protocol import FeedbackEvent
 
 store, state = sys.argv[1], sys.argv[2]
 loop = asyncio.new_event_loop()
 call = loop.run_until_complete
 learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
                                               "snapshot_interval_s": 3600.0})
-events = lambda tag: [{"event_id": f"{tag}-{i}", "text": f"turn on the lamp {i}", "label": "HassTurnOn"} for i in range(3)]
-print("FIRST " + json.dumps(call(learner.submit(events("before")))), flush=True)
+events = lambda tag: [FeedbackEvent(f"{tag}-{i}", f"turn on the lamp {i}", "HassTurnOn") for i in range(3)]
+plain = lambda reply: {type(reply).__name__: asdict(reply)}
+print("FIRST " + json.dumps(plain(call(learner.submit(events("before"))))), flush=True)
 sys.stdin.readline()  # the test raises the epoch on disk, as another host's learner would
 reply = call(learner.submit(events("after")))
 deadline = time.monotonic() + 60
@@ -223,7 +233,7 @@ try:
     health = "healthy"
 except RuntimeError as err:
     health = str(err)
-print("AFTER " + json.dumps({"submit": reply, "thread_alive": learner._thread.is_alive(), "health": health}), flush=True)
+print("AFTER " + json.dumps({"submit": plain(reply), "thread_alive": learner._thread.is_alive(), "health": health}), flush=True)
 """
 
 
@@ -246,7 +256,7 @@ def test_a_learner_whose_epoch_was_superseded_refuses_feedback_writes_nothing_an
     try:
         first = proc.stdout.readline()
         assert first.startswith("FIRST "), (tmp_path / "err").read_text()[-3000:]
-        assert json.loads(first[6:]) == {"results": [[0, False], [1, False], [2, False]]}
+        assert json.loads(first[6:]) == {"Accepted": {"results": [[0, False], [1, False], [2, False]]}}
         (state / EPOCH_FILE).write_text(json.dumps({"epoch": 2, "pid": 0, "host": "elsewhere"}))
         segments = {p.name: p.read_bytes() for p in state.glob("feedback-*")}
         proc.stdin.write("go\n")
@@ -257,7 +267,8 @@ def test_a_learner_whose_epoch_was_superseded_refuses_feedback_writes_nothing_an
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    assert out["submit"]["not_owner"]["epoch"] == 2 and "no longer owns" in out["submit"]["not_owner"]["message"]
+    refused = out["submit"]["NotOwnerAnswer"]
+    assert refused["epoch"] == 2 and "no longer owns" in refused["message"]
     assert out["thread_alive"] is False and "no longer owns" in out["health"]
     assert {p.name: p.read_bytes() for p in state.glob("feedback-*")} == segments
     assert [e.event_id for e in FeedbackLogReader(state).read_from(0)] == ["before-0", "before-1", "before-2"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from online_learning.digest import model_digest
+from online_learning.protocol import LearnerInfo, ReplicaIdentity, Update, UpdatesAnswer
 from online_learning.weights import embedding_variable, make_delta, make_full
 
 TEXTS = ["turn on the lights in the kitchen", "turn off the fan", "what time is it"]
@@ -45,22 +46,18 @@ def _moved(loaded, rows, scale: float):
     return loaded
 
 
-def _info(loaded_model, update: dict, lineage: str, epoch: int | None, **extra) -> dict:
-    info = {"published": True, "lineage": lineage, "version": update["version"], "log_offset": update["log_offset"],
-            "digest": model_digest(loaded_model).hexdigest(), "ready_offset": update["log_offset"],
-            "base_version": 1, "published_at": 0.0, **extra}
-    if epoch is not None:
-        info["epoch"] = epoch
-    return info
+def _info(loaded_model, update: Update, lineage: str, epoch: int | None, **extra) -> LearnerInfo:
+    identity = ReplicaIdentity(lineage, update.version, model_digest(loaded_model).hexdigest(), update.log_offset)
+    return LearnerInfo(epoch=epoch or 0, identity=identity, ready_offset=update.log_offset, base_version=1,
+                       published_at=0.0, **extra)
 
 
-def _reply(kind: str, loaded_model, update: dict, lineage: str, epoch: int | None, update_epoch: int | None = None,
-           **extra) -> tuple[dict, list[dict]]:
+def _reply(kind: str, loaded_model, update: Update, lineage: str, epoch: int | None, update_epoch: int | None = None,
+           **extra) -> tuple[UpdatesAnswer, list[Update]]:
     """An answer of `updates_since` as the learner of `epoch` sends it, its refs already fetched."""
-    published = {**update, "lineage": lineage, "digest": model_digest(loaded_model).hexdigest()}
-    if update_epoch is not None or epoch is not None:
-        published["epoch"] = update_epoch if update_epoch is not None else epoch
-    return {"kind": kind, "learner": _info(loaded_model, update, lineage, epoch, **extra)}, [published]
+    published = update.named(lineage, model_digest(loaded_model).hexdigest(),
+                             update_epoch if update_epoch is not None else epoch or 0)
+    return UpdatesAnswer(kind, _info(loaded_model, update, lineage, epoch, **extra)), [published]
 
 
 def _served(follower) -> tuple[str, list]:
@@ -103,7 +100,7 @@ def test_updates_from_a_lower_epoch_are_ignored(follower, trained_store):
     identity = follower.model.identity
     assert not apply(stale)
     assert _served(follower) == after_owner and follower.model.identity == identity
-    assert follower.learner_info["epoch"] == 2  # the fenced answer did not replace what the replica knows
+    assert follower.learner_info.epoch == 2  # the fenced answer did not replace what the replica knows
 
     # The same update inside an answer of epoch 2, or with no epoch at all (read as 0): still fenced.
     assert not apply(_reply("deltas", old_owner.model, delta, "owner-2", epoch=2, update_epoch=1))
@@ -115,7 +112,7 @@ def test_updates_from_a_lower_epoch_are_ignored(follower, trained_store):
     # The control: the very same delta, published by the current owner, is applied.
     assert apply(_reply("deltas", old_owner.model, delta, "owner-2", epoch=2))
     assert _served(follower) == _expected(old_owner) != after_owner
-    assert follower.model.identity["version"] == base_version + 2
+    assert follower.model.identity.version == base_version + 2
 
 
 def test_a_learner_that_names_no_epoch_is_followed(follower, trained_store):
@@ -140,14 +137,14 @@ def test_readiness_follows_the_owner_and_survives_a_handover(trained_store):
         served = follower.model
 
         def answer(**info):
-            return asyncio.run(follower.apply({"kind": "wait", "learner": info}, []))
+            return asyncio.run(follower.apply(UpdatesAnswer("wait", LearnerInfo(**info)), []))
 
-        assert answer(published=False, epoch=4, owner=True)  # an owner adopting its base after a takeover
+        assert answer(epoch=4, owner=True)  # an owner adopting its base after a takeover
         assert follower.readiness() == (True, "learner_unreachable") and follower.epoch == 4
-        assert answer(published=False, epoch=4, owner=True, ready_offset=served.log_offset + 5)  # replaying
+        assert answer(epoch=4, owner=True, ready_offset=served.log_offset + 5)  # replaying
         assert follower.readiness() == (False, "catching_up")
-        assert not answer(published=False, epoch=0, owner=False)  # a standby: ignored
-        assert not answer(published=False, epoch=3, ready_offset=-1)  # the superseded owner: ignored
+        assert not answer(epoch=0, owner=False)  # a standby: ignored
+        assert not answer(epoch=3, ready_offset=-1)  # the superseded owner: ignored
         assert follower.readiness() == (False, "catching_up")
-        assert answer(published=False, epoch=4, owner=True, ready_offset=served.log_offset)
+        assert answer(epoch=4, owner=True, ready_offset=served.log_offset)
         assert follower.readiness() == (True, "ready")

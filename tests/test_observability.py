@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from online_learning import metrics as m
+from online_learning.protocol import Accepted, Conflict, NotOwnerAnswer, WriteFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 OBS = ROOT / "cluster" / "observability"
@@ -113,13 +114,13 @@ def test_held_back_reasons_map_to_a_bounded_set():
 
 
 def test_submit_outcomes_from_the_learners_answers():
-    assert m.submit_outcome({"results": [(0, False), (1, True), (2, False)]}) == ("accepted", 2, 1)
-    assert m.submit_outcome({"results": [(0, True)]}) == ("duplicate", 0, 1)
-    assert m.submit_outcome({"conflict": {"event_id": "a", "offset": 3}})[0] == "conflict"
-    assert m.submit_outcome({"not_owner": {"epoch": 2, "message": "x"}})[0] == "not_owner"
-    assert m.submit_outcome({"write_error": {"errno": "ENOSPC", "message": "x"}})[0] == "write_error"
-    assert m.submit_outcome({})[0] == "other"
-    assert {o for o, _, _ in map(m.submit_outcome, ({}, {"results": []}))} <= set(m.SUBMIT_OUTCOMES)
+    assert m.submit_outcome(Accepted(((0, False), (1, True), (2, False)))) == ("accepted", 2, 1)
+    assert m.submit_outcome(Accepted(((0, True),))) == ("duplicate", 0, 1)
+    assert m.submit_outcome(Conflict("a", 3))[0] == "conflict"
+    assert m.submit_outcome(NotOwnerAnswer(2, "x"))[0] == "not_owner"
+    assert m.submit_outcome(WriteFailed("ENOSPC", "x"))[0] == "write_error"
+    assert m.submit_outcome(None)[0] == "other"
+    assert {o for o, _, _ in map(m.submit_outcome, (None, Accepted(())))} <= set(m.SUBMIT_OUTCOMES)
 
 
 def test_ack_to_served_counts_only_events_new_on_the_replica():
@@ -151,8 +152,8 @@ def test_recorders_track_streaks_lineages_and_last_reports():
         learner.events("a text", 1)  # never a free-form label value
     with pytest.raises(ValueError):
         learner.published(3, 10, "full")
-    learner.submitted({"results": [(0, False), (1, True)]})
-    learner.submitted({"conflict": {"event_id": "x", "offset": 0}})
+    learner.submitted(Accepted(((0, False), (1, True))))
+    learner.submitted(Conflict("x", 0))
     learner.events("deferred", 4)
     assert learner.counts() == {"requests": {"accepted": 1, "conflict": 1},
                                 "events": {"accepted": 1, "duplicate": 1, "conflicting": 1, "deferred": 4},
@@ -494,10 +495,11 @@ def test_prometheus_scrapes_every_declared_metric_from_ray(ray_cluster, tmp_path
     class Recorder:
         def record(self) -> int:
             from online_learning.metrics import LearnerMetrics, ReplicaMetrics
+            from online_learning.protocol import Accepted, Conflict
 
             learner, replica = LearnerMetrics(), ReplicaMetrics("replica-a", max_staleness_s=10.0)
-            learner.submitted({"results": [(0, False), (1, True)]})
-            learner.submitted({"conflict": {"event_id": "e", "offset": 0}})
+            learner.submitted(Accepted(((0, False), (1, True))))
+            learner.submitted(Conflict("e", 0))
             learner.events("refused", 2)
             learner.round_done({"published": False, "reason": "feedback holdout 0.1 < served 0.9 - 0"}, 0.05)
             learner.round_done({"published": True, "version": 5, "bytes": 4096}, 0.05)

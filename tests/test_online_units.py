@@ -12,7 +12,7 @@ from online_learning.feedback_log import FeedbackEvent, FeedbackLog
 from online_learning.settings import LearnerSettings
 from online_learning.trainer import OnlineTrainer
 from tests._helpers import write_jsonl
-from online_learning.weights import apply_update, embedding_variable, make_delta, make_full, update_bytes
+from online_learning.weights import apply_update, embedding_variable, make_delta, make_full
 from train.model import load_model_dir, new_model, save_model_dir
 
 
@@ -56,8 +56,8 @@ def test_lazy_adam_delta_is_exactly_what_changed_and_applies(tmp_path, arch, cha
     touched = trainer.take_touched()
     assert changed and changed <= touched
     delta = make_delta(learner.model, touched, version=2, log_offset=5)
-    full_bytes = update_bytes(make_full(learner.model, 2, 5))
-    assert update_bytes(delta) < full_bytes / 10
+    full_bytes = make_full(learner.model, 2, 5).nbytes
+    assert delta.nbytes < full_bytes / 10
     apply_update(replica.model, delta)
     texts = ["turn on the lamp", "open sesame", "unrelated words"]
     np.testing.assert_array_equal(replica.predict(texts), learner.predict(texts))
@@ -320,10 +320,11 @@ def test_version_numbers_jump_other_claims_and_need_ownership(tmp_path):
 
 
 def test_plan_update_picks_the_cheapest_update_a_replica_can_apply():
+    from online_learning.protocol import ReplicaIdentity
     from online_learning.replicas import Published, plan_update
 
     pub = Published("L", 7, "d7", 70, chain_base=4, published_at=0.0, base=1, deltas={5: "r5", 6: "r6", 7: "r7"})
-    held = lambda lineage, version, digest: {"lineage": lineage, "version": version, "digest": digest, "log_offset": 0}
+    held = lambda lineage, version, digest: ReplicaIdentity(lineage, version, digest, 0)
     assert plan_update(held("L", 7, "d7"), None) == ("wait", [])
     assert plan_update(held("L", 7, "d7"), pub) == ("none", [])
     assert plan_update(held("other", 3, "d7"), pub) == ("relabel", [])  # same weights, another name
@@ -332,23 +333,24 @@ def test_plan_update_picks_the_cheapest_update_a_replica_can_apply():
     assert plan_update(held("L", 3, "d3"), pub) == ("full", [])  # below the lineage's first version
     assert plan_update(held("other", 6, "d6"), pub) == ("full", [])  # another lineage's 6 is other weights
     assert plan_update(held("L", 5, "d5"), Published("L", 7, "d7", 70, 4, 0.0, 1, {7: "r7"})) == ("full", [])
-    assert plan_update({}, pub) == ("full", [])  # a replica holding nothing yet
+    assert plan_update(ReplicaIdentity(None, -1, None, -1), pub) == ("full", [])  # a replica holding nothing yet
 
 
 def test_replica_reports_track_the_oldest_event_a_live_replica_lacks():
+    from online_learning.protocol import ReplicaIdentity
     from online_learning.replicas import REPLICA_FORGET_S, REPLICA_LIVE_S, ReplicaReports
 
     reports = ReplicaReports()
     reports.acknowledged([5, 6, 7], now=100.0)
     reports.acknowledged_before(range(2, 5), when=90.0)  # found in the log at start, before those
     assert [o for o, _ in reports.acked] == [2, 3, 4, 5, 6, 7]
-    reports.report("a", {"version": 3, "log_offset": 4}, now=101.0)
-    reports.report("b", {"version": 9, "log_offset": 6}, now=101.0)
+    reports.report("a", ReplicaIdentity("L", 3, "d", 4), now=101.0)
+    reports.report("b", ReplicaIdentity("L", 9, "d", 6), now=101.0)
     reports.prune(served_offset=7, now=102.0)
     assert reports.oldest_unserved() == 100.0 and reports.max_reported == 9  # "a" lacks 5..7
     reports.prune(served_offset=7, now=101.0 + REPLICA_LIVE_S)  # both silent: no longer live
     assert reports.oldest_unserved() is None
-    reports.report("c", {"version": 1, "log_offset": 7}, now=101.0 + REPLICA_FORGET_S + 1)
+    reports.report("c", ReplicaIdentity("L", 1, "d", 7), now=101.0 + REPLICA_FORGET_S + 1)
     assert set(reports.replicas) == {"c"} and reports.max_reported == 9  # forgotten, the number not
 
 

@@ -4,18 +4,21 @@ its weights really are, and its next poll asks for full weights."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from online_learning.digest import model_digest
+from online_learning.protocol import ReplicaIdentity, Update
 from online_learning.weights import embedding_variable, make_delta, make_full
 
 TEXTS = ["turn on the lights in the kitchen", "turn off the fan"]
 
 
-def _published(model, update: dict, lineage: str) -> dict:
+def _published(model, update: Update, lineage: str) -> Update:
     """What the learner sends: the update named by its lineage, with the digest of its weights."""
-    return {**update, "lineage": lineage, "digest": model_digest(model).hexdigest()}
+    return update.named(lineage, model_digest(model).hexdigest(), epoch=0)
 
 
 @pytest.fixture()
@@ -42,14 +45,14 @@ def test_a_good_delta_is_applied_and_a_bad_one_changes_nothing(served_and_learne
     _train_rows(learner, rows, 0.25)
     good = _published(learner, make_delta(learner, rows, served.version + 1, 10), lineage)
     served.apply([good])
-    assert served.identity == {"lineage": lineage, "version": good["version"], "digest": good["digest"], "log_offset": 10}
+    assert served.identity == ReplicaIdentity(lineage, good.version, good.digest, 10)
     np.testing.assert_array_equal(embedding_variable(served.loaded.model).numpy(), embedding_variable(learner).numpy())
 
     from serve.runner import DigestMismatch
 
     _train_rows(learner, rows, 0.5)
     bad = _published(learner, make_delta(learner, rows, served.version + 1, 11), lineage)
-    bad["row_values"] = bad["row_values"] + 1.0  # corrupted on the way: not the published weights
+    bad = dataclasses.replace(bad, row_values=bad.row_values + 1.0)  # corrupted on the way: not the published weights
     before_weights = [w.copy() for w in served.loaded.model.get_weights()]
     before_identity, before_answers = served.identity, served.classify(TEXTS, [3, 3])
     with pytest.raises(DigestMismatch, match="not applied"):
@@ -58,11 +61,11 @@ def test_a_good_delta_is_applied_and_a_bad_one_changes_nothing(served_and_learne
         np.testing.assert_array_equal(was, now)
     assert served.identity == before_identity
     assert served.classify(TEXTS, [3, 3]) == before_answers  # answers still name the true version
-    assert served.poll_identity["lineage"] != lineage  # so the learner answers with full weights
+    assert served.poll_identity.lineage != lineage  # so the learner answers with full weights
 
     full = _published(learner, make_full(learner, served.version + 1, 11), lineage)
     served.apply([full])
-    assert served.poll_identity == served.identity and served.digest == full["digest"]
+    assert served.poll_identity == served.identity and served.digest == full.digest
     np.testing.assert_array_equal(embedding_variable(served.loaded.model).numpy(), embedding_variable(learner).numpy())
 
 
@@ -75,13 +78,13 @@ def test_a_delta_out_of_order_or_a_corrupted_full_is_refused(served_and_learner)
     skipped = _published(learner, make_delta(learner, np.array([5]), served.version + 2, 12), served.lineage)
     with pytest.raises(DigestMismatch, match="does not follow"):
         served.apply([skipped])
-    assert served.poll_identity["lineage"] != served.lineage  # its next poll asks for full weights
+    assert served.poll_identity.lineage != served.lineage  # its next poll asks for full weights
     full = _published(learner, make_full(learner, served.version + 1, 12), "another-lineage")
-    full["embedding"] = full["embedding"].copy()
-    full["embedding"][5] = 0.0
+    full = dataclasses.replace(full, embedding=full.embedding.copy())
+    full.embedding[5] = 0.0
     with pytest.raises(DigestMismatch, match="not applied"):
         served.apply([full])
-    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before["digest"]
+    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before.digest
 
 
 def test_full_weights_of_another_model_are_refused_before_any_work(served_and_learner):
@@ -96,4 +99,4 @@ def test_full_weights_of_another_model_are_refused_before_any_work(served_and_le
     full = _published(other, make_full(other, served.version + 1, 13), "cnn-lineage")
     with pytest.raises(ModelMismatch, match="another model"):
         served.apply([full])
-    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before["digest"]
+    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before.digest

@@ -285,6 +285,7 @@ def test_parser_refuses_a_key_twice_at_any_depth_and_keeps_the_rest():
     including texts with ':' in them (the re-parse path), read as before."""
     from types import SimpleNamespace
 
+    from online_learning.protocol import FeedbackEvent
     from serve.feedback import parse_feedback
     from serve.requests import RequestError, error_body, parse_predict
 
@@ -301,8 +302,7 @@ def test_parser_refuses_a_key_twice_at_any_depth_and_keeps_the_rest():
     assert parse_predict(b'{"text": "wake me at 7:30", "top_k": 2}', limits) == (["wake me at 7:30"], False, 2)
     assert parse_predict(b'{"texts": ["a:b", "c"]}', limits) == (["a:b", "c"], True, 3)
     assert parse_feedback(b'{"event_id": "x:1", "text": "turn on: the light", "label": "HassTurnOn"}',
-                          limits, learner, labels) == [{"event_id": "x:1", "text": "turn on: the light",
-                                                        "label": "HassTurnOn"}]
+                          limits, learner, labels) == [FeedbackEvent("x:1", "turn on: the light", "HassTurnOn")]
 
 
 @pytest.mark.parametrize("path", ["/v1/predict", "/v1/feedback"])

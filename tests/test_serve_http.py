@@ -154,14 +154,15 @@ def test_unknown_fields_are_named_briefly(base_url):
 
 def test_learner_answers_to_submit_become_http_answers():
     """A standby learner's not_owner is a 503 the client retries (Retry-After: 1); nothing needs Ray."""
+    from online_learning.protocol import Accepted, Conflict, NotOwnerAnswer, WriteFailed
     from serve.feedback import submit_answer
     from serve.requests import RequestError, error_body
 
-    assert submit_answer({"results": [(4, False), (2, True)]}) == {"accepted": 1, "duplicates": 1, "offsets": [4, 2]}
+    assert submit_answer(Accepted(((4, False), (2, True)))) == {"accepted": 1, "duplicates": 1, "offsets": [4, 2]}
     refusals = {
-        "not_owner": ({"not_owner": {"epoch": 3, "message": "another learner owns /state (epoch 3)"}}, 503, "1"),
-        "log_write_failed": ({"write_error": {"errno": "ENOSPC", "message": "disk full"}}, 507, "30"),
-        "event_id_conflict": ({"conflict": {"event_id": "e1", "offset": 7}}, 409, None),
+        "not_owner": (NotOwnerAnswer(3, "another learner owns /state (epoch 3)"), 503, "1"),
+        "log_write_failed": (WriteFailed("ENOSPC", "disk full"), 507, "30"),
+        "event_id_conflict": (Conflict("e1", 7), 409, None),
     }
     for code, (reply, status, retry_after) in refusals.items():
         with pytest.raises(RequestError) as caught:
