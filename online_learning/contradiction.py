@@ -3,19 +3,17 @@
 An event contradicts when the served model answers its text with another label at confidence
 `confidence` or more. A round whose new events contradict at share `share` or more has those
 events refused (marked rejected, never trained): judged on its own when it has `min_events`
-events, else together with the last `window` new events (a trickle). Measured on the bundled data
-with an English base: sentences relabelled at random contradict 85%, the Korean training split
-0%, correct English feedback 0.5%. Rehearsal absorbs a relabelling stream well enough to pass
-the gate's base check (a CI run published 512 random labels at 0.3 points under the anchor),
-and an accepted event is replayed in later rounds and fine-tuned on.
+events, else together with the last `window` new events (a trickle). The check exists because
+rehearsal can absorb a relabelling stream well enough to pass the gate's base check, and an
+accepted event is replayed in later rounds and fine-tuned on.
 
-The share is 0.2 by default: an attack on one intent with 47.5% contradictions per round (the
-rest agreeing events) went live under 0.5 (HassTurnOn test accuracy 0.933 -> 0.867, found by an
-attacking client); honest English traffic measured 0.5%. What it does not catch, by design or by
-limit: a sender who mixes in four or more agreeing events per contradiction (the served answers
-are public) or relabels only texts the model is unsure of; those are left to rehearsal and the
-gate, and rounds held back on the base check are deferred, which a fine-tune trains on only
-with --include-deferred.
+The share is kept low (0.2 by default) so that an attack on one intent that mixes contradictions
+with agreeing events is still refused. What it does not catch, by design or by limit: a sender who
+mixes in four or more agreeing events per contradiction (the served answers are public) or
+relabels only texts the model is unsure of; those are left to rehearsal and the gate, and rounds
+held back on the base check are deferred, which a fine-tune trains on only with
+--include-deferred. How often each kind of stream contradicts, and the attack that set the share:
+docs/ONLINE_LEARNING.md, "The gate".
 """
 
 from __future__ import annotations

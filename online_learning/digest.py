@@ -2,10 +2,11 @@
 
 Every replica computes the digest of the weights it actually holds, and the learner of the
 weights it publishes; a replica whose digest differs from the one its update named asks for
-full weights. Hashing the whole embedding on every publish would cost ~0.3 s for the large
-model (320 MB), so the embedding part is a sum over rows of a mixed 64-bit hash of each row,
-weighted by a per-row odd multiplier, modulo 2**64: a delta touching R rows updates it in
-O(R * dim). Dense weights (LSTM or Conv1D, output: 2-4 MB for `large`) are hashed with BLAKE2b each time.
+full weights. Hashing the whole embedding on every publish would take a large share of a publish
+interval for a large model (figures: docs/ONLINE_LEARNING.md, "Identity"), so the embedding part
+is a sum over rows of a mixed 64-bit hash of each row, weighted by a per-row odd multiplier, modulo 2**64:
+a delta touching R rows updates it in O(R * dim). Dense weights (LSTM or Conv1D, output: a few MB
+at most) are hashed with BLAKE2b each time.
 
 It detects accidental divergence (another lineage, a lost or doubled delta, a partial load)
 with a collision chance of about 2**-64; it is not a defence against someone crafting weights.

@@ -12,8 +12,8 @@ id, a client address or a lineage.
 
 Counters end in `_total` in code: Ray's exporter keeps such a name as it is (a counter named
 without it would come out as `<name>_total` plus a deprecated gauge `<name>`). Units are in the
-names (`_seconds`, `_bytes`). Two replica gauges predate this module and keep their names
-(`textserve_model_version`, `textserve_replica_staleness_s`): dashboards and tests already use them.
+names (`_seconds`, `_bytes`), except two replica gauges whose names dashboards and alerts use
+(`textserve_model_version`, `textserve_replica_staleness_s`).
 
 Wiring: `LearnerMetrics` in the learner (online_learning/learner.py), `ReplicaMetrics` in each
 replica's follower (serve/model_follower.py); one call per place, see each method. The pure
@@ -74,7 +74,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                         ("outcome",)),
     "textserve_replica_ack_to_served_seconds": ("histogram", "seconds from an event's acknowledgement to a replica "
                                                 "reporting it serves a version that includes it", ("replica",)),
-    # each replica (serve/model_follower.py); the first two names predate this module
+    # each replica (serve/model_follower.py); the first two names are the ones dashboards use
     "textserve_model_version": ("gauge", "model version served", ("replica",)),
     "textserve_replica_staleness_s": ("gauge", "seconds since this replica last held the learner's current version",
                                       ("replica",)),
@@ -256,7 +256,7 @@ class LearnerMetrics:
                        now: float | None = None) -> None:
         """OnlineLearner.updates_since, after `self.reports.report(...)` and before `prune`: the
         ack-to-served seconds of every event this replica serves now and did not at its last report
-        (`acked`: ReplicaReports.acked; `log_offset`: identity.get("log_offset"); `now` on the
+        (`acked`: ReplicaReports.acked; `log_offset`: the identity's log_offset; `now` on the
         clock of `acked`'s ack times: ReplicaReports.clock(), monotonic)."""
         now = time.time() if now is None else now
         before = self.last_reports.get(replica)

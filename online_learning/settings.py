@@ -25,8 +25,7 @@ class LearnerSettings(BaseModel):
     followup_min_rounds: int = Field(6, ge=0, description="...at least (after a single event too; never more than "
                                      "followup_rounds: 0 rounds there means none)")
     followup_passes: float = Field(9.0, ge=0, description="...and in between, enough for each event learned to be "
-                                   "replayed this many times (a burst of 1,532 events, 1,380 kept for training: 24 "
-                                   "rounds of 512)")
+                                   "replayed this many times (docs/ONLINE_LEARNING.md)")
     followup_replay_events: int = Field(512, ge=1, description="earlier feedback re-trained in each follow-up round")
     base_replay_events: int = Field(32, ge=0, description="base training examples per round, at least, against forgetting")
     base_replay_ratio: float = Field(3.0, ge=0, description="...or this many per feedback example the round trains "

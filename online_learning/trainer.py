@@ -8,9 +8,9 @@ use ordinary Adam.
 
 Each embedding row keeps its own step count for Adam's bias correction, so a row whose moments
 are reset (a held-back candidate) restarts like a fresh one. With one global count, zeroed
-moments under a large count make the next few hundred steps 3-6x the learning rate (m/sqrt(v)
-starts at 0.1/sqrt(0.001)); that is what made every round after one held back overshoot and be
-held back in turn (found on a `make demo` base: 7 held back in a row, Korean never learned).
+moments under a large count make the next few hundred steps several times the learning rate
+(m/sqrt(v) starts at 0.1/sqrt(0.001)), so every round after one held back would overshoot and be
+held back in turn.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="train on your own .csv (header with text,label) or .jsonl ({text, label} per line) instead")
     p.add_argument("--split", choices=SPLIT_MODES, default="template",
                    help="template (default): each template's sentences in one split, validation/test with unseen "
-                        "templates and slot values; sentence: the old random split (a --data file always uses it)")
+                        "templates and slot values; sentence: a random split of the sentences (a --data file always uses it)")
     p.add_argument("--slots", choices=SLOT_MODES, default=DataSpec.slots,
                    help=f"training slot values (areas, names, numbers; default {DataSpec.slots}): see docs/TRAINING.md")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus expansion and splits (default: 0)")

@@ -83,7 +83,7 @@ class DataSpec:
     test_fraction: float = 0.1
     # "template": every expansion of one template lands in one split, and validation/test
     # sentences carry slot values training never saw (honest); "sentence": sentences are split
-    # at random, so test sentences are siblings of training ones (the old split). A user file
+    # at random, so test sentences are siblings of training ones. A user file
     # (path) has no templates and is always split by sentence.
     split: str = "template"
     # Training slot values, one of SLOT_MODES (train/slot_pool.py). "bundled" (slot_values.json
@@ -319,11 +319,10 @@ def _jsonl_rows(path: Path, content: str):
 
 
 def spec_from_record(data: dict) -> DataSpec:
-    """The DataSpec a version's metrics.json "data" records. Versions trained before the
-    template split existed record no "split": they were trained on a sentence split, so they are
-    rebuilt on today's sentence split. The expansion changed with the template split, so that is
-    close to, not the same as, what they trained on (a few of its validation sentences were
-    training sentences then): retrain or fine-tune to judge them exactly."""
+    """The DataSpec a version's metrics.json "data" records. A record without "split" names a
+    model trained on a sentence split, so it is rebuilt on the sentence split; such a record may
+    come from another corpus expansion, so the rebuilt split is close to, not the same as, what it
+    trained on (docs/TRAINING.md): retrain or fine-tune to judge it exactly."""
     return DataSpec(**{"split": "sentence", **data, "langs": tuple(data.get("langs") or ())})
 
 

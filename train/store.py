@@ -201,10 +201,9 @@ class ModelStore:
                                    prefix.age_s(now), kind))
         return out
 
-    def local_path(self, version: int, scratch: str | Path | None = None) -> Path:
+    def local_path(self, version: int) -> Path:
         """A local folder with that version's files: the store's own on a local store, else the
-        version's folder in the local cache (valid until a later load evicts it). `scratch` is
-        ignored (kept for callers of the old signature)."""
+        version's folder in the local cache (valid until a later load evicts it)."""
         if self.is_local:
             self.commit_record(version)  # raises for a missing or uncommitted version
             return Path(self._path(version))
