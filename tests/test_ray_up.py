@@ -446,7 +446,8 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
                     pass
             assert env_seen, f"no raylet on {name}"
             assert all(f"TEXTSERVE_INGRESS_SECRET={INGRESS_SECRET}".encode() in e
-                       and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e for e in env_seen), name
+                       and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e
+                       and f"TEXTSERVE_OPERATOR_TOKEN={OPERATOR_TOKEN}".encode() in e for e in env_seen), name
             # only the source travelled: no artifacts or caches from this checkout on the host
             copied = hosts.host_dir(name) / "home/root/textserve"
             assert (copied / "serve" / "app.py").exists(), name
@@ -479,6 +480,19 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         finally:
             report["left_after_down"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
         step("no cluster process left on any host after ray down", seconds=round(time.monotonic() - started, 1))
+        # nor any other process but the hosts' own sshd (and the namespace's first process)
+        others = {}
+        for name in ("head", "w1", "w2"):
+            for pid in hosts.pids(name):
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if comm not in {"sshd", "sshd-session", "unshare"}:
+                    others.setdefault(name, []).append(f"{pid} {cmd[:160]}")
+        report["other_processes_after_down"] = others
+        assert not others, others
         watch_log = list((hosts.host_dir("w1") / "tmp" / "ray").glob("session_2*/logs/textserve_node_watch.log"))
         report["node_watch_log_w1"] = [p.read_text()[-1000:] for p in watch_log]
         if serve_failure is not None:
@@ -562,6 +576,12 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
     code, _ = http("POST", f"http://{HOSTS['w1']}:8000/v1/feedback",
                    {"event_id": "no-token", "text": "turn on the lights", "label": "HassTurnOn"})
     assert code == 401, code  # no bearer token
+    for name in ("head", "w1", "w2"):  # operator details only with the operator token, on every ingress
+        for token in (None, FEEDBACK_TOKEN):
+            code, model = http("GET", f"http://{HOSTS[name]}:8000/v1/model", token=token)
+            assert code == 200 and "learner" not in model, (name, code, model)
+        code, model = http("GET", f"http://{HOSTS[name]}:8000/v1/model", token=OPERATOR_TOKEN)
+        assert code == 200 and "learner" in model, (name, code, model)
     acked = []
     for i in range(20):
         code, body = http("POST", f"http://{HOSTS['w1' if i % 2 else 'w2']}:8000/v1/feedback",
