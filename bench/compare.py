@@ -6,6 +6,12 @@ closed loop over a ramp of concurrent users (the 2017 study's 1, 11, ..., 91 and
 fixed rates. The client's own ceiling is measured first against a no-op server. Writes OUT.json,
 OUT.md and OUT.png. The `-cnn` system serves the newest version of `--cnn-store` instead (a CNN
 model, `python -m train --arch cnn`), so both model families are measured in one run.
+
+`--tree NAME=PATH` names another checkout of this project (a git worktree of another revision);
+then `SYSTEM@NAME` is a Serve system run from that tree's own code, shipped config and
+`python -m serve run` (bench.systems.RunningTreeServe), measured by this bench in the same run as
+the others, so revisions are compared with the same client, steps and rounds. The report then
+gives each later tree's ratios to each earlier one, per round too with `--interleave`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from bench.ab import ab_binary, ab_step
 from bench.cpu_cost import CpuMeter
 from bench.load import bench_texts, closed_loop, open_loop
 from bench.stats import combine_runs, goodput
-from bench.systems import ServeVariant, start_baseline, start_noop, start_variant, variant_changes
+from bench.systems import (ServeVariant, SourceTree, start_baseline, start_noop, start_variant,
+                           variant_changes)
 
 DEFAULT_USERS = [*range(1, 92, 10), *range(300, 401, 10)]
 SYSTEMS = {
@@ -58,8 +65,34 @@ NEEDS_CNN_STORE = {"textserve-batched-1-cnn"}
 ON_REQUEST = {"textserve-noop-2"}  # not in the default set: named in --systems when wanted
 
 
-def start_system(name: str, store: str):
+def split_system(name: str) -> tuple[str, str | None]:
+    """'SYSTEM@TREE' -> (SYSTEM, TREE); a plain name -> (name, None)."""
+    base, sep, tree = name.partition("@")
+    return (base, tree) if sep else (name, None)
+
+
+def start_system(name: str, store: str, trees: dict[str, SourceTree] | None = None):
+    base, tree = split_system(name)
+    if tree is not None:
+        return start_variant(VARIANTS[base], store, tree=trees[tree])
     return start_variant(VARIANTS[name], store) if name in VARIANTS else start_baseline(name, store)
+
+
+def describe_system(name: str, trees: dict[str, SourceTree] | None = None) -> str:
+    base, tree = split_system(name)
+    if tree is None:
+        return SYSTEMS[name]
+    info = trees[tree].describe()
+    commit = (info["commit"] or "?")[:10] + (", with uncommitted changes" if info["modified"] else "")
+    return f"{SYSTEMS[base]}; run from the source tree {tree} ({info['path']}, commit {commit}: {info['subject']})"
+
+
+def ingress_environment() -> dict[str, str]:
+    """The hardened ingress's settings this process's environment sets (every system started by
+    this bench inherits them, as a user's shell would pass them on); the ingress secret left out."""
+    from serve.haproxy_hardening import DEFAULTS
+
+    return {k: os.environ[k] for k in sorted(DEFAULTS) if k in os.environ}
 
 
 def model_line(store: str) -> str:
@@ -80,7 +113,7 @@ def cores() -> dict:
 
 def run(systems: list[str], users: list[int], rates: list[float], duration_s: float, store: str,
         keepalive: bool, repeat: int = 1, cnn_store: str | None = None, interleave: bool = False,
-        ab: bool = False) -> dict:
+        ab: bool = False, trees: dict[str, SourceTree] | None = None) -> dict:
     """Every system's steps, `repeat` times each: back to back per step, or with `interleave` in
     rounds over all systems (each system started afresh per round), so that a slow drift of a
     shared machine falls on every system alike and each round gives paired ratios."""
@@ -100,7 +133,7 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
     for r in range(rounds):
         for name in systems:
             report["schedule"].append({"round": r + 1, "system": name, "started": time.time()})
-            with start_system(name, cnn_store if name in NEEDS_CNN_STORE else store) as system:
+            with start_system(name, cnn_store if name in NEEDS_CNN_STORE else store, trees) as system:
                 url = f"{system.url}/v1/predict"
                 asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up: traces, caches
                 label = name + (f", round {r + 1} of {rounds}" if rounds > 1 else "")
@@ -122,12 +155,16 @@ def run(systems: list[str], users: list[int], rates: list[float], duration_s: fl
                                    f"failed {open_rows[name][-1]['failed']}, late {open_rows[name][-1]['late']}")
     for name in systems:
         rows = [combine_runs(runs[name][n]) for n in users]
-        changes = variant_changes(VARIANTS[name]) if name in VARIANTS else None
-        report["systems"][name] = {"description": SYSTEMS[name], "closed_loop": rows, "open_loop": open_rows[name],
+        base, tree = split_system(name)
+        changes = variant_changes(VARIANTS[base], trees[tree] if tree else None) if base in VARIANTS else None
+        report["systems"][name] = {"description": describe_system(name, trees), "closed_loop": rows,
+                                   "open_loop": open_rows[name],
                                    "goodput": goodput(rows), "changes_from_shipped": changes}
         if ab:
             report["systems"][name]["ab_closed_loop"] = [combine_runs(ab_runs[name][n]) for n in users]
     report["clients"] = ["aiohttp"] + (["ab"] if ab else [])
+    if trees:
+        report["trees"] = {name: tree.describe() for name, tree in trees.items()}
     return report
 
 
@@ -150,12 +187,15 @@ def _short(value) -> str:
     return "(absent)" if value is None else json.dumps(value)
 
 
-def changes_line(changes: dict | None) -> str:
-    """What a Serve variant changes in the shipped config, for the report."""
+def changes_line(changes: dict | None, environment: dict | None = None) -> str:
+    """What a Serve variant changes in the shipped config, for the report; `environment`: the
+    ingress settings the bench's environment set (see the report's header)."""
     if changes is None:
         return "Not this system: a separate program (bench/baselines)."
+    ingress = ("ingress defaults as shipped except the environment named above" if environment
+               else "ingress defaults as shipped")
     if not changes:
-        return "Config: cluster/serve_local.yaml as shipped, ingress defaults as shipped (only store, port, log folder)."
+        return f"Config: cluster/serve_local.yaml as shipped, {ingress} (only store, port, log folder)."
     return "Changed from the shipped config: " + "; ".join(
         f"`{path}` {_short(a)} -> {_short(b)}" for path, (a, b) in changes.items()) + "."
 
@@ -189,13 +229,19 @@ RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) /
           ("textserve-batched-1-cnn", "textserve-batched-1", "CNN family / LSTM family (batched, 1 replica)", "")]
 
 
+def paired_ratios(ra: dict, rb: dict, key: str = "tps") -> list[float]:
+    """The ratio a/b of `key` within each repetition (with interleaved rounds, both systems measured
+    minutes apart at most), sorted; NaN and zero denominators left out."""
+    a, b = [r.get(key) for r in ra.get("runs", [])], [r.get(key) for r in rb.get("runs", [])]
+    return sorted(x / y for x, y in zip(a, b) if x is not None and y and x == x and y == y)
+
+
 def _paired(report: dict, ra: dict, rb: dict) -> str:
     """With interleaved rounds: the ratio within each round (both systems measured minutes apart
     at most), as median and range; '' otherwise."""
     if not report.get("interleaved"):
         return ""
-    tps_a, tps_b = [r["tps"] for r in ra.get("runs", [])], [r["tps"] for r in rb.get("runs", [])]
-    ratios = sorted(x / y for x, y in zip(tps_a, tps_b) if y > 0)
+    ratios = paired_ratios(ra, rb)
     if len(ratios) < 2:
         return ""
     return (f"; per round: median {statistics.median(ratios):.2f}x, {ratios[0]:.2f}-{ratios[-1]:.2f}x "
@@ -219,6 +265,52 @@ def _cpu_table(report: dict, users: int, table: str = "closed_loop") -> list[str
         ratio = f"{row['cpu_s_per_1k'] / tuned['cpu_s_per_1k']:.2f}x" if tuned and tuned["cpu_s_per_1k"] > 0 else "-"
         out.append(f"| {name} | {row['cpu_s_per_1k']:.2f} [{row['machine_cpu_s_per_1k']:.2f}] | {ratio} |")
     return out + [""]
+
+
+REVISION_KEYS = [("tps", "TPS"), ("p50_ms", "p50"), ("p99_ms", "p99"), ("cpu_s_per_1k", "server CPU-s / 1k")]
+
+
+def _ratio_cell(report: dict, ra: dict, rb: dict, key: str) -> str:
+    """a/b of the medians, and with interleaved rounds the per-round ratios' median (min-max)."""
+    if key not in ra or key not in rb or not rb[key] or rb[key] != rb[key]:
+        return "-"
+    cell = f"{ra[key] / rb[key]:.2f}x"
+    rounds = paired_ratios(ra, rb, key) if report.get("interleaved") else []
+    if len(rounds) >= 2:
+        cell += f" (rounds {statistics.median(rounds):.2f}x, {rounds[0]:.2f}-{rounds[-1]:.2f})"
+    return cell
+
+
+def revision_lines(report: dict) -> list[str]:
+    """Systems run from source trees (`--tree`): every later tree's figures over each earlier
+    tree's, for the same system, users and client."""
+    order = list(report.get("trees", {}))
+    by_base: dict[str, list[str]] = {}
+    for name in report["systems"]:
+        base, tree = split_system(name)
+        if tree in order:
+            by_base.setdefault(base, []).append(name)
+    out = []
+    for base, names in by_base.items():
+        names.sort(key=lambda n: order.index(split_system(n)[1]))
+        pairs = [(later, earlier) for i, later in enumerate(names) for earlier in names[:i]]
+        if not pairs:
+            continue
+        out += [f"Revisions of {base}: ratio of the medians, and in brackets the ratio within each round, median "
+                "(min-max)" + ("" if report.get("interleaved") else " (not interleaved: no per-round ratios)")
+                + "; above 1x is more TPS, more latency, more CPU per answer:", "",
+                "| ratio | users | client | " + " | ".join(h for _, h in REVISION_KEYS) + " |",
+                "|---|---|---|" + "---|" * len(REVISION_KEYS)]
+        for later, earlier in pairs:
+            for table, client in CLIENT_TABLES.items():
+                for users in report["users"]:
+                    ra, rb = _at(report, later, users, table), _at(report, earlier, users, table)
+                    if ra and rb:
+                        label = f"{split_system(later)[1]} / {split_system(earlier)[1]}"
+                        out.append(f"| {label} | {users} | {client} | "
+                                   + " | ".join(_ratio_cell(report, ra, rb, k) for k, _ in REVISION_KEYS) + " |")
+        out.append("")
+    return out
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -249,6 +341,8 @@ def summary_lines(report: dict) -> list[str]:
     ra, rb = _at(report, "textserve-batched-1", 1), _at(report, "textserve-unbatched-1", 1)
     if ra and rb and rb["p50_ms"] > 0:
         out.append(f"- p50 at 1 user, batched / unbatched: **{ra['p50_ms'] / rb['p50_ms']:.2f}x** (goal <= 1.2x)")
+    if revisions := revision_lines(report):
+        out += [""] + revisions
     return out
 
 
@@ -264,11 +358,17 @@ def markdown(report: dict, image: str = "BENCHMARKS.png") -> str:
            f"Repetitions per step: {report.get('repeat', 1)}, {report['duration_s']:.0f} s each"
            + (", run in rounds over all systems (each system started afresh per round)" if report.get("interleaved")
               else "") + "; figures are medians, (min-max) where shown  ",
+           *([f"Source trees (`--tree`; SYSTEM@NAME runs from NAME): " + "; ".join(
+               f"{name} = {t['path']} at {(t['commit'] or '?')[:10]}" + (" with uncommitted changes" if t["modified"]
+                                                                        else "") + f" ({t['subject']})"
+               for name, t in report["trees"].items()) + "  "] if report.get("trees") else []),
+           *([f"Environment set for every system: " + ", ".join(f"`{k}={v}`" for k, v in report["environment"].items())
+              + "  "] if report.get("environment") else []),
            f"Client ceiling (the same aiohttp client against a no-op aiohttp server, {max(report['users'])} users): "
            f"{ceiling:.0f} req/s. Rows above 80% of it are marked *client-bound*.", "",
            f"![TPS and p99 against users]({image})", "", "## Summary", "", *summary_lines(report)]
     for name, data in report["systems"].items():
-        out += ["", f"## {name}", "", data["description"], "", changes_line(data.get("changes_from_shipped", None)), "",
+        out += ["", f"## {name}", "", data["description"], "", changes_line(data.get("changes_from_shipped", None), report.get("environment")), "",
                 "| " + " | ".join(h for _, h in TABLE) + " |", "|" + "---|" * len(TABLE)]
         for row in data["closed_loop"]:
             cells = [_cell(row, k) if isinstance(row[k], float) else str(row[k]) for k, _ in TABLE]
@@ -323,14 +423,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ab", action="store_true",
                    help="after each aiohttp step, the same step with Apache Bench (the 2017 study's client; one text, "
                         "ab -l); needs apache2-utils")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                   help="another checkout of this project (e.g. a git worktree of another revision); "
+                        "--systems may then name SYSTEM@NAME, a Serve system run from that tree's own code, "
+                        "shipped config and python -m serve run; repeatable")
     p.add_argument("--out", default="docs/BENCHMARKS", help="report path without extension")
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be at least 1")
     default = [s for s in SYSTEMS if (a.cnn_store or s not in NEEDS_CNN_STORE) and s not in ON_REQUEST]
     systems = [s for s in a.systems.split(",") if s] if a.systems else default
-    if unknown := set(systems) - set(SYSTEMS):
+    try:
+        a.trees = {t.name: t for t in map(SourceTree.parse, a.tree)}
+    except ValueError as e:
+        p.error(f"--tree {e}")
+    if len(a.trees) != len(a.tree):
+        p.error("--tree: each NAME once")
+    for name in systems:
+        base, tree = split_system(name)
+        if tree is not None and tree not in a.trees:
+            p.error(f"{name}: no --tree {tree}=PATH given")
+        if tree is not None and (base not in VARIANTS or base in NEEDS_CNN_STORE):
+            p.error(f"{name}: only this system's Serve variants run from a source tree, "
+                    f"from {[v for v in VARIANTS if v not in NEEDS_CNN_STORE]}")
+    if unknown := {s for s in systems if split_system(s)[0] not in SYSTEMS}:
         p.error(f"unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    if len(set(systems)) != len(systems):
+        p.error("--systems names a system twice")
     if not a.cnn_store and (cnn := sorted(set(systems) & NEEDS_CNN_STORE)):
         p.error(f"{', '.join(cnn)} serves a CNN model: give --cnn-store (a store trained with --arch cnn)")
     users = [int(u) for u in a.users.split(",") if u]
@@ -354,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.ab:
         ab_binary()  # missing: say so now, not after the first system's steps
     report = run(systems, users, rates, a.duration, a.store, not a.no_keepalive, a.repeat, a.cnn_store, a.interleave,
-                 a.ab)
+                 a.ab, a.trees)
+    report["environment"] = ingress_environment()
     report.update(command="python -m bench compare " + " ".join(argv if argv is not None else sys.argv[2:]),
                   cores=cores(), machine=f"{platform.machine()}, {cores()['usable']} usable cores ({cores()['logical']} "
                   f"logical, {cores()['physical']} physical, measured), client and servers on the same machine",

@@ -82,8 +82,11 @@ def _lower_priority(nice: int, spare: set[int] = frozenset()) -> None:
             continue
 
 
+# A deploy that replaces the learner starts the new one first (max_surge_percent): it stands by
+# until the old one, stopping, hands the log over; a short drain loop keeps that handover quick.
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.5},
-                  health_check_period_s=2, health_check_timeout_s=10)
+                  health_check_period_s=2, health_check_timeout_s=10, max_surge_percent=100,
+                  graceful_shutdown_wait_loop_s=0.2)
 class OnlineLearner(Lineages, Rounds, Publishing, StatusReport):
     def __init__(self, model_store: str, settings: dict, tf_threads: int = 1):
         self.s = LearnerSettings(**settings)

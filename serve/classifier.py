@@ -19,6 +19,7 @@ from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from online_learning.protocol import FeedbackEvent, NotOwnerAnswer, SubmitAnswer
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 from serve.batcher import ModelBatcher
@@ -38,6 +39,10 @@ logger = logging.getLogger("ray.serve")
 SUBMIT_TIMEOUT_S = 10.0
 ADMIT_TIMEOUT_S = 5.0
 STATUS_TIMEOUT_S = 5.0
+# A feedback request waits this long for a learner handover (the old owner stopping, a standby
+# taking the log) before it answers 503, retrying every HANDOVER_RETRY_S.
+HANDOVER_WAIT_S = 5.0
+HANDOVER_RETRY_S = 0.1
 # Retry-After of a 503 while the learner is unreachable: a learner restart takes seconds.
 LEARNER_RETRY_AFTER = {"Retry-After": "2"}
 # Retry-After while no model is loaded: a replica without one looks in the store every model_poll_s.
@@ -192,22 +197,39 @@ class Classifier:
             served = self._follower.model
             if served is None:
                 raise RequestError(503, "no_model", "no model loaded yet", NO_MODEL_RETRY_AFTER)
-            if self._follower.sync_error is not None:  # known down (polled every replica_poll_s): no submit wait
-                raise RequestError(503, "learner_unavailable", "the learner is restarting; retry", LEARNER_RETRY_AFTER)
             body = await read_body(request, self.settings.max_body_bytes)
             events = parse_feedback(body, self.settings, cfg, served.label_set)
         except RequestError as err:
             return self._reject(err)
         try:
-            reply = await asyncio.wait_for(self._learner.submit.remote(events), timeout=SUBMIT_TIMEOUT_S)
-        except Exception as err:  # learner restarting or unreachable: nothing was acknowledged
-            logger.warning("feedback not accepted, learner unavailable: %r", err)
-            return self._reject(RequestError(503, "learner_unavailable", "the learner is restarting; retry",
-                                             LEARNER_RETRY_AFTER))
-        try:
-            return json_response(submit_answer(reply), status=202)
-        except RequestError as err:  # refused by the learner: nothing was acknowledged
+            return json_response(submit_answer(await self._submit(events)), status=202)
+        except RequestError as err:  # refused by the learner, or none reachable: nothing was acknowledged
             return self._reject(err)
+
+    async def _submit(self, events: list[FeedbackEvent]) -> SubmitAnswer:
+        """The learner's answer to `events`, riding through a learner handover: answers from a
+        standby (`not_owner`) and calls that failed (the old owner stopping) are retried for up to
+        HANDOVER_WAIT_S (safe: an event already written is answered as a duplicate of itself).
+        A learner known down (its polls fail) or silent for SUBMIT_TIMEOUT_S is not waited for."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        unavailable = RequestError(503, "learner_unavailable", "the learner is restarting; retry", LEARNER_RETRY_AFTER)
+        if self._follower.sync_error is not None:  # known down (polled every replica_poll_s)
+            raise unavailable
+        while True:
+            try:
+                reply = await asyncio.wait_for(self._learner.submit.remote(events), timeout=SUBMIT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("feedback not accepted: the learner did not answer in %s s", SUBMIT_TIMEOUT_S)
+                raise unavailable from None
+            except Exception as err:  # the learner stopping or restarting: nothing was acknowledged
+                if time.monotonic() >= deadline:
+                    logger.warning("feedback not accepted, learner unavailable: %r", err)
+                    raise unavailable from None
+                await asyncio.sleep(HANDOVER_RETRY_S)
+                continue
+            if not isinstance(reply, NotOwnerAnswer) or time.monotonic() >= deadline:
+                return reply
+            await asyncio.sleep(HANDOVER_RETRY_S)  # a standby answered: the owner may be handing over
 
     async def _admit(self, request: Request, auth_ok: bool) -> None:
         """The rate limit for feedback and failed authentications: app-wide, kept by the learner;

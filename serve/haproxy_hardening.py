@@ -27,6 +27,12 @@ What changes (settings from the environment, set by serve/ingress.py; defaults i
   rewritten to JSON; header values with control characters refused at the ingress (400);
 - without TEXTSERVE_INGRESS_FALLBACK=1, the `backup` server (Serve's Python proxy) is disabled:
   with no healthy replica HAProxy answers 503 at once instead of parking requests there.
+- a backend that a reload renders with no replica while the previous rendering, at most
+  TEXTSERVE_INGRESS_REBUILD_CARRY_S seconds before, listed some keeps those servers (still
+  health-checked): Serve 2.60 renders an application's backend empty while it rebuilds the
+  application for a `serve deploy` of changed args or code, although the old replicas keep
+  running until the new ones replace them; without this every deploy answers 503 for the
+  seconds the build takes (docs/SCALING.md, "Upgrades").
 - without TEXTSERVE_INGRESS_ACCESS_LOG=1, the global `log` target (Ray's access log: a syslog
   datagram per request to RAY_SERVE_HAPROXY_LOG_TARGET, 127.0.0.1:514 by default) is commented
   out, as the app's `enable_access_log: false` says; Ray's metrics socket line stays.
@@ -54,9 +60,15 @@ DEFAULTS = {
     "TEXTSERVE_INGRESS_ADMIN_BIND": "127.0.0.1",
     "TEXTSERVE_INGRESS_FALLBACK": "0",
     "TEXTSERVE_INGRESS_ACCESS_LOG": "0",
+    # How long a backend rendered empty keeps the replicas of the previous rendering: longer than
+    # an application build, short enough that replicas really gone are dropped (0: never).
+    "TEXTSERVE_INGRESS_REBUILD_CARRY_S": "30",
 }
 _INT_SETTINGS = ("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S",
                  "TEXTSERVE_INGRESS_MAX_CONN_PER_CLIENT")
+_WHOLE_SETTINGS = ("TEXTSERVE_INGRESS_REBUILD_CARRY_S",)  # 0 allowed
+REPLICA_SERVER = "server SERVE_REPLICA"  # how Ray names a replica's server line
+CARRY_FILE = "textserve-replica-servers.json"  # the last rendering's replica servers per backend
 # HAProxy's own answers (errorfile), and plain-text answers from Serve turned into JSON (http-response).
 _ERRORS = {
     400: ("Bad Request", "bad_request", "the request is not valid HTTP/1.1", None),
@@ -82,6 +94,8 @@ def setting(name: str, env=os.environ) -> str:
     value = env.get(name, DEFAULTS[name])
     if name in _INT_SETTINGS and not (value.isdigit() and int(value) > 0):
         raise ValueError(f"{name}={value!r}: give a whole number above 0 (default {DEFAULTS[name]})")
+    if name in _WHOLE_SETTINGS and not value.isdigit():
+        raise ValueError(f"{name}={value!r}: give a whole number of seconds, 0 or more (default {DEFAULTS[name]})")
     if name in _FLAG_SETTINGS and value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: give 1 (on) or 0 (off) (default {DEFAULTS[name]})")
     if name == "TEXTSERVE_INGRESS_CAP_EXEMPT":
@@ -196,6 +210,53 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
     return "\n".join(out) + "\n"
 
 
+def _backend_servers(lines: list[str]) -> dict[str, list[str]]:
+    """Each application backend's replica server lines, by backend name."""
+    servers, section = {}, ""
+    for line in lines:
+        if line and not line[0].isspace():
+            section = line.strip()
+            if section.startswith("backend ") and section != "backend default_backend":
+                servers[section] = []
+        elif section in servers and line.strip().startswith(REPLICA_SERVER):
+            servers[section].append(line)
+    return servers
+
+
+def carry_servers(config: str, state_path: Path, carry_s: float, now: float) -> str:
+    """`config` with a backend rendered without replicas given back the replica servers of the
+    previous rendering, when that rendering listed some at most `carry_s` seconds before `now`;
+    `state_path` keeps each backend's last non-empty server lines and when they were rendered."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    lines = config.splitlines()
+    current = _backend_servers(lines)
+    carried = {name: state[name]["servers"] for name, found in current.items()
+               if not found and name in state and 0 <= now - state[name]["at"] <= carry_s}
+    for name, found in current.items():
+        if found:
+            state[name] = {"servers": found, "at": now}
+    state = {name: kept for name, kept in state.items() if name in current}
+    tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_path)
+    if not carried:
+        return config
+    note = "    # replicas kept from the previous rendering while the application rebuilds"
+    out, section = [], ""
+    for line in lines:
+        if line and not line[0].isspace():
+            if section in carried:  # end of a carried backend: its servers go last
+                out += [note, *carried[section]]
+            section = line.strip()
+        out.append(line)
+    if section in carried:
+        out += [note, *carried[section]]
+    return "\n".join(out) + "\n"
+
+
 def harden_in_place(args: list[str], env=os.environ) -> None:
     """Harden the config HAProxy is started with (`-f CONFIG`), in place.
 
@@ -207,6 +268,11 @@ def harden_in_place(args: list[str], env=os.environ) -> None:
     write_error_pages(source.parent)
     text = source.read_text()
     hardened = harden(text, str(source.parent), env)
+    carry_s = int(setting("TEXTSERVE_INGRESS_REBUILD_CARRY_S", env))
+    if carry_s and "-c" not in args:  # a check run (-c) renders nothing HAProxy will serve
+        import time
+
+        hardened = carry_servers(hardened, source.parent / CARRY_FILE, carry_s, time.time())
     if hardened != text:
         tmp = source.with_name(f".{source.name}.{os.getpid()}")
         tmp.write_text(hardened)

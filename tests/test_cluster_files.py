@@ -288,7 +288,8 @@ def test_aws_mounts_the_learners_volume_where_the_log_is_read_and_nowhere_else()
     assert "lookupcache=none" in mount  # the ownership fence sees a new epoch at once (ONLINE_LEARNING.md)
     # the learner is pinned to the head, which mounts the volume
     learner = next(d for d in serve["applications"][0]["deployments"] if d["name"] == "OnlineLearner")
-    assert learner["ray_actor_options"]["resources"] == {"learner": 1}
+    # half the head's `learner`: a deploy's replacement learner fits beside the serving one
+    assert learner["ray_actor_options"]["resources"] == {"learner": 0.5}
     assert config["available_node_types"]["head"]["resources"] == {"learner": 1}
 
 

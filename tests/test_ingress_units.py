@@ -8,20 +8,25 @@ import pytest
 
 from pathlib import Path
 
-from serve.haproxy_hardening import CLIENT_HEADER, DEFAULTS, SECRET_HEADER, harden, harden_in_place
+from serve.haproxy_hardening import (CARRY_FILE, CLIENT_HEADER, DEFAULTS, SECRET_HEADER, carry_servers, harden,
+                                     harden_in_place)
 from serve.ingress import real_haproxy_binary
 from online_learning.rate_limit import TokenBuckets
 
-def ray_config(folder: Path, router: bool = False, replica_port: int = 30000, **overrides) -> Path:
-    """The config Ray 2.60's own HAProxyApi renders for one app with a replica and the fallback proxy
-    (`overrides`: HAProxyConfig fields, e.g. ports and the log target)."""
+def ray_config(folder: Path, router: bool = False, replica_port: int = 30000, replicas: tuple[str, ...] = ("a",),
+               **overrides) -> Path:
+    """The config Ray 2.60's own HAProxyApi renders for one app with replicas (named `replicas`,
+    on ports from `replica_port`) and the fallback proxy (`overrides`: HAProxyConfig fields, e.g.
+    ports and the log target)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
     from ray.serve.config import HTTPOptions
 
-    replica = ServerConfig(name="SERVE_REPLICA_a", host="127.0.0.1", port=replica_port, replica_id="a")
-    backend = BackendConfig(name="http-app", path_prefix="/", app_name="app", servers=[replica],
+    servers = [ServerConfig(name=f"SERVE_REPLICA_{name}", host="127.0.0.1", port=replica_port + i, replica_id=name)
+               for i, name in enumerate(replicas)]
+    replica = servers[0] if servers else None
+    backend = BackendConfig(name="http-app", path_prefix="/", app_name="app", servers=servers,
                             fallback_server=ServerConfig(name="SERVE_PROXY", host="127.0.0.1", port=8500),
-                            ingress_request_router_servers=[replica] if router else [])
+                            ingress_request_router_servers=[replica] if router and replica else [])
     overrides.setdefault("http_options", HTTPOptions(host="127.0.0.1", port=18080))
     cfg = HAProxyConfig(socket_path=str(folder / "admin.sock"),
                         server_state_base=str(folder), server_state_file=str(folder / "server-state"),
@@ -239,3 +244,40 @@ def test_a_bad_exemption_is_refused_with_what_to_give(clean_env, monkeypatch):
     monkeypatch.setenv("TEXTSERVE_INGRESS_CAP_EXEMPT", "localhost")
     with pytest.raises(ValueError, match="not an IP address or network"):
         setting("TEXTSERVE_INGRESS_CAP_EXEMPT")
+
+
+def _replica_lines(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.strip().startswith("server SERVE_REPLICA")]
+
+
+def test_a_backend_rendered_empty_keeps_the_previous_replicas_while_the_app_rebuilds(tmp_path, clean_env):
+    path = ray_config(tmp_path, replicas=("a", "b"))
+    harden_in_place(["-db", "-f", str(path)])
+    assert _replica_lines(path.read_text()) == ["SERVE_REPLICA_a", "SERVE_REPLICA_b"]
+    ray_config(tmp_path, replicas=())  # what Serve renders while it rebuilds the app for a deploy
+    harden_in_place(["-db", "-f", str(path)])
+    assert _replica_lines(path.read_text()) == ["SERVE_REPLICA_a", "SERVE_REPLICA_b"]
+    haproxy_check(path)  # still a valid config, the kept servers health-checked as before
+    ray_config(tmp_path, replicas=("c",))  # the new replicas: only they
+    harden_in_place(["-db", "-f", str(path)])
+    assert _replica_lines(path.read_text()) == ["SERVE_REPLICA_c"]
+    ray_config(tmp_path, replicas=())
+    harden_in_place(["-c", "-f", str(path)])  # a check run carries nothing and records nothing
+    assert _replica_lines(path.read_text()) == []
+
+
+def test_kept_replicas_expire_and_a_removed_backend_is_forgotten(tmp_path, clean_env, monkeypatch):
+    state = tmp_path / CARRY_FILE
+    with_a = harden(ray_config(tmp_path, replicas=("a",)).read_text(), str(tmp_path))
+    empty = harden(ray_config(tmp_path, replicas=()).read_text(), str(tmp_path))
+    carry_servers(with_a, state, carry_s=30, now=1000.0)
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1029.0)) == ["SERVE_REPLICA_a"]
+    # Empty renderings do not renew the window: 30 s after the last real one, nothing is kept.
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1031.0)) == []
+    carry_servers(with_a, state, carry_s=30, now=2000.0)
+    no_backend = "\n".join(line for line in empty.splitlines() if "http-app" not in line)
+    carry_servers(no_backend, state, carry_s=30, now=2001.0)  # the app deleted: its backend gone
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=2002.0)) == []
+    monkeypatch.setenv("TEXTSERVE_INGRESS_REBUILD_CARRY_S", "soon")
+    with pytest.raises(ValueError, match="TEXTSERVE_INGRESS_REBUILD_CARRY_S"):
+        harden_in_place(["-db", "-f", str(ray_config(tmp_path))])

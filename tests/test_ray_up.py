@@ -175,18 +175,85 @@ class Hosts:
             time.sleep(0.2)
         return killed
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> list[str]:
+        """Every process of the hosts (by PID), the namespaces, the bridge; each step runs even if
+        one before it failed. Returns what is still there afterwards (nothing, normally)."""
+        problems = []
         for name in HOSTS:
             if self.ns[name] in self.made_ns:
-                self.kill_host(name)
+                try:
+                    self.kill_host(name)
+                except Exception as err:  # noqa: BLE001 - reported below
+                    problems.append(f"killing {name}: {err!r}")
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
+            try:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=30)
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"process {proc.pid}: {err!r}")
         for ns in self.made_ns:
+            if left := self.pids_of_ns(ns):
+                problems.append(f"{ns}: processes {left} still running")
             sh("ip", "netns", "del", ns, check=False)
         if self.made_bridge:
             sh("ip", "link", "del", self.bridge, check=False)
+        names = sh("ip", "netns", "list", check=False).stdout
+        problems += [f"namespace {ns} still there" for ns in self.made_ns if re.search(rf"^{ns}\b", names, re.M)]
+
+        def links() -> list[str]:
+            shown = sh("ip", "-o", "link", "show", check=False).stdout
+            return re.findall(rf"^\d+: (tsbr{self.tag}|tsv{self.tag}\d)[@:]", shown, re.M)
+
+        # the kernel frees a deleted namespace, and with it the veths' peers, a moment later
+        deadline = time.monotonic() + 15
+        while links() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for link in links():
+            sh("ip", "link", "del", link, check=False)
+        problems += [f"link {link} still there" for link in links()]
+        return problems
+
+    @staticmethod
+    def pids_of_ns(ns: str) -> list[int]:
+        return [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+
+
+def sweep_dead_runs() -> list[str]:
+    """What a run of this test that died before its cleanup (SIGKILL, a power cut) left: the
+    processes in its namespaces (by PID), the namespaces, its bridge and veths. A run is dead when
+    no pytest process has the PID its names carry (PID % 100000); this run has made nothing yet."""
+    alive = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if b"pytest" in (entry / "cmdline").read_bytes():
+                    alive.add(str(int(entry.name) % 100000))
+            except OSError:
+                continue
+    swept = []
+    names = sh("ip", "netns", "list", check=False).stdout
+    for ns, tag in re.findall(rf"^(ts(\d+)-(?:{'|'.join(HOSTS)}))\b", names, re.M):
+        if tag in alive:
+            continue
+        for _ in range(20):
+            if not (pids := Hosts.pids_of_ns(ns)):
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        sh("ip", "netns", "del", ns, check=False)
+        swept.append(ns)
+    links = sh("ip", "-o", "link", "show", check=False).stdout
+    for link, kind, digits in re.findall(r"^\d+: ((tsbr|tsv)(\d+))[@:]", links, re.M):
+        tag = digits if kind == "tsbr" else digits[:-1]  # a veth's name ends in the host's index
+        if tag not in alive:
+            sh("ip", "link", "del", link, check=False)
+            swept.append(link)
+    return swept
 
 
 def cluster_processes(hosts: Hosts, name: str) -> list[str]:
@@ -197,7 +264,7 @@ def cluster_processes(hosts: Hosts, name: str) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if re.search(r"raylet|gcs_server|ray::|dashboard|ray/_private|ray/autoscaler|default_worker|haproxy|log_monitor",
+        if re.search(r"raylet|gcs_server|ray::|dashboard|ray/_private|ray/autoscaler|default_worker|haproxy|log_monitor|node_watch",
                      cmd):
             found.append(f"{pid} {cmd[:160]}")
     return found
@@ -231,6 +298,8 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         assert shutil.which(tool), f"{tool} is not installed"
     assert Path("/usr/sbin/sshd").exists(), "openssh-server is not installed (apt-get install -y openssh-server)"
 
+    if swept := sweep_dead_runs():
+        log(f"removed what a dead run of this test left: {swept}")
     base = Path("/var/tmp") / f"tsrayup-{os.getpid()}"  # not /tmp: each host gets its own /tmp
     base.mkdir(parents=True)
     op_home = base / "operator"
@@ -250,10 +319,24 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
     # launches the second worker (seen here: "Adding 1 nodes to satisfy min count" every 5 s, no
     # launch). v1, which the on-prem docs ask for, brings up every worker_ips host.
     op_env["RAY_UP_enable_autoscaler_v2"] = "0"
+    # The operator's temp folder is the test's too: the local provider's cluster state and lock
+    # files go there (Ray puts them in $TMPDIR/ray), not in this machine's /tmp.
+    op_tmp = op_home / "tmp"
+    op_tmp.mkdir()
+    op_env["TMPDIR"] = str(op_tmp)
+    # Ray's SSH control sockets: always under /tmp (ray_ssh_<user hash>/<cluster hash>)
+    import getpass
+    import hashlib
+    ssh_control = Path("/tmp") / f"ray_ssh_{hashlib.sha256(getpass.getuser().encode()).hexdigest()[:10]}" / \
+        hashlib.sha256(b"textserve-onprem").hexdigest()[:10]
     hosts = Hosts(base / "hosts")
-    state_file = Path("/tmp/ray/cluster-textserve-onprem.state")
     config_path = base / "onprem.yaml"
-    state_file.unlink(missing_ok=True)
+    leftovers: list[str] = []
+
+    def terminated(signum, frame):  # a killed run still cleans up (finally below)
+        raise SystemExit(f"signal {signum}")
+
+    previous_handlers = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         # --- the operator's machine: SSH key, Ray token, secrets ---
         key = op_home / ".ssh" / "id_ed25519"
@@ -323,10 +406,34 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
                    env={**status_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
         right = sh(VENV_BIN / "ray", "status", "--address", f"{HOSTS['head']}:6379", check=False, timeout=120,
                    env={**status_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-        step("token check", wrong_rc=wrong.returncode, right_rc=right.returncode,
-             wrong_tail=(wrong.stdout + wrong.stderr)[-300:])
+        empty_home = base / "no-token-home"
+        empty_home.mkdir()
+        try:  # no token, no token mode
+            none = sh(VENV_BIN / "ray", "status", "--address", f"{HOSTS['head']}:6379", check=False, timeout=120,
+                      env={**status_env, "HOME": str(empty_home)})
+        except subprocess.TimeoutExpired as err:  # never answered: refused as well
+            none = subprocess.CompletedProcess(err.cmd, "timeout", str(err.stdout or ""), str(err.stderr or ""))
+        step("token check", wrong_rc=wrong.returncode, right_rc=right.returncode, no_token_rc=none.returncode,
+             wrong_tail=(wrong.stdout + wrong.stderr)[-300:], no_token_tail=(none.stdout + none.stderr)[-300:])
         assert right.returncode == 0, (right.stdout + right.stderr)[-2000:]
         assert wrong.returncode != 0, "a client with a wrong token was answered"
+        assert none.returncode != 0, "a client without a token was answered"
+        # the dashboard (Jobs API) listens on the head's loopback only, and answers only with the token
+        try:
+            outside = http("GET", f"http://{HOSTS['head']}:8265/api/jobs/", timeout=10)[0]
+        except OSError as err:
+            outside = repr(err)
+        jobs = ("import sys, urllib.request, urllib.error\n"
+                "req = urllib.request.Request('http://127.0.0.1:8265/api/jobs/', headers=dict(a.split(': ', 1) for a in sys.argv[1:]))\n"
+                "try:\n    print(urllib.request.urlopen(req, timeout=10).status)\n"
+                "except urllib.error.HTTPError as err:\n    print(err.code)\n")
+        inside = {label: sh("ip", "netns", "exec", hosts.ns["head"], VENV_BIN / "python", "-c", jobs, *headers,
+                            check=False).stdout.strip()
+                  for label, headers in (("no_token", []), ("wrong_token", ["Authorization: Bearer not-the-token"]),
+                                         ("token", [f"Authorization: Bearer {token}"]))}
+        step("dashboard check", from_outside=outside, on_the_head=inside)
+        assert not isinstance(outside, int), f"the dashboard answered on the head's address: {outside}"
+        assert inside == {"no_token": "401", "wrong_token": "403", "token": "200"}, inside
 
         # the secrets reached every node's raylet environment (and so every worker it starts)
         for name in ("head", "w1", "w2"):
@@ -339,7 +446,8 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
                     pass
             assert env_seen, f"no raylet on {name}"
             assert all(f"TEXTSERVE_INGRESS_SECRET={INGRESS_SECRET}".encode() in e
-                       and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e for e in env_seen), name
+                       and f"TEXTSERVE_FEEDBACK_TOKEN={FEEDBACK_TOKEN}".encode() in e
+                       and f"TEXTSERVE_OPERATOR_TOKEN={OPERATOR_TOKEN}".encode() in e for e in env_seen), name
             # only the source travelled: no artifacts or caches from this checkout on the host
             copied = hosts.host_dir(name) / "home/root/textserve"
             assert (copied / "serve" / "app.py").exists(), name
@@ -361,29 +469,32 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         step("ray down", rc=down.returncode, seconds=round(time.monotonic() - started, 1))
         assert down.returncode == 0, (down.stdout + down.stderr)[-4000:]
         # `ray down` of the local provider runs `ray stop` on the head only and marks the workers
-        # terminated; a worker's raylet (and its workers) exit once the GCS stays unreachable.
-        # Left behind on a surviving worker (seen here): Ray's log monitor (log_monitor.py loops
-        # forever once its raylet is gone) and Serve's HAProxy (its manager actor was SIGKILLed
-        # with the raylet's workers). On-prem, the operator then runs `ray stop` on each worker.
+        # terminated; a worker's raylet (and its workers) exit once the GCS has been unreachable
+        # for 60 s, and the shipped file's cluster/node_watch.py then ends what the raylet leaves
+        # (Ray's log monitor, its agents). Nothing else is run on the workers.
+        report["left_right_after_down"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
         started = time.monotonic()
-
-        def raylets_gone():
-            left = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
-            return left if not any(re.search(r"raylet|gcs_server", p) for procs in left.values() for p in procs) else None
-
-        left = poll(raylets_gone, 300, "every raylet gone after ray down", interval=5)
-        report["left_after_down"] = left
-        step("after ray down", seconds=round(time.monotonic() - started, 1), left=left)
-        assert not left["head"], left
-        for name in ("w1",):  # w2's host is dead
-            sh("ssh", "-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "BatchMode=yes", f"root@{HOSTS[name]}", "~/textserve/.venv/bin/ray stop", timeout=120)
         try:
-            poll(lambda: all(not cluster_processes(hosts, n) for n in ("head", "w1", "w2")) or None, 60,
-                 "no Ray process left after ray stop on the workers", interval=2)
+            poll(lambda: all(not cluster_processes(hosts, n) for n in ("head", "w1", "w2")) or None, 300,
+                 "no process of the cluster left after ray down", interval=2)
         finally:
-            report["left_after_ray_stop"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
-        step("no cluster process left after ray stop on each worker")
+            report["left_after_down"] = {n: cluster_processes(hosts, n) for n in ("head", "w1", "w2")}
+        step("no cluster process left on any host after ray down", seconds=round(time.monotonic() - started, 1))
+        # nor any other process but the hosts' own sshd (and the namespace's first process)
+        others = {}
+        for name in ("head", "w1", "w2"):
+            for pid in hosts.pids(name):
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if comm not in {"sshd", "sshd-session", "unshare"}:
+                    others.setdefault(name, []).append(f"{pid} {cmd[:160]}")
+        report["other_processes_after_down"] = others
+        assert not others, others
+        watch_log = list((hosts.host_dir("w1") / "tmp" / "ray").glob("session_2*/logs/textserve_node_watch.log"))
+        report["node_watch_log_w1"] = [p.read_text()[-1000:] for p in watch_log]
         if serve_failure is not None:
             raise serve_failure
     finally:
@@ -394,12 +505,21 @@ def test_ray_up_onprem_on_namespace_hosts(tmp_path_factory):
         except OSError:
             pass
         log(f"report: {json.dumps(report)[:4000]}")
-        hosts.cleanup()
-        state_file.unlink(missing_ok=True)
+        leftovers = hosts.cleanup()
+        for folder in (ssh_control, ssh_control.parent):  # empty once the SSH masters are gone
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
         if os.environ.get("TEXTSERVE_CLUSTER_KEEP") != "1":
             shutil.rmtree(base, ignore_errors=True)
         else:
             log(f"kept {base}")
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if leftovers:
+            log(f"LEFT AFTER CLEANUP: {leftovers}")
+    assert not leftovers, leftovers
 
 
 def _serve_part(hosts, ray_exec, config_path, op_env, base, step, report):
@@ -425,7 +545,12 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
                    f"--storage-path s3://{BUCKET}/textserve/ray_results", timeout=1500)
     (base / "train_job.log").write_text(out)
     assert "succeeded" in out.lower(), out[-4000:]
-    step("training job", seconds=round(time.monotonic() - started, 1))
+    # its one Ray Train worker ran on the node with `trainer` (the head) and published to the store
+    assert re.search(rf"ip={re.escape(HOSTS['head'])}, pid=\d+\) world_rank=0", out), out[-4000:]
+    trained = int(re.search(r"published model version (\d+) -> " + re.escape(store), out).group(1))
+    listing = http("GET", f"http://{HOSTS['store']}:5000/{BUCKET}?list-type=2&prefix=textserve/models/")[1]
+    assert f"textserve/models/v{trained:06d}/_COMMITTED" in str(listing), str(listing)[:2000]
+    step("training job", seconds=round(time.monotonic() - started, 1), version=trained)
 
     # serve deploy: serve_cluster.yaml with its store URI adapted, copied to the head
     serve_config = (ROOT / "cluster" / "serve_cluster.yaml").read_text().replace("s3://your-bucket/textserve/models", store)
@@ -451,6 +576,12 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
     code, _ = http("POST", f"http://{HOSTS['w1']}:8000/v1/feedback",
                    {"event_id": "no-token", "text": "turn on the lights", "label": "HassTurnOn"})
     assert code == 401, code  # no bearer token
+    for name in ("head", "w1", "w2"):  # operator details only with the operator token, on every ingress
+        for token in (None, FEEDBACK_TOKEN):
+            code, model = http("GET", f"http://{HOSTS[name]}:8000/v1/model", token=token)
+            assert code == 200 and "learner" not in model, (name, code, model)
+        code, model = http("GET", f"http://{HOSTS[name]}:8000/v1/model", token=OPERATOR_TOKEN)
+        assert code == 200 and "learner" in model, (name, code, model)
     acked = []
     for i in range(20):
         code, body = http("POST", f"http://{HOSTS['w1' if i % 2 else 'w2']}:8000/v1/feedback",
@@ -465,13 +596,22 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
         code, model = http("GET", f"http://{HOSTS['head']}:8000/v1/model", token=OPERATOR_TOKEN)
         return model.get("learner") if code == 200 and isinstance(model, dict) else None
 
-    try:  # learned and published (the gate may hold a round back: recorded, not required)
-        learned = poll(lambda: (s := learner_status()) and (s.get("served_offset") or -1) >= len(acked) - 1 and s,
-                       300, "the learner publishes a version with every event", interval=3)
-        report["learned"] = {k: learned.get(k) for k in ("log_length", "served_offset", "version", "replicas")}
-        step("feedback learned and published", served_offset=learned.get("served_offset"))
-    except TimeoutError as err:
-        report["learned"] = {"timeout": str(err), "status": learner_status()}
+    # learned, published, and loaded by both Classifier replicas (one per worker, checked below);
+    # the learner's base is the version the training job published
+    def learned_everywhere():
+        status = learner_status()
+        if not status or (status.get("served_offset") or -1) < len(acked) - 1:
+            return None
+        caught_up = [r for r in (status.get("replicas") or {}).values() if (r.get("log_offset") or -1) >= len(acked) - 1]
+        return status if len(caught_up) >= 2 else None
+
+    try:
+        learned = poll(learned_everywhere, 300, "every event learned and served by both replicas", interval=3)
+    finally:
+        report["learned"] = learner_status()
+    step("feedback learned and served by both replicas", served_offset=learned.get("served_offset"),
+         base_version=learned.get("base_version"))
+    assert learned.get("base_version") == trained, (learned.get("base_version"), trained)
 
     # where the replicas run: one Classifier on each worker (Serve spreads them; `serving` nodes only)
     where = ray_exec("python -c \"import ray, json, collections; ray.init(address='auto', logging_level='ERROR'); "
@@ -484,6 +624,30 @@ def _serve_steps(hosts, ray_exec, config_path, op_env, base, step, report):
     step("replicas placed", replicas=placement)
     assert placement.get(f"{HOSTS['w1']} Classifier") and placement.get(f"{HOSTS['w2']} Classifier"), placement
     assert placement.get(f"{HOSTS['head']} OnlineLearner") == 1, placement
+
+    # traffic stays among the test's hosts: the only connections with the operator's side (the
+    # bridge's address, in this machine's namespace) are the ones it opened (SSH, HTTP), and none
+    # is established anywhere else (nothing else is routed: the default gateway is nobody)
+    def address(endpoint: str) -> tuple[str, str]:
+        host, port = endpoint.rsplit(":", 1)
+        host = host.strip("[]")
+        return (host[7:] if host.startswith("::ffff:") else host), port
+
+    own = set(HOSTS.values())
+    outside = []
+    for name in HOSTS:
+        for line in sh("ip", "netns", "exec", hosts.ns[name], "ss", "-Htn", check=False).stdout.splitlines():
+            fields = line.split()
+            (_, local_port), (peer, _) = address(fields[-2]), address(fields[-1])
+            if peer.startswith("127.") or peer == "::1" or peer in own:
+                continue
+            if peer == OPERATOR_ADDR and local_port in {"22", "8000", "5000"}:
+                continue
+            if peer != OPERATOR_ADDR and fields[0] != "ESTAB":
+                continue  # an attempt to reach the outside that goes nowhere
+            outside.append(f"{name}: {line}")
+    report["connections_out"] = outside
+    assert not outside, outside
 
     # one worker host killed: serving continues on the others
     killed = hosts.kill_host("w2")
