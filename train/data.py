@@ -90,6 +90,9 @@ class DataSpec:
     # only) measured best on the template split's unseen names (docs/TRAINING.md); validation and
     # test values are held out of the generated pool in every mode.
     slots: str = "bundled"
+    # Extra training copies with made-up names, padding, typos... (train/augment.py): kinds joined
+    # with "+", or "none". Only the training loop applies it; the splits here are never augmented.
+    augment: str = "names+padding+typos"
     _scan_cap: int = field(default=2000, repr=False)  # expansions looked at per template
 
     def __post_init__(self) -> None:
@@ -110,6 +113,9 @@ class DataSpec:
             raise ValueError(f"unknown split {self.split!r}; choose one of {list(SPLIT_MODES)}")
         if self.slots not in SLOT_MODES:
             raise ValueError(f"unknown slot values {self.slots!r}; choose one of {list(SLOT_MODES)}")
+        from train.augment import parse_kinds
+
+        parse_kinds(self.augment)  # raises with the list of kinds
 
     @property
     def effective_split(self) -> str:
@@ -321,10 +327,11 @@ def _jsonl_rows(path: Path, content: str):
 def spec_from_record(data: dict) -> DataSpec:
     """The DataSpec a version's metrics.json "data" records. Versions trained before the
     template split existed record no "split": they were trained on a sentence split, so they are
-    rebuilt on today's sentence split. The expansion changed with the template split, so that is
+    rebuilt on today's sentence split, and versions from before training augmentation as
+    unaugmented. The expansion changed with the template split, so that is
     close to, not the same as, what they trained on (a few of its validation sentences were
     training sentences then): retrain or fine-tune to judge them exactly."""
-    return DataSpec(**{"split": "sentence", **data, "langs": tuple(data.get("langs") or ())})
+    return DataSpec(**{"split": "sentence", "augment": "none", **data, "langs": tuple(data.get("langs") or ())})
 
 
 def load_dataset(spec: DataSpec) -> Splits:
