@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-.PHONY: install demo test test-fast test-cluster
+.PHONY: install demo test test-fast test-cluster test-upgrade
 install: $(VENV)/.installed
 
 demo: install
@@ -24,6 +24,10 @@ test: install
 
 test-fast: install
 	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not integration" --timeout=120
+
+# Five `serve deploy`s of changed configs under load: nothing may fail (minutes).
+test-upgrade: install
+	TEXTSERVE_SLOW=1 flock /tmp/ray-tests.lock $(PY) -m pytest -q -s tests/test_rolling_upgrade.py --timeout=1500
 
 # The real `ray up` of cluster/onprem.yaml on hosts that are network namespaces (root; minutes).
 test-cluster: install

@@ -17,7 +17,7 @@ import sys
 
 COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
             "profile": "bench.profile", "drift": "bench.drift",
-            "features": "bench.features", "replay_rounds": "bench.replay_rounds", "cpu_split": "bench.cpu_split"}
+            "features": "bench.features", "quality": "bench.quality", "replay_rounds": "bench.replay_rounds", "cpu_split": "bench.cpu_split"}
 
 
 def main(argv: list[str]) -> int:

@@ -79,12 +79,16 @@ def report_text(load: dict, inclusive, own, threads, header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.compare import SYSTEMS, VARIANTS
+    from bench.compare import SYSTEMS, VARIANTS, split_system
+    from bench.systems import SourceTree
 
     serve_systems = [name for name in SYSTEMS if name in VARIANTS]
     p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="model store; its newest version is served")
-    p.add_argument("--system", default="textserve-batched-1", choices=serve_systems, help="which Serve system")
+    p.add_argument("--system", default="textserve-batched-1",
+                   help=f"which Serve system, from {','.join(serve_systems)}; SYSTEM@NAME with --tree NAME=PATH")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                   help="another checkout of this project whose system SYSTEM@NAME runs (as in bench compare)")
     p.add_argument("--users", type=int, default=400, help="closed-loop users during the recording (default 400)")
     p.add_argument("--duration", type=float, default=15.0, help="seconds recorded (default 15)")
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
@@ -92,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=("speedscope", "flamegraph"), default="speedscope")
     p.add_argument("--out", default="artifacts/profile/replica", help="output path without extension")
     a = p.parse_args(argv)
+    try:
+        trees = {t.name: t for t in map(SourceTree.parse, a.tree)}
+    except ValueError as e:
+        p.error(f"--tree {e}")
+    base, tree = split_system(a.system)
+    if base not in serve_systems or (tree is not None and tree not in trees):
+        p.error(f"--system {a.system}: choose from {serve_systems}, with @NAME only for a --tree NAME=PATH given")
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         p.error("py-spy is not installed: pip install -e '.[dev]'")
@@ -103,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recorded = Path(f"{out}.speedscope.json" if a.format == "speedscope" else f"{out}.svg")
-    with start_system(a.system, a.store) as system:
+    with start_system(a.system, a.store, trees) as system:
         url = f"{system.url}/v1/predict"
         asyncio.run(closed_loop(url, 8, 3, texts, keepalive))  # warm up
-        deployment = "NoopServe" if VARIANTS[a.system].kind == "noop" else "Classifier"
+        deployment = "NoopServe" if VARIANTS[base].kind == "noop" else "Classifier"
         pid = wait_for_replica(system.proc.pid, deployment)
         # The load starts first and outlasts the recording by a second on each side.
         recorder = subprocess.Popen(

@@ -27,12 +27,12 @@ What changes (settings from the environment, set by serve/ingress.py; defaults i
   rewritten to JSON; header values with control characters refused at the ingress (400);
 - without TEXTSERVE_INGRESS_FALLBACK=1, the `backup` server (Serve's Python proxy) is disabled:
   with no healthy replica HAProxy answers 503 at once instead of parking requests there.
-- a backend that a reload renders with no replica while the previous rendering, at most
-  TEXTSERVE_INGRESS_REBUILD_CARRY_S seconds before, listed some keeps those servers (still
-  health-checked): Serve 2.60 renders an application's backend empty while it rebuilds the
-  application for a `serve deploy` of changed args or code, although the old replicas keep
-  running until the new ones replace them; without this every deploy answers 503 for the
-  seconds the build takes (docs/SCALING.md, "Upgrades").
+- a backend that a reload renders with no replica keeps the replica servers of the last
+  rendering that listed some (still health-checked), for TEXTSERVE_INGRESS_REBUILD_CARRY_S
+  seconds from the first empty rendering: Serve 2.60 renders an application's backend empty for
+  a moment during a `serve deploy` (while it rebuilds the application, and at the start of a
+  rolling update), although the old replicas keep running until new ones replace them; without
+  this every deploy answers 503 for seconds (docs/SCALING.md, "Upgrades").
 - without TEXTSERVE_INGRESS_ACCESS_LOG=1, the global `log` target (Ray's access log: a syslog
   datagram per request to RAY_SERVE_HAPROXY_LOG_TARGET, 127.0.0.1:514 by default) is commented
   out, as the app's `enable_access_log: false` says; Ray's metrics socket line stays.
@@ -60,8 +60,8 @@ DEFAULTS = {
     "TEXTSERVE_INGRESS_ADMIN_BIND": "127.0.0.1",
     "TEXTSERVE_INGRESS_FALLBACK": "0",
     "TEXTSERVE_INGRESS_ACCESS_LOG": "0",
-    # How long a backend rendered empty keeps the replicas of the previous rendering: longer than
-    # an application build, short enough that replicas really gone are dropped (0: never).
+    # How long a backend rendered empty keeps the replicas of the last rendering that listed some:
+    # longer than an application build, short enough that replicas really gone are dropped (0: never).
     "TEXTSERVE_INGRESS_REBUILD_CARRY_S": "30",
 }
 _INT_SETTINGS = ("TEXTSERVE_INGRESS_REQUEST_TIMEOUT_S", "TEXTSERVE_INGRESS_CLIENT_TIMEOUT_S",
@@ -225,19 +225,24 @@ def _backend_servers(lines: list[str]) -> dict[str, list[str]]:
 
 def carry_servers(config: str, state_path: Path, carry_s: float, now: float) -> str:
     """`config` with a backend rendered without replicas given back the replica servers of the
-    previous rendering, when that rendering listed some at most `carry_s` seconds before `now`;
-    `state_path` keeps each backend's last non-empty server lines and when they were rendered."""
+    last rendering that listed some, for `carry_s` seconds from the first rendering without them;
+    `state_path` keeps each backend's last non-empty server lines and since when it is empty."""
     try:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError):
         state = {}
     lines = config.splitlines()
     current = _backend_servers(lines)
-    carried = {name: state[name]["servers"] for name, found in current.items()
-               if not found and name in state and 0 <= now - state[name]["at"] <= carry_s}
+    carried = {}
     for name, found in current.items():
         if found:
-            state[name] = {"servers": found, "at": now}
+            state[name] = {"servers": found, "empty_since": None}
+        elif name in state:
+            since = state[name]["empty_since"]
+            if since is None or since > now:
+                since = state[name]["empty_since"] = now
+            if now - since <= carry_s:
+                carried[name] = state[name]["servers"]
     state = {name: kept for name, kept in state.items() if name in current}
     tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(state))

@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
     slow_ok = os.environ.get("TEXTSERVE_SLOW") == "1"
     for item in items:
         if "slow" in item.keywords and not slow_ok:
-            item.add_marker(pytest.mark.skip(reason="slow (large model); run with TEXTSERVE_SLOW=1"))
+            why = item.get_closest_marker("slow").kwargs.get("reason", "slow (large model)")
+            item.add_marker(pytest.mark.skip(reason=f"{why}; run with TEXTSERVE_SLOW=1"))
         if _RAY_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in _RAY_MODULES:
             item.add_marker(pytest.mark.integration)
 

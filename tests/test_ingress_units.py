@@ -271,9 +271,11 @@ def test_kept_replicas_expire_and_a_removed_backend_is_forgotten(tmp_path, clean
     with_a = harden(ray_config(tmp_path, replicas=("a",)).read_text(), str(tmp_path))
     empty = harden(ray_config(tmp_path, replicas=()).read_text(), str(tmp_path))
     carry_servers(with_a, state, carry_s=30, now=1000.0)
-    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1029.0)) == ["SERVE_REPLICA_a"]
-    # Empty renderings do not renew the window: 30 s after the last real one, nothing is kept.
-    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1031.0)) == []
+    # The window opens at the first empty rendering, however long the servers were listed before.
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1500.0)) == ["SERVE_REPLICA_a"]
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1529.0)) == ["SERVE_REPLICA_a"]
+    # Empty renderings do not renew it: 30 s after the first one, nothing is kept.
+    assert _replica_lines(carry_servers(empty, state, carry_s=30, now=1531.0)) == []
     carry_servers(with_a, state, carry_s=30, now=2000.0)
     no_backend = "\n".join(line for line in empty.splitlines() if "http-app" not in line)
     carry_servers(no_backend, state, carry_s=30, now=2001.0)  # the app deleted: its backend gone

@@ -33,7 +33,8 @@ from tests._servers import PythonMServeRun, second_ray_env
 from tests._helpers import FEEDBACK_TOKEN
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration,
+              pytest.mark.slow(reason="five deploys under load take ~10 minutes on 2 cores (make test-upgrade)")]
 
 DEPLOYS = int(os.environ.get("TEXTSERVE_UPGRADE_DEPLOYS", "5"))
 FEEDBACK_GAP_S = 2.0  # the longest feedback may be refused per upgrade

@@ -7,7 +7,8 @@ import json
 import sys
 
 from train.data import SLOT_MODES, SPLIT_MODES, SUPPORTED_LANGS, DataFileError, DataSpec
-from train.job import DEFAULT_EPOCHS, TrainConfig
+from train.augment import KINDS as AUGMENT_KINDS
+from train.job import DEFAULT_ARCH, DEFAULT_EPOCHS, TrainConfig
 from train.model import ARCHS, SIZES, features_name
 from train.evaluate import format_summary
 from train.store_cache import redact
@@ -22,8 +23,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--size", choices=sorted(SIZES), default="small",
                    help="model size: small (tests, demo) or large (300-d embedding, ~80M parameters)")
     p.add_argument("--arch", choices=ARCHS,
-                   help="model family: lstm (embedding -> LSTM; the default for a new model) or cnn (embedding -> "
-                        "Conv1D widths 3/4/5 -> max pool); --fine-tune keeps the base version's family")
+                   help=f"model family: cnn (embedding -> Conv1D widths 3/4/5 -> max pool) or lstm (embedding -> "
+                        f"LSTM); default {DEFAULT_ARCH} for a new model; --fine-tune keeps the base version's family")
     p.add_argument("--char-ngrams", default="none", metavar="WIDTHS",
                    help="subword features for a new model: comma-separated character n-gram widths, e.g. 2,3,4 "
                         "(a token's vector is the mean of its word row and its n-grams' rows); none (the default): "
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         "templates and slot values; sentence: a random split of the sentences (a --data file always uses it)")
     p.add_argument("--slots", choices=SLOT_MODES, default=DataSpec.slots,
                    help=f"training slot values (areas, names, numbers; default {DataSpec.slots}): see docs/TRAINING.md")
+    p.add_argument("--augment", default=DataSpec.augment, metavar="KINDS",
+                   help=f"extra training copies of the bundled corpus' sentences: kinds joined with + from "
+                        f"{'+'.join(AUGMENT_KINDS)}, or none (default: {DataSpec.augment}; see docs/TRAINING.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus expansion and splits (default: 0)")
     p.add_argument("--epochs", type=int,
                    help=f"epochs (default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EPOCHS.items())})")
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         langs = tuple(x.strip() for x in a.langs.split(",") if x.strip())
         char_ngrams = _widths(a.char_ngrams)
         return TrainConfig(
-            size=a.size, arch=a.arch, char_ngrams=char_ngrams, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots), epochs=a.epochs,
+            size=a.size, arch=a.arch, char_ngrams=char_ngrams, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots, augment=a.augment), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
             use_gpu=a.use_gpu or a.gpus_per_worker is not None, gpus_per_worker=a.gpus_per_worker,
             store_uri=a.store, storage_path=a.storage_path,

@@ -90,6 +90,9 @@ class DataSpec:
     # only) measured best on the template split's unseen names (docs/TRAINING.md); validation and
     # test values are held out of the generated pool in every mode.
     slots: str = "bundled"
+    # Extra training copies with made-up names, padding, typos... (train/augment.py): kinds joined
+    # with "+", or "none". Only the training loop applies it; the splits here are never augmented.
+    augment: str = "names+padding+typos"
     _scan_cap: int = field(default=2000, repr=False)  # expansions looked at per template
 
     def __post_init__(self) -> None:
@@ -110,6 +113,9 @@ class DataSpec:
             raise ValueError(f"unknown split {self.split!r}; choose one of {list(SPLIT_MODES)}")
         if self.slots not in SLOT_MODES:
             raise ValueError(f"unknown slot values {self.slots!r}; choose one of {list(SLOT_MODES)}")
+        from train.augment import parse_kinds
+
+        parse_kinds(self.augment)  # raises with the list of kinds
 
     @property
     def effective_split(self) -> str:
@@ -320,10 +326,11 @@ def _jsonl_rows(path: Path, content: str):
 
 def spec_from_record(data: dict) -> DataSpec:
     """The DataSpec a version's metrics.json "data" records. A record without "split" names a
-    model trained on a sentence split, so it is rebuilt on the sentence split; such a record may
-    come from another corpus expansion, so the rebuilt split is close to, not the same as, what it
-    trained on (docs/TRAINING.md): retrain or fine-tune to judge it exactly."""
-    return DataSpec(**{"split": "sentence", **data, "langs": tuple(data.get("langs") or ())})
+    model trained on a sentence split, and one without "augment" a model trained unaugmented, so
+    they are rebuilt that way; such a record may come from another corpus expansion, so the
+    rebuilt split is close to, not the same as, what it trained on (docs/TRAINING.md): retrain or
+    fine-tune to judge it exactly."""
+    return DataSpec(**{"split": "sentence", "augment": "none", **data, "langs": tuple(data.get("langs") or ())})
 
 
 def load_dataset(spec: DataSpec) -> Splits:

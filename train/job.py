@@ -20,12 +20,13 @@ from pathlib import Path
 from train.data import DataSpec
 
 DEFAULT_EPOCHS = {"small": 15, "large": 2}
+DEFAULT_ARCH = "cnn"  # a new model's family when --arch is not given (docs/TRAINING.md: measured over seeds)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "small"
-    arch: str | None = None  # lstm or cnn; None: lstm, or a fine-tune's base family
+    arch: str | None = None  # lstm or cnn; None: DEFAULT_ARCH, or a fine-tune's base family
     char_ngrams: tuple[int, ...] = ()  # subword features of a new model (widths); () words alone
     data: DataSpec = field(default_factory=DataSpec)
     epochs: int | None = None  # None: DEFAULT_EPOCHS for the size
@@ -103,11 +104,13 @@ def _train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
+    from train.augment import augment, parse_kinds
     from train.data import load_dataset
     from train.model import compile_for_training, features_name, new_model, save_model_dir
 
     spec = DataSpec(**{**config["data"], "langs": tuple(config["data"]["langs"])})
     splits = load_dataset(spec)
+    splits = dataclasses.replace(splits, train=augment(splits.train, spec.seed, parse_kinds(spec.augment), spec.slots))
     gpus = tf.config.list_physical_devices("GPU")
     # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs: several only with gpus_per_worker > 1
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -311,7 +314,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     extra, log_offset = _fine_tune_inputs(cfg, store, pin_owner) if cfg.fine_tune else ({}, None)
     loop_config = {
         "size": cfg.size,
-        "arch": cfg.arch or "lstm",
+        "arch": cfg.arch or DEFAULT_ARCH,
         "char_ngrams": list(cfg.char_ngrams),
         "data": dataclasses.asdict(cfg.data),
         "epochs": cfg.num_epochs,
