@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -221,12 +222,17 @@ class Classifier:
             except asyncio.TimeoutError:
                 logger.warning("feedback not accepted: the learner did not answer in %s s", SUBMIT_TIMEOUT_S)
                 raise unavailable from None
-            except Exception as err:  # the learner stopping or restarting: nothing was acknowledged
+            except (RayActorError, ActorUnavailableError) as err:
+                # The learner stopping or restarting. It may have written the events before it
+                # died: the retry then answers them as duplicates, acknowledged once in the log.
                 if time.monotonic() >= deadline:
                     logger.warning("feedback not accepted, learner unavailable: %r", err)
                     raise unavailable from None
                 await asyncio.sleep(HANDOVER_RETRY_S)
                 continue
+            except Exception as err:  # anything else (a bug on either side): not retried
+                logger.warning("feedback not accepted, learner call failed: %r", err)
+                raise unavailable from None
             if not isinstance(reply, NotOwnerAnswer) or time.monotonic() >= deadline:
                 return reply
             await asyncio.sleep(HANDOVER_RETRY_S)  # a standby answered: the owner may be handing over

@@ -28,8 +28,9 @@ What changes (settings from the environment, set by serve/ingress.py; defaults i
 - without TEXTSERVE_INGRESS_FALLBACK=1, the `backup` server (Serve's Python proxy) is disabled:
   with no healthy replica HAProxy answers 503 at once instead of parking requests there.
 - a backend that a reload renders with no replica keeps the replica servers of the last
-  rendering that listed some (still health-checked), for TEXTSERVE_INGRESS_REBUILD_CARRY_S
-  seconds from the first empty rendering: Serve 2.60 renders an application's backend empty for
+  rendering that listed some (still health-checked), in every reload within
+  TEXTSERVE_INGRESS_REBUILD_CARRY_S seconds from the first empty rendering (the window is checked
+  at reloads: the first reload after it drops them): Serve 2.60 renders an application's backend empty for
   a moment during a `serve deploy` (while it rebuilds the application, and at the start of a
   rolling update), although the old replicas keep running until new ones replace them; without
   this every deploy answers 503 for seconds (docs/SCALING.md, "Upgrades").
@@ -210,15 +211,21 @@ def harden(config: str, error_dir: str, env=os.environ) -> str:
     return "\n".join(out) + "\n"
 
 
+CARRIED_NOTE = "    # replicas kept from the previous rendering while the application rebuilds"
+
+
 def _backend_servers(lines: list[str]) -> dict[str, list[str]]:
-    """Each application backend's replica server lines, by backend name."""
-    servers, section = {}, ""
+    """Each application backend's replica server lines, by backend name (lines this module carried
+    over into a config, after CARRIED_NOTE, are not Ray's and do not count)."""
+    servers, section, carried = {}, "", False
     for line in lines:
         if line and not line[0].isspace():
-            section = line.strip()
+            section, carried = line.strip(), False
             if section.startswith("backend ") and section != "backend default_backend":
                 servers[section] = []
-        elif section in servers and line.strip().startswith(REPLICA_SERVER):
+        elif line == CARRIED_NOTE:
+            carried = True
+        elif section in servers and not carried and line.strip().startswith(REPLICA_SERVER):
             servers[section].append(line)
     return servers
 
@@ -227,6 +234,8 @@ def carry_servers(config: str, state_path: Path, carry_s: float, now: float) -> 
     """`config` with a backend rendered without replicas given back the replica servers of the
     last rendering that listed some, for `carry_s` seconds from the first rendering without them;
     `state_path` keeps each backend's last non-empty server lines and since when it is empty."""
+    if CARRIED_NOTE in config:  # carried over already (the wrapper run twice on one rendering)
+        return config
     try:
         state = json.loads(state_path.read_text())
     except (OSError, ValueError):
@@ -249,7 +258,7 @@ def carry_servers(config: str, state_path: Path, carry_s: float, now: float) -> 
     os.replace(tmp, state_path)
     if not carried:
         return config
-    note = "    # replicas kept from the previous rendering while the application rebuilds"
+    note = CARRIED_NOTE
     out, section = [], ""
     for line in lines:
         if line and not line[0].isspace():
@@ -277,7 +286,10 @@ def harden_in_place(args: list[str], env=os.environ) -> None:
     if carry_s and "-c" not in args:  # a check run (-c) renders nothing HAProxy will serve
         import time
 
-        hardened = carry_servers(hardened, source.parent / CARRY_FILE, carry_s, time.time())
+        try:
+            hardened = carry_servers(hardened, source.parent / CARRY_FILE, carry_s, time.time())
+        except (OSError, ValueError, KeyError, TypeError) as err:  # never keep HAProxy from starting
+            print(f"haproxy_hardening: replicas not carried over ({err!r})", file=sys.stderr)
     if hardened != text:
         tmp = source.with_name(f".{source.name}.{os.getpid()}")
         tmp.write_text(hardened)

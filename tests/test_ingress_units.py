@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -258,6 +259,14 @@ def test_a_backend_rendered_empty_keeps_the_previous_replicas_while_the_app_rebu
     harden_in_place(["-db", "-f", str(path)])
     assert _replica_lines(path.read_text()) == ["SERVE_REPLICA_a", "SERVE_REPLICA_b"]
     haproxy_check(path)  # still a valid config, the kept servers health-checked as before
+    harden_in_place(["-db", "-f", str(path)])  # the wrapper run again on a carried config
+    assert _replica_lines(path.read_text()).count("SERVE_REPLICA_a") == 1
+    state = json.loads((tmp_path / CARRY_FILE).read_text())
+    assert state["backend http-app"]["empty_since"] is not None  # carried lines do not renew the window
+    (tmp_path / CARRY_FILE).write_text('{"backend http-app": []}')  # a damaged state file
+    ray_config(tmp_path, replicas=())
+    harden_in_place(["-db", "-f", str(path)])  # HAProxy still gets a config, with nothing carried
+    haproxy_check(path)
     ray_config(tmp_path, replicas=("c",))  # the new replicas: only they
     harden_in_place(["-db", "-f", str(path)])
     assert _replica_lines(path.read_text()) == ["SERVE_REPLICA_c"]

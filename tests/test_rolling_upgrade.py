@@ -101,9 +101,10 @@ class Traffic:
         while not self.stop.wait(0.1):
             i += 1
             event = {"event_id": f"probe-{i}", "text": f"switch on lamp number {i}", "label": LABELS[i % 2]}
-            code, _ = self._outcome(lambda: requests.post(f"{self.url}/v1/feedback", json=event, headers=AUTH,
+            code, r = self._outcome(lambda: requests.post(f"{self.url}/v1/feedback", json=event, headers=AUTH,
                                                           timeout=10))
-            self.feedback.append((time.time(), code, event["event_id"]))
+            offset = r.json()["offsets"][0] if code == 202 else None
+            self.feedback.append((time.time(), code, event["event_id"], offset))
 
     def _send_cli(self):
         """The send CLI run again and again on small files, as a feedback pipeline would."""
@@ -167,6 +168,17 @@ def settled(cli_env: dict, dashboard: str, wanted: dict) -> bool:
                for name, n in wanted.items())
 
 
+def serving(url: str) -> tuple[set[str], int]:
+    """The Classifier replicas answering now (as many asks as it takes to see them all) and the
+    learner's pid."""
+    replicas, pid = set(), None
+    for _ in range(12):
+        info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()
+        replicas.add(info["replica"])
+        pid = (info.get("learner") or {}).get("pid", pid)
+    return replicas, pid
+
+
 def test_five_deploys_under_load_lose_nothing(trained_store, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -190,13 +202,19 @@ def test_five_deploys_under_load_lose_nothing(trained_store, tmp_path):
                     new, kind = changed(config, step)
                     path = tmp_path / f"deploy-{step}.yaml"
                     path.write_text(yaml.safe_dump(new))
+                    old_replicas, old_learner = serving(url)
                     start = time.time()
                     run = subprocess.run([str(Path(sys.executable).with_name("serve")), "deploy", str(path), "-a",
                                           dashboard], capture_output=True, text=True, env=cli_env, timeout=120)
                     assert run.returncode == 0, run.stdout + run.stderr
-                    time.sleep(2)  # the controller takes the new config before status moves off RUNNING
-                    wait_until(lambda: settled(cli_env, dashboard, wanted), timeout=300, interval=1,
-                               what=f"deploy {step} ({kind}) settled")
+
+                    def replaced():  # the rollout done: what the change replaces replaced, all settled
+                        replicas, learner_pid = serving(url)
+                        return ((kind == "classifier" or learner_pid not in (None, old_learner))
+                                and (kind == "learner" or not replicas & old_replicas)
+                                and settled(cli_env, dashboard, wanted))
+
+                    wait_until(replaced, timeout=400, interval=1, what=f"deploy {step} ({kind}) rolled out")
                     windows.append((kind, start, time.time()))
                     print(f"deploy {step} ({kind}): settled in {time.time() - start:.1f} s")
             learner = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["learner"]
@@ -215,11 +233,14 @@ def test_five_deploys_under_load_lose_nothing(trained_store, tmp_path):
     # Every acknowledged event in the log exactly once (the probes' 202s and every CLI run's events).
     from train.log_reader import FeedbackLogReader
 
-    logged = [e.event_id for e in FeedbackLogReader(state_dir).iter_from(0)]
-    acked = {event_id for _, code, event_id in traffic.feedback if code == 202}
+    events = list(FeedbackLogReader(state_dir).iter_from(0))
+    logged, at = [e.event_id for e in events], {e.offset: e.event_id for e in events}
+    acked = {event_id for _, code, event_id, _ in traffic.feedback if code == 202}
+    # each probe's 202 named the offset its event was written at
+    assert all(at.get(offset) == event_id for _, code, event_id, offset in traffic.feedback if code == 202)
     acked |= {f"cli-{run}-{i}" for run in range(1, len(traffic.cli_runs) + 1) for i in range(6)
               if traffic.cli_runs[run - 1][0] == 0}
-    assert len(logged) == len(set(logged)), "an event logged twice"
+    assert len(logged) == len(set(logged)), "an event logged twice"  # by id, whatever retried it
     assert acked <= set(logged), sorted(acked - set(logged))[:10]
     # A replica's versions never go back within a lineage.
     for replica, seen in traffic.versions.items():
