@@ -4,6 +4,7 @@ acknowledged.
 Over ~400 lines on purpose: append, recovery on open, marks and compaction share one set of
 crash-consistency invariants (what is on disk after a failure at any byte), kept in one file
 so they are read and changed together.
+
 Each accepted event gets the next offset (0, 1, 2, ...), dense across segments. The log is the
 source of truth: the learner's state is "snapshot at offset X + replay of every event after X".
 Appending is idempotent on `event_id`: a resend of the same event returns the offset it already

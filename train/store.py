@@ -3,6 +3,7 @@
 Over ~400 lines on purpose: claims, publish, the commit marker, listing and retention share one
 protocol between concurrent publishers on object stores without rename, kept in one file so it is
 read and changed together.
+
 The root is a local folder by default, or any URI pyarrow's filesystems understand (s3://, gs://,
 hdfs://; options such as `s3://bucket/models?endpoint_override=127.0.0.1:9000&scheme=http` stay
 at the end of the URI), so a cluster can share one store. Object stores cannot rename folders, so
