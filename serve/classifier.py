@@ -307,7 +307,8 @@ class Classifier:
     @api.api_route("/healthz", methods=["GET", "HEAD"],  # HEAD: load balancer probes
                    summary="200 once this replica has a model on the learner's current lineage, or one holding "
                            "every event the learner had judged (its ready_offset); with the learner unreachable, "
-                           "once it has a model (said in 'learner'); 503 before")
+                           "once it has a model (said in 'learner'); once ready, it stays ready while it syncs to a newer "
+                           "lineage ('syncing'); 503 before")
     async def healthz(self):
         ready, why = self._follower.readiness()
         if why == "no_model":
@@ -317,6 +318,6 @@ class Classifier:
                                                {"Retry-After": "1"}))
         body = {"status": "ready", "model_version": self._follower.model.version}
         if self._learner is not None:
-            body["learner"] = "unreachable" if why == "learner_unreachable" else "in_sync"
+            body["learner"] = {"learner_unreachable": "unreachable", "syncing": "syncing"}.get(why, "in_sync")
             body["staleness_s"] = round(self._follower.staleness_s(), 3)
         return json_response(body)

@@ -205,9 +205,14 @@ class ModelFollower:
     def staleness_s(self) -> float:
         return time.monotonic() - self._fresh_at
 
+    _was_ready = False  # met the learner's target once: serving, not starting
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, why). Ready: a model, and the learner's current lineage (or, while it replays,
-        every event it had acknowledged); without a reachable learner, whatever this replica has."""
+        every event it had acknowledged); without a reachable learner, whatever this replica has.
+        A replica that met the target once stays ready while it syncs to a newer one ("syncing":
+        a new learner's lineage after a handover or deploy reaches every replica at once, and
+        taking them all out of a load balancer would stop serving; staleness has its own bound)."""
         served, info = self.model, self.learner_info
         if served is None:
             return False, "no_model"
@@ -219,5 +224,6 @@ class ModelFollower:
             return True, "learner_unreachable"
         on_lineage = info.identity is not None and served.lineage == info.identity.lineage
         if on_lineage or served.log_offset >= info.ready_offset:
+            self._was_ready = True
             return True, "ready"
-        return False, "catching_up"
+        return (True, "syncing") if self._was_ready else (False, "catching_up")

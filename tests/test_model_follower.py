@@ -125,8 +125,8 @@ def test_a_learner_that_names_no_epoch_is_followed(follower, trained_store):
 
 def test_readiness_follows_the_owner_and_survives_a_handover(trained_store):
     """Readiness from the learner's answers: an owner still adopting (no target yet) leaves a
-    serving replica ready; an owner whose target the replica lacks makes it catch up; a standby's
-    answer changes nothing."""
+    serving replica ready; an owner whose target a starting replica lacks makes it catch up; a
+    standby's answer changes nothing; a replica that met a target once stays ready while it syncs."""
     from serve.model_follower import ModelFollower
     from serve.settings import AppSettings
 
@@ -148,3 +148,6 @@ def test_readiness_follows_the_owner_and_survives_a_handover(trained_store):
         assert follower.readiness() == (False, "catching_up")
         assert answer(epoch=4, owner=True, ready_offset=served.log_offset)
         assert follower.readiness() == (True, "ready")
+        # Ready once: a newer target (the next learner's replay after a deploy) leaves it serving.
+        assert answer(epoch=5, owner=True, ready_offset=served.log_offset + 9)
+        assert follower.readiness() == (True, "syncing")
