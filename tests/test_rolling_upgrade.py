@@ -217,7 +217,15 @@ def test_five_deploys_under_load_lose_nothing(trained_store, tmp_path):
                     wait_until(replaced, timeout=400, interval=1, what=f"deploy {step} ({kind}) rolled out")
                     windows.append((kind, start, time.time()))
                     print(f"deploy {step} ({kind}): settled in {time.time() - start:.1f} s")
-            learner = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["learner"]
+            # The new learner serving: every replica within the staleness bound again, within one
+            # bound's time (a replica replaced last may still be loading its first update).
+            def fresh():
+                info = requests.get(f"{url}/v1/model", headers=AUTH, timeout=10).json()["learner"]
+                return (info.get("owner") and info.get("staleness_s") is not None
+                        and info["staleness_s"] <= info["max_staleness_s"] and info)
+
+            learner = wait_until(fresh, timeout=config["applications"][0]["args"]["learner"]["max_staleness_s"],
+                                 interval=0.5, what="every replica within the staleness bound")
     finally:
         stop_stray_haproxy(before)
 
