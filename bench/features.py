@@ -33,21 +33,16 @@ def parse_features(text: str) -> list[tuple[int, ...]]:
     return out
 
 
-def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: int) -> dict:
+def fit_best(model, train: list, validation: list, index: dict, seed: int, epochs: int,
+             one_hot: bool = False) -> tuple[dict, float]:
+    """Fit `model` in this process (batches of 64, shuffled by `seed`) and leave it with the weights
+    of its best validation epoch; returns ({"val", "epoch"}, wall seconds)."""
     import keras
     import tensorflow as tf
 
-    from train.data import DataSpec, load_dataset
-    from train.model import accuracy, compile_for_training, features_name, new_model
-
-    splits = load_dataset(DataSpec(langs=(lang,), seed=seed))
-    index = {name: i for i, name in enumerate(splits.labels)}
-    keras.utils.set_random_seed(seed)
-    loaded = new_model("small", splits.labels, arch, grams)
-    compile_for_training(loaded.model)
-
     def dataset(examples, shuffle: bool):
-        ds = tf.data.Dataset.from_tensor_slices(([e.text for e in examples], [index[e.label] for e in examples]))
+        y = [index[e.label] for e in examples]
+        ds = tf.data.Dataset.from_tensor_slices(([e.text for e in examples], tf.one_hot(y, len(index)) if one_hot else y))
         if shuffle:
             ds = ds.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
         return ds.batch(64).prefetch(2)
@@ -60,10 +55,26 @@ def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: i
                 best.update(val=float(logs["val_accuracy"]), epoch=epoch + 1, weights=self.model.get_weights())
 
     started = time.perf_counter()
-    loaded.model.fit(dataset(splits.train, True), validation_data=dataset(splits.validation, False),
-                     epochs=epochs, callbacks=[KeepBest()], verbose=0)
+    model.fit(dataset(train, True), validation_data=dataset(validation, False), epochs=epochs,
+              callbacks=[KeepBest()], verbose=0)
     wall = time.perf_counter() - started
-    loaded.model.set_weights(best.pop("weights"))
+    model.set_weights(best.pop("weights"))
+    return best, wall
+
+
+def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: int) -> dict:
+    import keras
+
+    from train.data import DataSpec, load_dataset
+    from train.model import accuracy, compile_for_training, features_name, new_model
+
+    splits = load_dataset(DataSpec(langs=(lang,), seed=seed))
+    index = {name: i for i, name in enumerate(splits.labels)}
+    keras.utils.set_random_seed(seed)
+    loaded = new_model("small", splits.labels, arch, grams)
+    compile_for_training(loaded.model)
+
+    best, wall = fit_best(loaded.model, splits.train, splits.validation, index, seed, epochs)
 
     def score(examples):
         return accuracy(loaded, [e.text for e in examples], [e.label for e in examples]) if examples else None

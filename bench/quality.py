@@ -46,7 +46,6 @@ def command_for(r: dict) -> str:
 
 def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smoothing: float, epochs: int) -> dict:
     import keras
-    import tensorflow as tf
 
     from train.augment import augment, parse_kinds
     from train.data import DataSpec, load_dataset
@@ -68,26 +67,9 @@ def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smo
 
         compile_for_training(loaded.model)
 
-    def dataset(examples, shuffle: bool):
-        y = [index[e.label] for e in examples]
-        labels = tf.one_hot(y, len(index)) if label_smoothing else y
-        ds = tf.data.Dataset.from_tensor_slices(([e.text for e in examples], labels))
-        if shuffle:
-            ds = ds.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(64).prefetch(2)
+    from bench.features import fit_best
 
-    best = {"val": -1.0}
-
-    class KeepBest(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if logs["val_accuracy"] > best["val"]:
-                best.update(val=float(logs["val_accuracy"]), epoch=epoch + 1, weights=self.model.get_weights())
-
-    started = time.perf_counter()
-    loaded.model.fit(dataset(train, True), validation_data=dataset(splits.validation, False),
-                     epochs=epochs, callbacks=[KeepBest()], verbose=0)
-    wall = time.perf_counter() - started
-    loaded.model.set_weights(best.pop("weights"))
+    best, wall = fit_best(loaded.model, train, splits.validation, index, seed, epochs, one_hot=bool(label_smoothing))
 
     test_pred = predictions(loaded, [e.text for e in splits.test])
     summary = confusion_summary([e.label for e in splits.test], test_pred, worst=5, pairs=8)
