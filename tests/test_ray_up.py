@@ -128,15 +128,23 @@ class Hosts:
                 "UsePAM no\nStrictModes no\nPrintMotd no\nAuthorizedKeysFile /home/root/.ssh/authorized_keys\n"
                 "MaxStartups 100\nMaxSessions 100\nSubsystem sftp internal-sftp\n")
 
+    @staticmethod
+    def keep_root(d: Path) -> str:
+        """Shell that binds this checkout at {d}/rootsrc before a host's own /tmp and /home hide
+        it (a CI clone under /tmp), so the host can bind it back at its own path."""
+        (d / "rootsrc").mkdir(exist_ok=True)
+        return f"mount --bind {ROOT} {d}/rootsrc; "
+
     def start_sshd(self, name: str) -> None:
         d = self.host_dir(name)
         script = (
             "set -e; "
+            f"{self.keep_root(d)}"  # the checkout may live under /tmp, which the host replaces
             f"mount --bind {d}/home /home; mount --bind {d}/tmp /tmp; mount --bind {d}/mnt /mnt; "
             f"mount --bind {d}/etc/passwd /etc/passwd; "
-            f"mount -t overlay overlay -o lowerdir={ROOT}/.venv,upperdir={d}/venv-up,workdir={d}/venv-work "
+            f"mount -t overlay overlay -o lowerdir={d}/rootsrc/.venv,upperdir={d}/venv-up,workdir={d}/venv-work "
             "/home/root/textserve/.venv; "
-            f"mount --rbind /home/root/textserve {ROOT}; "
+            f"mkdir -p {ROOT}; mount --rbind /home/root/textserve {ROOT}; "
             "mkdir -p /run/sshd; "
             f"exec /usr/sbin/sshd -D -e -f {d}/etc/sshd_config"
         )
@@ -148,7 +156,8 @@ class Hosts:
     def run_in(self, name: str, script: str, log_name: str) -> subprocess.Popen:
         """A long-lived process on a host (its own mounts), e.g. the S3 server."""
         d = self.host_dir(name)
-        full = (f"set -e; mount --bind {d}/tmp /tmp; mount --bind {d}/home /home; exec {script}")
+        full = (f"set -e; {self.keep_root(d)}mount --bind {d}/tmp /tmp; mount --bind {d}/home /home; "
+                f"mkdir -p {ROOT}; mount --bind {d}/rootsrc {ROOT}; exec {script}")
         out = open(d / log_name, "w")
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns[name], *UNSHARE, "sh", "-c", full],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
