@@ -293,6 +293,10 @@ class OnlineLearner(Lineages, Rounds, Publishing, StatusReport):
             return UpdatesAnswer(kind, info, (await self._full_ref(),))
         return UpdatesAnswer(kind, info)
 
+    def goodbye(self, replica: str) -> None:
+        """A replica Serve is stopping (a rollout, a downscale): stop counting it as live."""
+        self.reports.forget(replica)
+
     async def check_health(self) -> None:
         if self._fenced:  # superseded: a new replica starts as a standby (or owner) instead
             raise RuntimeError(self._fenced)

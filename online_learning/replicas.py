@@ -75,6 +75,11 @@ class ReplicaReports:
         for name in [r for r, v in self.replicas.items() if now - v.seen > REPLICA_FORGET_S]:
             del self.replicas[name]
 
+    def forget(self, replica: str) -> None:
+        """A replica that said goodbye (Serve stopping it): its old offset no longer holds the
+        staleness figure up for REPLICA_LIVE_S after it is gone."""
+        self.replicas.pop(replica, None)
+
     def live(self, now: float | None = None) -> dict[str, ReplicaReport]:
         now = self.clock() if now is None else now
         return {r: v for r, v in self.replicas.items() if now - v.seen < REPLICA_LIVE_S}

@@ -130,6 +130,10 @@ class Classifier:
         # FastAPI app @serve.ingress set up (its routes bound to this replica).
         return PredictFirst(self, self._asgi_app)
 
+    async def __del__(self):
+        if hasattr(self, "_follower"):  # not when __init__ failed before it
+            await self._follower.stop()
+
     async def check_health(self) -> None:
         problem = self._follower.health_problem()
         if problem is not None:

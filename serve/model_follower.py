@@ -31,6 +31,7 @@ logger = logging.getLogger("ray.serve")
 # builds full weights for a new version (seconds for the large model) must not read as down.
 POLL_TIMEOUT_MIN_S = 5.0
 POLL_TIMEOUT_POLLS = 4
+GOODBYE_TIMEOUT_S = 2.0  # a stopping replica waits at most this long to tell the learner
 
 
 class ModelFollower:
@@ -63,6 +64,18 @@ class ModelFollower:
                 self.sync_error = repr(err)
                 logger.warning("started on v%s without the learner's current weights (%r)", self.model.version, err)
         self._poller = loop.create_task(self._follow())
+
+    async def stop(self) -> None:
+        """Serve stopping this replica: stop polling, then tell the learner (bounded wait), so a
+        replica replaced in a rollout stops counting in the learner's staleness figure at once."""
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.learner is None:
+            return
+        try:
+            await asyncio.wait_for(self.learner.goodbye.remote(self.replica), timeout=GOODBYE_TIMEOUT_S)
+        except Exception as err:  # the learner gone too: it forgets silent replicas after REPLICA_LIVE_S
+            logger.info("could not tell the learner this replica stops: %r", err)
 
     def health_problem(self) -> str | None:
         """Why Serve should replace this replica, or None: the poller died, or (only while the

@@ -352,6 +352,13 @@ def test_replica_reports_track_the_oldest_event_a_live_replica_lacks():
     assert reports.oldest_unserved() is None
     reports.report("c", ReplicaIdentity("L", 1, "d", 7), now=101.0 + REPLICA_FORGET_S + 1)
     assert set(reports.replicas) == {"c"} and reports.max_reported == 9  # forgotten, the number not
+    reports.acknowledged([8], now=101.0 + REPLICA_FORGET_S + 2)
+    reports.report("d", ReplicaIdentity("L", 9, "d", 8), now=101.0 + REPLICA_FORGET_S + 2)
+    reports.prune(served_offset=8, now=101.0 + REPLICA_FORGET_S + 3)
+    assert reports.oldest_unserved() is not None  # "c" (live, at offset 7) lacks event 8
+    reports.forget("c")  # Serve stopped it (a rollout): it said goodbye
+    reports.prune(served_offset=8, now=101.0 + REPLICA_FORGET_S + 3)
+    assert reports.oldest_unserved() is None and set(reports.replicas) == {"d"}
 
 
 def test_followups_are_owed_by_rounds_that_learned_and_paid_by_follow_up_rounds():
