@@ -16,15 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from online_learning.protocol import FeedbackEvent, NotOwnerAnswer, SubmitAnswer
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 from serve.batcher import ModelBatcher
-from serve.feedback import check_token, client_key, feedback_json_schema, parse_feedback, submit_answer, token_ok
+from serve.feedback import (LEARNER_RETRY_AFTER, check_token, client_key, feedback_json_schema, parse_feedback,
+                            submit_answer, submit_through_handover, token_ok)
 from serve.ingress import trusted_client_header
 from serve.model_follower import ModelFollower
 from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, dumps, error_body, error_response, json_response,
@@ -35,17 +34,9 @@ from train.store_cache import redact
 logger = logging.getLogger("ray.serve")
 
 # Calls to the learner on a request's path wait at most this long; past it the learner counts as
-# unavailable (503 with Retry-After) rather than holding the client. A submit fsyncs the log before
-# it answers, so it gets longer than the in-memory calls (the rate limit's admit, the status).
-SUBMIT_TIMEOUT_S = 10.0
+# unavailable (503 with Retry-After) rather than holding the client (a submit: serve/feedback.py).
 ADMIT_TIMEOUT_S = 5.0
 STATUS_TIMEOUT_S = 5.0
-# A feedback request waits this long for a learner handover (the old owner stopping, a standby
-# taking the log) before it answers 503, retrying every HANDOVER_RETRY_S.
-HANDOVER_WAIT_S = 5.0
-HANDOVER_RETRY_S = 0.1
-# Retry-After of a 503 while the learner is unreachable: a learner restart takes seconds.
-LEARNER_RETRY_AFTER = {"Retry-After": "2"}
 # Retry-After while no model is loaded: a replica without one looks in the store every model_poll_s.
 NO_MODEL_RETRY_AFTER = {"Retry-After": "5"}
 
@@ -207,39 +198,10 @@ class Classifier:
         except RequestError as err:
             return self._reject(err)
         try:
-            return json_response(submit_answer(await self._submit(events)), status=202)
+            return json_response(submit_answer(
+                await submit_through_handover(self._learner, events, self._follower.sync_error)), status=202)
         except RequestError as err:  # refused by the learner, or none reachable: nothing was acknowledged
             return self._reject(err)
-
-    async def _submit(self, events: list[FeedbackEvent]) -> SubmitAnswer:
-        """The learner's answer to `events`, riding through a learner handover: answers from a
-        standby (`not_owner`) and calls that failed (the old owner stopping) are retried for up to
-        HANDOVER_WAIT_S (safe: an event already written is answered as a duplicate of itself).
-        A learner known down (its polls fail) or silent for SUBMIT_TIMEOUT_S is not waited for."""
-        deadline = time.monotonic() + HANDOVER_WAIT_S
-        unavailable = RequestError(503, "learner_unavailable", "the learner is restarting; retry", LEARNER_RETRY_AFTER)
-        if self._follower.sync_error is not None:  # known down (polled every replica_poll_s)
-            raise unavailable
-        while True:
-            try:
-                reply = await asyncio.wait_for(self._learner.submit.remote(events), timeout=SUBMIT_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                logger.warning("feedback not accepted: the learner did not answer in %s s", SUBMIT_TIMEOUT_S)
-                raise unavailable from None
-            except (RayActorError, ActorUnavailableError) as err:
-                # The learner stopping or restarting. It may have written the events before it
-                # died: the retry then answers them as duplicates, acknowledged once in the log.
-                if time.monotonic() >= deadline:
-                    logger.warning("feedback not accepted, learner unavailable: %r", err)
-                    raise unavailable from None
-                await asyncio.sleep(HANDOVER_RETRY_S)
-                continue
-            except Exception as err:  # anything else (a bug on either side): not retried
-                logger.warning("feedback not accepted, learner call failed: %r", err)
-                raise unavailable from None
-            if not isinstance(reply, NotOwnerAnswer) or time.monotonic() >= deadline:
-                return reply
-            await asyncio.sleep(HANDOVER_RETRY_S)  # a standby answered: the owner may be handing over
 
     async def _admit(self, request: Request, auth_ok: bool) -> None:
         """The rate limit for feedback and failed authentications: app-wide, kept by the learner;

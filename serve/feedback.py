@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import os
+import time
+
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from online_learning.protocol import Accepted, Conflict, FeedbackEvent, NotOwnerAnswer, SubmitAnswer, WriteFailed
 from serve.ingress import from_our_ingress
 from serve.requests import RequestError, check_text, decode_json, few_names as _few
+
+logger = logging.getLogger("ray.serve")
+
+# A submit fsyncs the log before it answers, so it may take longer than the learner's in-memory
+# calls; past this the learner counts as unavailable (503) rather than holding the client.
+SUBMIT_TIMEOUT_S = 10.0
+# A feedback request waits this long for a learner handover (the old owner stopping, a standby
+# taking the log) before it answers 503, retrying every HANDOVER_RETRY_S.
+HANDOVER_WAIT_S = 5.0
+HANDOVER_RETRY_S = 0.1
+# Retry-After of a 503 while the learner is unreachable: a learner restart takes seconds.
+LEARNER_RETRY_AFTER = {"Retry-After": "2"}
 
 
 def check_token(authorization: str | None, token_env: str) -> None:
@@ -105,3 +122,35 @@ def submit_answer(reply: SubmitAnswer) -> dict:
         raise TypeError(f"not an answer to submit: {reply!r}")
     dups = sum(1 for _, dup in reply.results if dup)
     return {"accepted": len(reply.results) - dups, "duplicates": dups, "offsets": [off for off, _ in reply.results]}
+
+
+async def submit_through_handover(learner, events: list[FeedbackEvent], known_down: str | None) -> SubmitAnswer:
+    """The answer of `learner` (a handle to the OnlineLearner deployment) to `events`, riding
+    through a learner handover: answers from a standby (`not_owner`) and calls that failed (the
+    old owner stopping) are retried for up to HANDOVER_WAIT_S (safe: an event already written is
+    answered as a duplicate of itself). A learner known down (`known_down`: why the replica's
+    polls fail) or silent for SUBMIT_TIMEOUT_S is not waited for: 503 learner_unavailable."""
+    deadline = time.monotonic() + HANDOVER_WAIT_S
+    unavailable = RequestError(503, "learner_unavailable", "the learner is restarting; retry", LEARNER_RETRY_AFTER)
+    if known_down is not None:
+        raise unavailable
+    while True:
+        try:
+            reply = await asyncio.wait_for(learner.submit.remote(events), timeout=SUBMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            logger.warning("feedback not accepted: the learner did not answer in %s s", SUBMIT_TIMEOUT_S)
+            raise unavailable from None
+        except (RayActorError, ActorUnavailableError) as err:
+            # The learner stopping or restarting. It may have written the events before it
+            # died: the retry then answers them as duplicates, acknowledged once in the log.
+            if time.monotonic() >= deadline:
+                logger.warning("feedback not accepted, learner unavailable: %r", err)
+                raise unavailable from None
+            await asyncio.sleep(HANDOVER_RETRY_S)
+            continue
+        except Exception as err:  # anything else (a bug on either side): not retried
+            logger.warning("feedback not accepted, learner call failed: %r", err)
+            raise unavailable from None
+        if not isinstance(reply, NotOwnerAnswer) or time.monotonic() >= deadline:
+            return reply
+        await asyncio.sleep(HANDOVER_RETRY_S)  # a standby answered: the owner may be handing over
