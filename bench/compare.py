@@ -46,6 +46,8 @@ SYSTEMS = {
     "textserve-noop-1": "Serve's floor: a plain `async def __call__` answering a fixed body, 1 replica, same ingress",
     "textserve-noop-2": "Serve's floor with 2 replicas (the shipped replica count), same ingress",
     "textserve-default": "this system as shipped: cluster/serve_local.yaml (learner on, autoscaling as shipped)",
+    "textserve-default-nohametrics": "as shipped, with Ray's per-request HAProxy metrics off "
+                                     "(RAY_SERVE_HAPROXY_METRICS_ENABLED=0): what that reader costs",
 }
 VARIANTS = {
     "textserve-batched-1": ServeVariant("textserve-batched-1"),
@@ -55,6 +57,8 @@ VARIANTS = {
     "textserve-noop-1": ServeVariant("textserve-noop-1", kind="noop"),
     "textserve-noop-2": ServeVariant("textserve-noop-2", kind="noop", replicas=2),
     "textserve-default": ServeVariant("textserve-default", kind="shipped"),
+    "textserve-default-nohametrics": ServeVariant("textserve-default-nohametrics", kind="shipped",
+                                                  env=(("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0"),)),
 }
 TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_kb_s", "KB/s"),
          ("complete", "complete"), ("failed", "failed"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
@@ -62,7 +66,7 @@ TABLE = [("users", "users"), ("tps", "TPS"), ("mean_ms", "mean ms"), ("transfer_
 
 
 NEEDS_CNN_STORE = {"textserve-batched-1-cnn"}
-ON_REQUEST = {"textserve-noop-2"}  # not in the default set: named in --systems when wanted
+ON_REQUEST = {"textserve-noop-2", "textserve-default-nohametrics"}  # not in the default set: named in --systems when wanted
 
 
 def split_system(name: str) -> tuple[str, str | None]:
@@ -221,6 +225,7 @@ RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) /
           ("textserve-default", "tuned-single", "default config / tuned single process", ">= 0.8x"),
           ("textserve-noop-2", "tuned-single", "Serve's no-op floor (2 replicas) / tuned single process", ""),
           ("textserve-default", "textserve-noop-2", "default config / Serve's no-op floor (2 replicas)", ""),
+          ("textserve-default-nohametrics", "textserve-default", "HAProxy metrics off / default config", ""),
           ("textserve-default", "flask-2017", "default config / the 2017 architecture", ">= 100x"),
           ("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture", ""),
           ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched", ""),

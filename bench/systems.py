@@ -26,6 +26,7 @@ class ServeVariant:
     max_batch_size: int | None = None  # None: the config's (serve.settings.BatchSettings)
     batch_wait_timeout_s: float | None = None  # None: the config's
     kind: str = "fixed"  # fixed: learner off, fixed replicas; shipped: the config as shipped; noop: Serve's floor
+    env: tuple[tuple[str, str], ...] = ()  # environment the system's `serve run` gets on top of the bench's
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,15 @@ def config_changes(config: dict, shipped: dict | None = None) -> dict[str, tuple
 
 
 class _ServeWithStateDir(RunningServe):
-    """A RunningServe whose learner keeps its feedback log in a temp folder removed on exit."""
+    """A RunningServe whose learner keeps its feedback log in a temp folder removed on exit;
+    `extra_env` set on top of the environment (a variant's own settings)."""
 
-    def __init__(self, *args, state_dir: str, **kwargs):
+    def __init__(self, *args, state_dir: str, extra_env: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.state_dir = state_dir
+        self.state_dir, self.extra_env = state_dir, extra_env or {}
+
+    def environment(self) -> dict:
+        return {**super().environment(), **self.extra_env}
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -178,6 +183,8 @@ def start_variant(variant: ServeVariant, store: str, port: int = 8000,
     what this process's environment sets, as for a user); with `tree`, the tree's own app, config
     and ingress (RunningTreeServe)."""
     if tree is not None:
+        if variant.env:
+            raise ValueError(f"{variant.name}: a source tree's system runs with the bench's environment only")
         if not variant.fast_ingress:
             raise ValueError(f"{variant.name}: a source tree's system runs its own python -m serve run, "
                              "which always has the fast ingress on")
@@ -187,7 +194,9 @@ def start_variant(variant: ServeVariant, store: str, port: int = 8000,
     if variant.kind == "shipped":
         state_dir = tempfile.mkdtemp(prefix="bench-learner-")
         return _ServeWithStateDir(variant_config(variant, store, port, state_dir), variant.fast_ingress,
-                                  name=variant.name, state_dir=state_dir)
+                                  name=variant.name, state_dir=state_dir, extra_env=dict(variant.env))
+    if variant.env:
+        raise ValueError(f"{variant.name}: environment settings are only for the shipped kind")
     return RunningServe(variant_config(variant, store, port), variant.fast_ingress, name=variant.name)
 
 
@@ -198,6 +207,8 @@ def variant_changes(variant: ServeVariant, tree: SourceTree | None = None) -> di
     changes = config_changes(variant_config(variant, "", 0, "", tree), shipped)
     if not variant.fast_ingress:
         changes["environment.fast_ingress"] = ("on", "off")
+    for key, value in variant.env:
+        changes[f"environment.{key}"] = (os.environ.get(key), value)
     return changes
 
 

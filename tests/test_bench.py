@@ -304,3 +304,19 @@ def test_every_setting_a_variant_changes_is_listed():
     assert unbatched["applications.0.deployments.0.num_replicas"] == (None, 1)
     assert unbatched["applications.0.args.learner"][1] is None  # the learner off
     assert "max_batch_size` 32 -> 1" in changes_line(unbatched)
+    lean = variant_changes(VARIANTS["textserve-default-nohametrics"])
+    assert lean == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": (None, "0")}  # the environment only
+
+
+def test_a_variants_environment_reaches_its_serve_run_and_only_the_shipped_kind_takes_one(tmp_path):
+    from bench.compare import VARIANTS
+    from bench.systems import ServeVariant, start_variant
+
+    system = start_variant(VARIANTS["textserve-default-nohametrics"], str(tmp_path), port=1)
+    system.command()  # renders the config and enters the hardened ingress, as a start does
+    try:
+        assert system.environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    finally:
+        system.cleanup()
+    with pytest.raises(ValueError, match="only for the shipped kind"):
+        start_variant(ServeVariant("x", env=(("A", "1"),)), str(tmp_path))
