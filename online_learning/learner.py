@@ -149,7 +149,7 @@ class OnlineLearner(Lineages, Rounds, Publishing, StatusReport):
             # marked them; later ones were acknowledged but not judged before a restart, and are judged
             # as new events once the lineage is published, never replayed into it unchecked.
             self._judged_offset = state.judged_offset
-            self._adopt(self._start_version(), reason=f"start (ownership epoch {self._owner.epoch})")
+            self._adopt(self._start_version(state), reason=f"start (ownership epoch {self._owner.epoch})")
             # Before the events submitted while adopting, already recorded.
             self.reports.acknowledged_before(range(self.applied_offset + 1, opened_at))
         except BaseException:

@@ -23,11 +23,20 @@ logger = logging.getLogger("ray.serve")
 
 
 class Lineages:
-    def _start_version(self) -> int:
-        """The newest store version whose later feedback the log still holds (else the newest)."""
+    def _start_version(self, state=None) -> int:
+        """The store version to start from: a model someone else committed that the learner
+        before this one had not looked at yet (`state`, the state file: above its `store_seen`,
+        or one of its `store_pending`, a fine-tune still uploading below a snapshot's number),
+        else the newest version whose later feedback the log still holds (else the newest)."""
         versions = self.store.versions()
         if not versions:
             raise FileNotFoundError(f"no model in {self.store.shown}; train one first: python -m train --size small")
+        if state is not None and state.store_seen is not None:
+            unseen = [v for v in versions if v > state.store_seen or v in state.store_pending]
+            for v in reversed(unseen):
+                metrics = self.store.metrics(v)
+                if metrics.get("kind") != "online-snapshot" and self._adoptable(metrics):
+                    return v
         for v in reversed(versions):
             if self._adoptable(self.store.metrics(v)):
                 return v
@@ -50,7 +59,8 @@ class Lineages:
             base_data = self._load_base_data(metrics.get("data"))
         offset = metrics.get("log_offset", -1)
         trainer = OnlineTrainer(loaded, self.s.learning_rate, self.s.dense_learning_rate)
-        store_seen = max(self.store.versions() or [0])
+        committed, in_progress = self.store.numbers()
+        store_seen = max(committed, default=0)
         # The lineage's first version holds every event judged so far (replayed); events acknowledged
         # but not judged yet are judged as new feedback once it is published.
         ready_offset = max(offset, min(len(self.log) - 1, self._judged_offset))
@@ -74,6 +84,7 @@ class Lineages:
         self.followups = Followups(self.s)
         self.contradiction = contradiction
         self._store_seen = store_seen
+        self._store_pending = frozenset(v for v in in_progress if v < store_seen)
         self.replaying = True
         logger.info("%s: lineage %s on store v%s (%s, log offset %s); replaying %s events before publishing",
                     reason, self.lineage, store_version, metrics.get("kind", "trained"), offset,
@@ -97,16 +108,19 @@ class Lineages:
 
     def _maybe_rebase(self) -> None:
         """Adopt a model someone else published to the store (a fine-tune or a plain retrain):
-        a new lineage on it, the log after its offset replayed (all of it for a plain retrain)."""
-        newer = [v for v in self.store.versions() if v > self._store_seen]
+        a new lineage on it, the log after its offset replayed (all of it for a plain retrain).
+        New means committed since the last look: above `_store_seen`, or one of `_store_pending`
+        (a publish that was uploading below a number this learner has seen or used)."""
+        committed, in_progress = self.store.numbers()
+        newer = [v for v in committed if v > self._store_seen or v in self._store_pending]
         foreign = [v for v in newer if self.store.metrics(v).get("kind") != "online-snapshot"]
         if not foreign:  # nothing, or a learner's own snapshots
-            self._store_seen = max(newer, default=self._store_seen)
+            self._looked_at(committed, in_progress)
             return
         latest = foreign[-1]
         metrics = self.store.metrics(latest)
         if not self._adoptable(metrics):
-            self._store_seen = max(newer)
+            self._looked_at(committed, in_progress)
             logger.error("not adopting v%s: it includes feedback up to offset %s, and the log after it was "
                          "compacted (kept from %s); the current lineage stays", latest,
                          metrics.get("log_offset", -1), self.log.first_offset)
@@ -115,10 +129,26 @@ class Lineages:
             return
         rebase_from = self.pub
         self._adopt(latest, reason=f"adopting {metrics.get('kind', 'a retrained model')} v{latest}")
-        self._store_seen = max(newer)  # only once adopted: a failed load is retried next check
+        self._looked_at(committed, in_progress)  # only once adopted: a failed load is retried next check
         self.pub = rebase_from  # replicas keep the current lineage until the new one has replayed
         self.history.append({"time": time.time(), "rebased_on": latest, "lineage": self.lineage, "published": False,
                              "log_offset": self.applied_offset, "bytes": 0, "events": 0})
+
+    def _looked_at(self, committed: list[int], in_progress: list[int], up_to: int = 0) -> None:
+        """The store's numbers (one listing) are looked at: every committed one up to the highest
+        (or `up_to`, a number this learner used) is seen; those still uploading below it stay
+        pending, adopted when they commit. A pending number that disappeared was collected."""
+        seen = max(self._store_seen, up_to, max(committed, default=0))
+        self._store_pending = frozenset(v for v in in_progress if v < seen)
+        self._store_seen = seen
+
+    def _used_number(self, version: int) -> None:
+        """This learner stored `version` (a snapshot): numbers between the last seen and it stay
+        pending, committed or not (a fine-tune may commit there at any time), until a look."""
+        if version <= self._store_seen:
+            return
+        self._store_pending |= frozenset(range(self._store_seen + 1, version))
+        self._store_seen = version
 
     def _adoptable(self, metrics: dict) -> bool:
         """A base can start a lineage only if the log still holds every event after its offset."""

@@ -103,7 +103,8 @@ class Publishing:
         Raises NotOwner (writing nothing) when this learner no longer owns the state_dir."""
         self._state.write(LearnerState(version=max(self.numbers.floor, version), holdout_salt=self._salt,
                                        lineage=self.lineage, log_offset=self.applied_offset,
-                                       judged_offset=self._judged_offset, epoch=self._owner.epoch))
+                                       judged_offset=self._judged_offset, epoch=self._owner.epoch,
+                                       store_seen=self._store_seen, store_pending=tuple(sorted(self._store_pending))))
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         from train.model import save_model_dir
@@ -128,7 +129,7 @@ class Publishing:
             except ValueError as err:  # someone else took the number: our next publish goes above it
                 logger.warning("snapshot v%s not stored: %s", pub.version, err)
                 return
-        self._store_seen = max(self._store_seen, pub.version)
+        self._used_number(pub.version)
         self._owner.check()
         removed = self.store.gc(keep_last=self.s.store_keep_last, keep={pub.base, self.base_version, pub.version})
         if removed.get("versions"):

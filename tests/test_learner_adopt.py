@@ -19,11 +19,11 @@ class ListingFailsOnce(ModelStore):
 
     fail_next = False
 
-    def versions(self):
+    def numbers(self):
         if self.fail_next:
             self.fail_next = False
             raise OSError("listing the store failed (transient)")
-        return super().versions()
+        return super().numbers()
 
 
 def test_a_listing_error_while_adopting_leaves_the_current_lineage_whole(tmp_path):
@@ -52,4 +52,88 @@ def test_a_listing_error_while_adopting_leaves_the_current_lineage_whole(tmp_pat
     learner._adopt(2, "adopting a retrained model v2")  # the next check adopts it whole
     assert learner.base_version == 2 and learner.replaying and learner.lineage != before["lineage"]
     assert learner.trainer is not before["trainer"] and learner._store_seen == 2
+    log.close()
+
+
+class CommitWaits(ModelStore):
+    """A real store whose publish uploads its files, then waits for `commit` before writing the
+    commit marker: a fine-tune of the large model whose upload takes minutes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import threading
+
+        self.uploaded, self.commit = threading.Event(), threading.Event()
+
+    def _write_marker(self, version, data):
+        self.uploaded.set()
+        assert self.commit.wait(60), "the test never let the upload commit"
+        super()._write_marker(version, data)
+
+
+def _saved(tmp_path, name: str, **metrics):
+    model = new_model("small", ["A", "B"])
+    model.metrics = metrics
+    return save_model_dir(model, tmp_path / name)
+
+
+def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after_a_restart(tmp_path):
+    """Row a: a fine-tune claims v2 and uploads slowly; meanwhile the learner reserves its block
+    and stores a snapshot above it (v3, as the number was taken). When the fine-tune commits v2,
+    the learner's next look adopts it although 2 < 3; and a learner restarted from the state
+    file (before that look) starts from v2, not from its own older snapshot."""
+    import threading
+
+    from online_learning.numbering import VersionNumbers
+    from train.learner_state import LearnerState
+
+    root = str(tmp_path / "store")
+    store = ModelStore(root)
+    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
+    log = FeedbackLog(tmp_path / "state")
+    log.append([FeedbackEvent(f"id-{i}", f"text {i}", "A") for i in range(5)])
+    cls = OnlineLearner.func_or_class
+    learner = cls.__new__(cls)
+    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
+    learner._base_data_spec, learner._judged_offset, learner.pub = None, 4, None
+    learner.history = []
+    learner._adopt(learner._start_version(), "start")
+    assert learner.base_version == 1
+
+    fine_tune = CommitWaits(root)
+    published: list[int] = []
+    upload = threading.Thread(target=lambda: published.append(
+        fine_tune.publish(_saved(tmp_path, "ft", kind="fine-tune", log_offset=2))))
+    upload.start()
+    try:
+        assert fine_tune.uploaded.wait(60)  # v2 claimed and uploaded, not committed
+        numbers = VersionNumbers(store, owner=type("Owner", (), {"check": lambda self: None})())
+        snapshot = numbers.lineage_first(learner._store_seen)  # reserves a block, jumps the claim
+        assert snapshot == 3
+        assert store.publish(_saved(tmp_path, "snap", kind="online-snapshot", log_offset=4), version=snapshot) == 3
+        learner._used_number(snapshot)  # what a stored snapshot records
+        learner._maybe_rebase()  # v2 still uploading: nothing to adopt, and not forgotten
+        assert learner.base_version == 1 and 2 in learner._store_pending
+        state = LearnerState(store_seen=learner._store_seen, store_pending=tuple(sorted(learner._store_pending)))
+    finally:
+        fine_tune.commit.set()
+        upload.join(60)
+    assert published == [2] and store.versions() == [1, 2, 3]
+
+    from train.learner_state import read_state, write_state_file
+
+    write_state_file(tmp_path / "state", state)  # what the learner's next state write keeps
+    state = read_state(tmp_path / "state")
+    assert (state.store_seen, state.store_pending) == (3, (2,))
+    restarted = cls.__new__(cls)
+    restarted.s, restarted.store, restarted.log = learner.s, store, log
+    assert restarted._start_version(state) == 2  # not v3, the snapshot without the fine-tune
+    assert restarted._start_version() == 3  # what a learner that keeps no store_seen would pick
+
+    learner._maybe_rebase()
+    assert learner.base_version == 2 and learner.applied_offset == 2 and learner.replaying
+    assert learner.history[-1]["rebased_on"] == 2
+    assert learner._store_pending == frozenset() and learner._store_seen == 3
+    learner._maybe_rebase()  # looked at: not adopted twice
+    assert len(learner.history) == 1
     log.close()

@@ -175,6 +175,13 @@ class ModelStore:
     def versions(self) -> list[int]:
         return sorted(v for v, p in self._scan().items() if self._committed(p))
 
+    def numbers(self) -> tuple[list[int], list[int]]:
+        """(committed versions, numbers of publishes in progress or crashed), from one listing:
+        a number moving from the second to the first between two listings cannot be missed."""
+        scan = self._scan()
+        committed = sorted(v for v, p in scan.items() if self._committed(p))
+        return committed, sorted(set(scan) - set(committed))
+
     def latest(self) -> int | None:
         versions = self.versions()
         return versions[-1] if versions else None
