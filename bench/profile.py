@@ -79,8 +79,8 @@ def report_text(load: dict, inclusive, own, threads, header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.compare import SYSTEMS, VARIANTS, split_system
-    from bench.systems import SourceTree
+    from bench.compare import SYSTEMS, VARIANTS
+    from bench.systems import SourceTree, split_system
 
     serve_systems = [name for name in SYSTEMS if name in VARIANTS]
     p = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__.split("\n\n")[0])

@@ -73,6 +73,12 @@ class SourceTree:
                 "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def split_system(name: str) -> tuple[str, str | None]:
+    """'SYSTEM@TREE' -> (SYSTEM, TREE); a plain name -> (name, None)."""
+    base, sep, tree = name.partition("@")
+    return (base, tree) if sep else (name, None)
+
+
 def variant_config(variant: ServeVariant, store: str, port: int, state_dir: str | None = None,
                    tree: SourceTree | None = None) -> dict:
     """The local Serve config with the variant's replica count, batching and port; no learner.

@@ -295,7 +295,8 @@ def test_cpu_meter_counts_the_server_tree_not_the_client(server_spins):
 
 
 def test_every_setting_a_variant_changes_is_listed():
-    from bench.compare import VARIANTS, changes_line
+    from bench.compare import VARIANTS
+    from bench.compare_report import changes_line
     from bench.systems import variant_changes
 
     assert variant_changes(VARIANTS["textserve-default"]) == {}  # the shipped config as shipped

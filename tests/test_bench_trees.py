@@ -73,7 +73,7 @@ def _row(users, tps, p99, cpu):
 
 
 def test_revision_ratios_per_round():
-    from bench.compare import revision_lines
+    from bench.compare_report import revision_lines
 
     report = {"users": [64], "interleaved": True, "trees": {"A": {}, "B": {}},
               "systems": {"textserve-default@A": {"closed_loop": [_row(64, [100, 110, 90], [50, 60, 40], [2, 2, 2])]},
