@@ -4,7 +4,10 @@ publisher (a fine-tune, a plain retrain, another learner's snapshot) can hold.
 Numbers are reserved in the model store a block at a time (one small write per block), and after
 each reservation the store is listed: a claim made before the reservation landed shows there and
 is jumped over; a claim made after it goes above the reservation (train/store.py's module doc has
-the argument). A reservation is a write to the store, so only the owner of the state_dir makes one.
+the argument). A reservation is a write to the store, so only the owner of the state_dir makes one,
+under a name that carries its ownership epoch (`online-learner-e<epoch>`): a superseded learner's
+late write cannot lower its successor's reservation, and the successor removes the older ones its
+own covers.
 """
 
 from __future__ import annotations
@@ -38,14 +41,27 @@ class VersionNumbers:
         """`version` is published (its state written): never hand it or anything below out again."""
         self.floor = max(self.floor, version)
 
+    def _drop_older(self, mine: str) -> None:
+        """Remove the reservations of earlier epochs (and of learners before epochs) that ours
+        covers; a failure leaves them, which only keeps a few more numbers unused."""
+        try:
+            for name, up_to in self.store.reservations().items():
+                older = name == self.reserver or (name.startswith(f"{self.reserver}-e") and name != mine)
+                if older and up_to <= self._reserved_up_to:
+                    self.store.unreserve(name)
+        except OSError:
+            pass
+
     def free(self, candidate: int) -> int:
         """`candidate` or the first number above it that no other publisher can hold."""
         while True:
             if candidate > self._reserved_up_to:
                 self.owner.check()  # a superseded learner reserves nothing
-                self.store.reserve(self.reserver, candidate + RESERVE_BLOCK)
+                mine = f"{self.reserver}-e{self.owner.epoch}"
+                self.store.reserve(mine, candidate + RESERVE_BLOCK)
                 self._reserved_up_to = candidate + RESERVE_BLOCK  # only once the reservation is stored
                 self._taken_up_to = self.store.highest_number()
+                self._drop_older(mine)
             if candidate > self._taken_up_to:
                 return candidate
             candidate = self._taken_up_to + 1

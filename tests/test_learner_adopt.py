@@ -107,7 +107,7 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
     upload.start()
     try:
         assert fine_tune.uploaded.wait(60)  # v2 claimed and uploaded, not committed
-        numbers = VersionNumbers(store, owner=type("Owner", (), {"check": lambda self: None})())
+        numbers = VersionNumbers(store, owner=type("Owner", (), {"check": lambda self: None, "epoch": 1})())
         snapshot = numbers.lineage_first(learner._store_seen)  # reserves a block, jumps the claim
         assert snapshot == 3
         assert store.publish(_saved(tmp_path, "snap", kind="online-snapshot", log_offset=4), version=snapshot) == 3

@@ -102,54 +102,63 @@ def test_events_judged_before_a_restart_are_replayed_not_judged_again(trained_st
     assert status["version"] > 1 and status["served_offset"] == 99
 
 
-_LEARNER_OWNER = r"""
+_LEARNER_OVERLAP = r"""
 import asyncio, json, sys, time
 import ray
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, for ray.put
-from dataclasses import asdict
 from online_learning.learner import OnlineLearner
-from online_learning.protocol import Accepted, FeedbackEvent, ReplicaIdentity
+from online_learning.protocol import Accepted, FeedbackEvent, NotOwnerAnswer, ReplicaIdentity
 
-store, state, name = sys.argv[1], sys.argv[2], sys.argv[3]
+store, state, name, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 loop = asyncio.new_event_loop()
 call = loop.run_until_complete
 probe = ReplicaIdentity(None, 0, None, -1)  # a replica holding nothing yet
 learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
                                               "snapshot_interval_s": 3600.0})
-events = [FeedbackEvent(f"{name}-{i}", f"turn on the light number {i}", "HassTurnOn") for i in range(5)]
-reply = call(learner.submit(events))
-status = call(learner.status()).as_json()
-update = call(learner.updates_since("probe", probe))
-print("FIRST " + json.dumps({"submit": {type(reply).__name__: asdict(reply)},
-                             "updates": {"kind": update.kind, "learner": asdict(update.learner)},
-                             "status": {k: status.get(k) for k in ("owner", "standby", "epoch")}}), flush=True)
-deadline = time.monotonic() + 240
-while not isinstance(reply, Accepted) and time.monotonic() < deadline:
-    time.sleep(0.1)  # a client's retry after a 503 not_owner
-    reply = call(learner.submit(events))
-update = call(learner.updates_since("probe", probe))
-while update.kind == "wait" and time.monotonic() < deadline:
+say = lambda kind, **fields: print(kind + " " + json.dumps(fields), flush=True)
+k, shown = 0, None
+while k < total:  # a client sending one event every 0.1 s, retrying each until it is accepted
+    event = FeedbackEvent(f"{name}-{k}", f"turn on the light number {k}", "HassTurnOn")
+    reply = call(learner.submit([event]))
+    if isinstance(reply, Accepted):
+        say("ACK", id=event.event_id, offset=reply.results[0][0], duplicate=reply.results[0][1])
+        k += 1
+    elif isinstance(reply, NotOwnerAnswer):
+        update, status = call(learner.updates_since(name, probe)), call(learner.status()).as_json()
+        say("STANDBY", epoch=reply.epoch, message=reply.message, kind=update.kind, learner_epoch=update.learner.epoch,
+            learner_owner=update.learner.owner, standby=status.get("standby"))
+    else:
+        say("OTHER", reply=repr(reply))
+    pub = learner.pub
+    if pub is not None and (pub.version, pub.digest) != shown:
+        shown = (pub.version, pub.digest)
+        say("PUB", version=pub.version, digest=pub.digest)
     time.sleep(0.1)
-    update = call(learner.updates_since("probe", probe))
-full = ray.get(update.refs[0]) if update.refs else None
-status = call(learner.status()).as_json()
-print("OWNED " + json.dumps({"submit": {type(reply).__name__: asdict(reply)}, "kind": update.kind,
-                             "learner": asdict(update.learner), "update_epoch": full.epoch if full else None,
-                             "status_epoch": status["epoch"]}), flush=True)
-sys.stdin.readline()  # held until the test kills it or closes stdin
+while learner.pub is None or learner.pub.log_offset < reply.results[0][0]:  # its 20 events published
+    time.sleep(0.1)
+update = call(learner.updates_since(name, probe))
+say("PUB", version=learner.pub.version, digest=learner.pub.digest)
+say("DONE", kind=update.kind, learner_epoch=update.learner.epoch,
+    update_epoch=ray.get(update.refs[0]).epoch if update.refs else None,
+    status_epoch=call(learner.status()).as_json()["epoch"])
+sys.stdin.readline()  # held until the test kills it
 """
 
 
-def test_a_second_learner_stands_by_answering_not_owner_then_takes_over_when_the_owner_dies(trained_store, tmp_path):
-    """Two real learners (each in its own process with its own local Ray) on one state_dir, as
-    when Serve starts a replacement before the old replica stops. The second does not block in
-    its constructor: it answers not_owner and "wait" while the first owns the log; once the
-    first is killed (SIGKILL) it takes over under a higher epoch, accepts the same submit, and
-    publishes updates that carry its epoch. Each acknowledged event is in the log once."""
+def test_two_learners_overlapping_for_30s_one_owns_and_the_other_takes_over_losing_nothing(trained_store, tmp_path):
+    """Two real learners (each in its own process with its own local Ray) on one state_dir for
+    over 30 s, as when Serve or a KubeRay upgrade runs a replacement beside the old one, each
+    sent a new event every 0.1 s by its client. The first owns the log and trains and publishes
+    throughout; the second stands by (not_owner with the owner's epoch, "wait" to replicas,
+    epoch 0) without blocking. When the first is killed (SIGKILL) the second takes over under
+    epoch 2. Outcomes on disk: every acknowledged event is in the log exactly once, the log
+    reopens, no version number names two digests, and the second's numbers and updates carry
+    its epoch and go above the first's."""
     import os
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     from online_learning.persistence import read_epoch
@@ -158,53 +167,74 @@ def test_a_second_learner_stands_by_answering_not_owner_then_takes_over_when_the
     store, state = tmp_path / "store", tmp_path / "state"
     shutil.copytree(trained_store, store)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines: dict[str, list] = {"first": [], "second": []}
+    procs: dict[str, subprocess.Popen] = {}
 
-    def start(name):
+    def start(name, total):
         with open(tmp_path / f"{name}.err", "w") as err:  # a file, not a pipe nobody drains while waiting
-            proc = subprocess.Popen([sys.executable, "-c", _LEARNER_OWNER, str(store), str(state), name], cwd=root,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-        proc.name = name
-        return proc
+            proc = subprocess.Popen([sys.executable, "-c", _LEARNER_OVERLAP, str(store), str(state), name, str(total)],
+                                    cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        procs[name] = proc
 
-    def line(proc, prefix, timeout=240):
+        def read():  # complete lines only: a SIGKILL may cut the last one
+            for out in proc.stdout:
+                if out.endswith("\n"):
+                    kind, _, fields = out.partition(" ")
+                    lines[name].append((time.monotonic(), kind, json.loads(fields)))
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait_for(name, kind, timeout=240):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = proc.stdout.readline()
-            if out.startswith(prefix):
-                return json.loads(out[len(prefix) + 1:])
-            if not out and proc.poll() is not None:
+            if found := [line for line in lines[name] if line[1] == kind]:
+                return found[0]
+            if procs[name].poll() is not None:
                 break
-        proc.kill()
-        raise AssertionError(f"no {prefix} line; stderr: {(tmp_path / f'{proc.name}.err').read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {kind} from {name}: {lines[name][-5:]}; stderr: "
+                             f"{(tmp_path / f'{name}.err').read_text()[-3000:]}")
 
-    first = start("first")
-    second = None
     try:
-        owned1 = line(first, "OWNED")
-        assert owned1["submit"]["Accepted"]["results"] == [[i, False] for i in range(5)]
-        assert owned1["learner"]["epoch"] == 1 and owned1["update_epoch"] == 1 and owned1["status_epoch"] == 1
-        second = start("second")
-        standby = line(second, "FIRST")  # the constructor returned while the first owns the log
-        refused = standby["submit"]["NotOwnerAnswer"]
-        assert refused["epoch"] == 1 and "standing by" in refused["message"]
-        assert standby["updates"] == {"kind": "wait", "learner": {"epoch": 0, "owner": False, "identity": None,
-                                                                  "ready_offset": None, "published_at": None,
-                                                                  "base_version": None}}
-        assert standby["status"] == {"owner": False, "standby": True, "epoch": 0}
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-        owned2 = line(second, "OWNED")
-        assert owned2["submit"]["Accepted"]["results"] == [[5 + i, False] for i in range(5)]
-        assert owned2["kind"] == "full" and owned2["learner"]["epoch"] == 2 and owned2["update_epoch"] == 2
-        assert owned2["status_epoch"] == 2
+        start("first", 1_000_000)  # until killed
+        wait_for("first", "ACK")
+        start("second", 20)
+        overlap_from = wait_for("second", "STANDBY")[0]  # its constructor returned while the first owns the log
+        while time.monotonic() - overlap_from < 30:
+            assert procs["first"].poll() is None and procs["second"].poll() is None, "a learner exited"
+            time.sleep(0.5)
+        os.kill(procs["first"].pid, signal.SIGKILL)
+        procs["first"].wait(timeout=60)
+        killed_at = time.monotonic()
+        done = wait_for("second", "DONE")[2]
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
+        for proc in procs.values():
+            if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
+    first, second = ({kind: [f for _, k, f in lines[name] if k == kind] for kind in ("ACK", "STANDBY", "PUB", "OTHER")}
+                     for name in ("first", "second"))
+    during = [f for t, k, f in lines["first"] if k == "ACK" and overlap_from <= t <= killed_at]
+    assert len(during) >= 100, f"the owner kept accepting while the standby waited: {len(during)}"
+    assert len({f["version"] for f in first["PUB"]}) >= 2, "the owner kept training and publishing"
+    assert len(second["STANDBY"]) >= 50 and all(
+        f["epoch"] == 1 and "standing by" in f["message"] and f["kind"] == "wait" and f["learner_epoch"] == 0
+        and f["learner_owner"] is False and f["standby"] is True for f in second["STANDBY"]), second["STANDBY"][:3]
+    assert first["OTHER"] == [] and second["OTHER"] == []
+    assert len(second["ACK"]) == 20 and done["learner_epoch"] == done["update_epoch"] == done["status_epoch"] == 2
+    digests: dict[int, set] = {}
+    for f in first["PUB"] + second["PUB"]:
+        digests.setdefault(f["version"], set()).add(f["digest"])
+    assert all(len(d) == 1 for d in digests.values()), {v: d for v, d in digests.items() if len(d) > 1}
+    assert min(f["version"] for f in second["PUB"]) > max(f["version"] for f in first["PUB"])
     assert read_epoch(state) == 2 and read_state(state).epoch == 2
-    events = FeedbackLogReader(state).read_from(0)
-    assert [e.event_id for e in events] == [f"first-{i}" for i in range(5)] + [f"second-{i}" for i in range(5)]
+    reopened = FeedbackLog(state)  # the log reopens for writing, as the next owner would open it
+    length = len(reopened)
+    reopened.close()
+    ids = [e.event_id for e in FeedbackLogReader(state).read_from(0)]
+    assert len(ids) == len(set(ids)) == length, "an event twice in the log"
+    missing = set(f["id"] for f in first["ACK"] + second["ACK"]) - set(ids)
+    assert not missing, f"acknowledged events missing from the log: {sorted(missing)[:5]}"
+    assert not any(f["duplicate"] for f in first["ACK"] + second["ACK"])
 
 
 _LEARNER_FENCED = r"""

@@ -319,6 +319,34 @@ def test_version_numbers_jump_other_claims_and_need_ownership(tmp_path):
     owner.release()
 
 
+def test_a_superseded_learners_late_reservation_cannot_lower_its_successors(tmp_path):
+    """The fence is a read before a write: a learner superseded right after its check still
+    writes its reservation. It writes under its own epoch's name, so the successor's stays, and
+    a fine-tune's next number still goes above the successor's block."""
+    from online_learning.numbering import RESERVE_BLOCK, VersionNumbers
+    from online_learning.persistence import Ownership
+    from train.store import ModelStore
+
+    store = ModelStore(str(tmp_path / "store"))
+    store.reserve("online-learner", 3)  # a learner from before epochs
+    old = Ownership(tmp_path / "state")
+    assert old.try_acquire() and old.epoch == 1
+    assert VersionNumbers(store, old).lineage_first() == 4
+    old.release()
+    new = Ownership(tmp_path / "state")
+    assert new.try_acquire() and new.epoch == 2
+    successor = VersionNumbers(store, new)
+    first = successor.lineage_first()
+    assert first == 4 + RESERVE_BLOCK + 1
+    assert store.reservations() == {"online-learner-e2": first + RESERVE_BLOCK}  # the older ones it covers: gone
+    late = VersionNumbers(store, type("PassedItsCheck", (), {"check": lambda self: None, "epoch": 1})())
+    late.free(5)  # its reservation write lands after the successor's
+    assert store.reservations()["online-learner-e1"] < store.reserved() == first + RESERVE_BLOCK
+    save_model_dir(new_model("small", ["A", "B"]), tmp_path / "ft")
+    assert store.publish(tmp_path / "ft") == first + RESERVE_BLOCK + 1  # a fine-tune: above both
+    new.release()
+
+
 def test_plan_update_picks_the_cheapest_update_a_replica_can_apply():
     from online_learning.protocol import ReplicaIdentity
     from online_learning.replicas import Published, plan_update

@@ -48,7 +48,10 @@ every publish but snapshots only some) writes `_reserved/<owner>.json` ({"up_to"
 uses a number, then lists the claims and goes above them; a publisher taking the next number goes
 above every reservation, and after its claim reads the reservations again and moves above any that
 appeared meanwhile. Either the reserver sees the claim or the claimer sees the reservation, so a
-number never names two models.
+number never names two models. The highest `up_to` of all reservations counts, and each writer
+writes only its own object (the online learner's name carries its ownership epoch), so a late
+write of a superseded learner cannot lower the reservation of the one that replaced it: the
+equivalent of a conditional write, with plain PUTs that S3, GCS and every filesystem have.
 
 Remote versions load through one bounded local cache (train/store_cache.py), not a temp copy each.
 """
@@ -358,16 +361,27 @@ class ModelStore:
 
     def reserved(self) -> int:
         """The highest number any reservation keeps (0 without reservations)."""
+        return max(self.reservations().values(), default=0)
+
+    def reservations(self) -> dict[str, int]:
+        """Every reservation: owner -> the number it keeps up to."""
         infos = self._fs.get_file_info(pafs.FileSelector(f"{self._root}/{RESERVED}", allow_not_found=True))
-        highest = 0
+        found = {}
         for info in infos:
             if info.type == pafs.FileType.File and info.path.endswith(".json"):
                 try:
                     with self._fs.open_input_stream(info.path) as f:
-                        highest = max(highest, int(json.loads(f.read())["up_to"]))
+                        found[info.path.rsplit("/", 1)[-1][:-len(".json")]] = int(json.loads(f.read())["up_to"])
                 except FileNotFoundError:
                     continue  # deleted or being replaced meanwhile
-        return highest
+        return found
+
+    def unreserve(self, owner: str) -> None:
+        """Drop `owner`'s reservation (one the caller's own covers)."""
+        try:
+            self._fs.delete_file(f"{self._root}/{RESERVED}/{owner}.json")
+        except FileNotFoundError:
+            pass
 
     def pin(self, version: int, owner: str, ttl_s: float = 6 * 3600) -> None:
         """Keep `version` from `gc` while `owner` (e.g. a fine-tune reading it) needs it, at most
