@@ -404,3 +404,35 @@ def test_followups_are_owed_by_rounds_that_learned_and_paid_by_follow_up_rounds(
         f.after_round(False, 0, replaying=False)
         paid += 1
     assert paid == math.ceil(owed) and f.burst_events == 0  # the burst is over once they are paid
+
+
+def test_a_failed_reservation_write_reserves_nothing_and_the_retry_jumps_a_claim_made_meanwhile(tmp_path):
+    """Row b: the learner's numbers run past its reserved block and the next reservation PUT
+    fails (a transient S3 error). It must not believe the block reserved: a fine-tune that takes
+    the next number meanwhile, then the learner's retry, give two different numbers."""
+    from online_learning.numbering import RESERVE_BLOCK, VersionNumbers
+    from train.store import ModelStore
+
+    class ReserveFails(ModelStore):
+        fail = False
+
+        def reserve(self, owner, up_to):
+            if self.fail:
+                self.fail = False
+                raise OSError("PUT _reserved/... failed (transient)")
+            super().reserve(owner, up_to)
+
+    store = ReserveFails(str(tmp_path / "store"))
+    numbers = VersionNumbers(store, type("Owner", (), {"check": lambda self: None, "epoch": 1})())
+    first = numbers.lineage_first()
+    last = first + RESERVE_BLOCK  # the block's last number, used without a store call
+    assert numbers.after(last - 1) == last and store.reserved() == last
+    numbers.used(last)
+    store.fail = True
+    with pytest.raises(OSError, match="transient"):
+        numbers.after(last)
+    assert store.reserved() == last
+    save_model_dir(new_model("small", ["A", "B"]), tmp_path / "ft")
+    fine_tune = store.publish(tmp_path / "ft")
+    assert fine_tune == last + 1  # above every reservation
+    assert numbers.after(last) == last + 2  # jumps the fine-tune's number, never hands it out again
