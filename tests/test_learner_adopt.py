@@ -137,3 +137,43 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
     learner._maybe_rebase()  # looked at: not adopted twice
     assert len(learner.history) == 1
     log.close()
+
+
+def test_a_failed_state_write_while_publishing_a_lineage_is_retried_whole(tmp_path):
+    """Row h: the state write before a lineage's first publish fails (a full disk, a lost lease
+    is another test). Nothing is published, and the next round's retry publishes the lineage
+    (it used to find the next mirror already dropped and fail with AttributeError forever)."""
+    import threading
+    from collections import deque
+
+    from online_learning.numbering import VersionNumbers
+    from online_learning.replicas import ReplicaReports
+
+    store = ModelStore(str(tmp_path / "store"))
+    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
+    log = FeedbackLog(tmp_path / "state")
+    cls = OnlineLearner.func_or_class
+    learner = cls.__new__(cls)
+    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
+    learner._base_data_spec, learner._judged_offset, learner.pub = None, -1, None
+    learner._adopt(1, "start")
+    learner.numbers = VersionNumbers(store, type("Owner", (), {"check": lambda self: None, "epoch": 1})())
+    learner.reports, learner.history, learner._model_lock = ReplicaReports(), deque(), threading.Lock()
+    learner._owner = type("Owner", (), {"epoch": 1})()
+    learner._metrics = type("Metrics", (), {"published": lambda self, *a: None})()
+    written = []
+
+    def write_state(version):
+        if not written:
+            written.append(None)
+            raise OSError(28, "No space left on device")
+        written.append(version)
+    learner._write_state = write_state
+
+    with pytest.raises(OSError, match="No space"):
+        learner._publish_lineage()
+    assert learner.pub is None and learner.replaying and learner._next_mirror is not None
+    learner._publish_lineage()  # the next round's retry
+    assert learner.pub is not None and learner.pub.version == written[-1] and not learner.replaying
+    assert learner.served.version == learner.pub.version and learner._next_mirror is None
+    log.close()
