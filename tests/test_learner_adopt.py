@@ -1,7 +1,8 @@
-"""Adopting a base is all or nothing: the real learner's `_adopt` on a real model store and feedback
-log, where the store's listing fails once. No Ray: the learner object is made without its
-constructor (which would start the training thread and, on publish, Ray); `_adopt` reads only the
-settings, the store, the log and the judged offset."""
+"""Lineages on a real model store and feedback log, where something fails: adopting a base is all
+or nothing when the store's listing fails; a fine-tune committed below a learner snapshot's number
+is still adopted; a failed state write before a lineage's first publish is retried whole. No Ray:
+the learner object is made without its constructor (which would start the training thread and,
+on publish, Ray), with the few fields the tested methods read."""
 
 from __future__ import annotations
 
