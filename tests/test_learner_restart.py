@@ -115,7 +115,7 @@ call = loop.run_until_complete
 probe = ReplicaIdentity(None, 0, None, -1)  # a replica holding nothing yet
 learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
                                               "snapshot_interval_s": 3600.0})
-say = lambda kind, **fields: print(kind + " " + json.dumps(fields), flush=True)
+say = lambda tag, **fields: print(tag + " " + json.dumps(fields), flush=True)
 k, shown = 0, None
 while k < total:  # a client sending one event every 0.1 s, retrying each until it is accepted
     event = FeedbackEvent(f"{name}-{k}", f"turn on the light number {k}", "HassTurnOn")
