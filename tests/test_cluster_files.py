@@ -183,7 +183,7 @@ def _check_flags(cli: str, argv: list[str]) -> None:
 
 
 def _check_python_m_train(argv: list[str]) -> None:
-    from train.__main__ import parse_args
+    from train.cli import parse_args
 
     try:
         parse_args(argv)

@@ -114,7 +114,7 @@ def test_parse_kinds_and_dataspec_check():
 
 
 def test_cli_defaults_are_the_measured_ones():
-    from train.__main__ import parse_args
+    from train.cli import parse_args
     from train.job import DEFAULT_ARCH
 
     cfg = parse_args([])
