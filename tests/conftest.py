@@ -18,6 +18,20 @@ _RAY_FIXTURES = {"ray_cluster", "s3_server"}
 _RAY_MODULES = {"test_python_m_serve_run", "test_cluster", "test_learner_restart", "test_train_job",
                 "test_cnn_family", "test_learner_growth"}
 FAST_LANE = os.environ.get("TEXTSERVE_FAST_LANE") == "1"
+# `make test` runs two pytest processes side by side (Makefile): the tests marked `serial` one at a
+# time (the Ray tests: one local Ray, fixed ports, HAProxy strays stopped by PID) and the rest,
+# Ray-free, beside them. Ray-free modules that start a live HAProxy are serial too: a Ray test's
+# clean-up of HAProxy processes it did not start would otherwise see theirs.
+_SERIAL_MODULES = _RAY_MODULES | {"test_ingress_units"}
+
+
+def pytest_itemcollected(item):
+    """Marks each test as it is collected: integration (needs Ray), and serial (see above)."""
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    if _RAY_FIXTURES & set(item.fixturenames) or module in _RAY_MODULES:
+        item.add_marker(pytest.mark.integration)
+    if "integration" in item.keywords or module in _SERIAL_MODULES:
+        item.add_marker(pytest.mark.serial)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,8 +40,6 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords and not slow_ok:
             why = item.get_closest_marker("slow").kwargs.get("reason", "slow (large model)")
             item.add_marker(pytest.mark.skip(reason=f"{why}; run with TEXTSERVE_SLOW=1"))
-        if _RAY_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in _RAY_MODULES:
-            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -60,7 +72,8 @@ def ray_cluster(s3_server):
         # A deleted replica keeps answering 30 s by default so that HAProxy notices it going; the
         # tests delete apps often, and connection failures are retried on another replica anyway.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-        ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+        # address="local": a new instance of its own, never one found running on this machine
+        ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
         yield ctx
         # ray.shutdown stops every Ray process this run started (Serve with them); a graceful
         # serve.shutdown() first waits ~30 s here for the HAProxy manager, for nothing.

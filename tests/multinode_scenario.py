@@ -121,7 +121,7 @@ def main(local_store: str, work: str, bucket: str, port: int, out: str) -> None:
         report["snapshots"] = poll(snapshots, 120, "a learner snapshot in S3")
         report["state_dir_files"] = sorted(p.name for p in state_dir.iterdir())
 
-        outcome = run_training(TrainConfig(size="small", data=DataSpec(langs=("en",)), epochs=1, steps_per_epoch=20,
+        outcome = run_training(TrainConfig(size="small", data=DataSpec(langs=("en",)), epochs=1, steps_per_epoch=5,
                                            batch_size=16, cpus_per_worker=0.5, worker_resources={"trainer": 1},
                                            store_uri=store, storage_path=runs))
         report["trained_version"] = outcome.version
@@ -136,7 +136,7 @@ def main(local_store: str, work: str, bucket: str, port: int, out: str) -> None:
 
         victim = next(n for n in serving if n.node_id in report["replica_nodes"])
         cluster.remove_node(victim)
-        statuses, deadline = [], time.monotonic() + 20
+        statuses, deadline = [], time.monotonic() + 12
         while time.monotonic() < deadline:
             try:
                 statuses.append(requests.post(f"{url}/v1/predict", json={"text": "turn on the light"}, timeout=10).status_code)
