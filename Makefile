@@ -24,6 +24,7 @@ demo: install
 test: install
 	@rm -f .test-ray-free.log; \
 	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not serial" -p no:cacheprovider > .test-ray-free.log 2>&1 & free=$$!; \
+	trap 'kill $$free 2>/dev/null' INT TERM; \
 	$(PY) -m pytest -q -m serial; serial=$$?; \
 	wait $$free; freerc=$$?; \
 	echo "--- the Ray-free lane, run beside the serial one ---"; cat .test-ray-free.log; \

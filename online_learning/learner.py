@@ -149,7 +149,8 @@ class OnlineLearner(Lineages, Rounds, Publishing, StatusReport):
             # marked them; later ones were acknowledged but not judged before a restart, and are judged
             # as new events once the lineage is published, never replayed into it unchecked.
             self._judged_offset = state.judged_offset
-            self._adopt(self._start_version(state), reason=f"start (ownership epoch {self._owner.epoch})")
+            version, listing = self._start_version(state)
+            self._adopt(version, listing=listing, reason=f"start (ownership epoch {self._owner.epoch})")
             # Before the events submitted while adopting, already recorded.
             self.reports.acknowledged_before(range(self.applied_offset + 1, opened_at))
         except BaseException:
@@ -293,8 +294,9 @@ class OnlineLearner(Lineages, Rounds, Publishing, StatusReport):
             return UpdatesAnswer(kind, info, (await self._full_ref(),))
         return UpdatesAnswer(kind, info)
 
-    def goodbye(self, replica: str) -> None:
-        """A replica Serve is stopping (a rollout, a downscale): stop counting it as live."""
+    async def goodbye(self, replica: str) -> None:
+        """A replica Serve is stopping (a rollout, a downscale): stop counting it as live. On the
+        event loop, like `updates_since`, which reads the same reports."""
         self.reports.forget(replica)
 
     async def check_health(self) -> None:

@@ -23,27 +23,38 @@ logger = logging.getLogger("ray.serve")
 
 
 class Lineages:
-    def _start_version(self, state=None) -> int:
-        """The store version to start from: a model someone else committed that the learner
-        before this one had not looked at yet (`state`, the state file: above its `store_seen`,
-        or one of its `store_pending`, a fine-tune still uploading below a snapshot's number),
-        else the newest version whose later feedback the log still holds (else the newest)."""
-        versions = self.store.versions()
+    def _start_version(self, state=None) -> tuple[int, tuple[list[int], list[int]]]:
+        """The store version to start from, and the store listing it was chosen from (`_adopt`
+        takes it, so a version committed after it is still new to the learner). In order:
+        a model someone else committed that the learner before this one had not looked at yet
+        (`state`, the state file: above its `store_seen`, or one of its `store_pending`, e.g. a
+        fine-tune that was still uploading below a snapshot's number); else that learner's own
+        lineage (`state.lineage`): its newest snapshot, or its base when it has none yet (a
+        fine-tune adopted below an older lineage's snapshot); else the newest version whose later
+        feedback the log still holds (else the newest)."""
+        listing = self.store.numbers()
+        versions = listing[0]
         if not versions:
             raise FileNotFoundError(f"no model in {self.store.shown}; train one first: python -m train --size small")
+        metrics = {v: self.store.metrics(v) for v in versions} if state is not None else {}
         if state is not None and state.store_seen is not None:
             unseen = [v for v in versions if v > state.store_seen or v in state.store_pending]
             for v in reversed(unseen):
-                metrics = self.store.metrics(v)
-                if metrics.get("kind") != "online-snapshot" and self._adoptable(metrics):
-                    return v
+                if metrics[v].get("kind") != "online-snapshot" and self._adoptable(metrics[v]):
+                    return v, listing
+        if state is not None and state.lineage and state.base_version in versions:
+            own = [v for v in versions if metrics[v].get("kind") == "online-snapshot"
+                   and metrics[v].get("lineage") == state.lineage]
+            for v in [*reversed(own), state.base_version]:
+                if self._adoptable(metrics[v]):
+                    return v, listing
         for v in reversed(versions):
-            if self._adoptable(self.store.metrics(v)):
-                return v
+            if self._adoptable(metrics[v] if v in metrics else self.store.metrics(v)):
+                return v, listing
             logger.error("not starting from v%s: the log after its offset was compacted", v)
-        return versions[-1]
+        return versions[-1], listing
 
-    def _adopt(self, store_version: int, reason: str) -> None:
+    def _adopt(self, store_version: int, reason: str, listing: tuple[list[int], list[int]] | None = None) -> None:
         """Start a new lineage on a store version: load it, replay the log after its offset,
         publish once caught up (see `_run`). Called at start and by the training thread.
 
@@ -59,7 +70,9 @@ class Lineages:
             base_data = self._load_base_data(metrics.get("data"))
         offset = metrics.get("log_offset", -1)
         trainer = OnlineTrainer(loaded, self.s.learning_rate, self.s.dense_learning_rate)
-        committed, in_progress = self.store.numbers()
+        # The listing the version was chosen from (None: list now): whatever commits after it is
+        # still new at the next look, even below the numbers seen in it.
+        committed, in_progress = self.store.numbers() if listing is None else listing
         store_seen = max(committed, default=0)
         # The lineage's first version holds every event judged so far (replayed); events acknowledged
         # but not judged yet are judged as new feedback once it is published.
@@ -117,9 +130,10 @@ class Lineages:
         if not foreign:  # nothing, or a learner's own snapshots
             self._looked_at(committed, in_progress)
             return
-        latest = foreign[-1]
+        adoptable = [v for v in foreign if self._adoptable(self.store.metrics(v))]
+        latest = adoptable[-1] if adoptable else foreign[-1]
         metrics = self.store.metrics(latest)
-        if not self._adoptable(metrics):
+        if not adoptable:
             self._looked_at(committed, in_progress)
             logger.error("not adopting v%s: it includes feedback up to offset %s, and the log after it was "
                          "compacted (kept from %s); the current lineage stays", latest,
@@ -128,17 +142,17 @@ class Lineages:
                                  "reason": "log compacted below its offset"})
             return
         rebase_from = self.pub
-        self._adopt(latest, reason=f"adopting {metrics.get('kind', 'a retrained model')} v{latest}")
+        self._adopt(latest, f"adopting {metrics.get('kind', 'a retrained model')} v{latest}", (committed, in_progress))
         self._looked_at(committed, in_progress)  # only once adopted: a failed load is retried next check
         self.pub = rebase_from  # replicas keep the current lineage until the new one has replayed
         self.history.append({"time": time.time(), "rebased_on": latest, "lineage": self.lineage, "published": False,
                              "log_offset": self.applied_offset, "bytes": 0, "events": 0})
 
-    def _looked_at(self, committed: list[int], in_progress: list[int], up_to: int = 0) -> None:
+    def _looked_at(self, committed: list[int], in_progress: list[int]) -> None:
         """The store's numbers (one listing) are looked at: every committed one up to the highest
-        (or `up_to`, a number this learner used) is seen; those still uploading below it stay
-        pending, adopted when they commit. A pending number that disappeared was collected."""
-        seen = max(self._store_seen, up_to, max(committed, default=0))
+        is seen; those still uploading below it stay pending, adopted when they commit. A pending
+        number that disappeared was collected."""
+        seen = max(self._store_seen, max(committed, default=0))
         self._store_pending = frozenset(v for v in in_progress if v < seen)
         self._store_seen = seen
 

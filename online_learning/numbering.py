@@ -42,12 +42,19 @@ class VersionNumbers:
         self.floor = max(self.floor, version)
 
     def _drop_older(self, mine: str) -> None:
-        """Remove the reservations of earlier epochs (and of learners before epochs) that ours
-        covers; a failure leaves them, which only keeps a few more numbers unused."""
+        """Remove the reservations of lower epochs (and of learners before epochs) that ours
+        covers. Never a higher epoch's: a superseded learner running this must not remove its
+        successor's. A failure leaves them, which only keeps a few more numbers unused."""
+        def epoch_of(name: str) -> int | None:
+            if name == self.reserver:
+                return 0
+            head, sep, epoch = name.rpartition("-e")
+            return int(epoch) if sep and head == self.reserver and epoch.isdigit() else None
+
         try:
             for name, up_to in self.store.reservations().items():
-                older = name == self.reserver or (name.startswith(f"{self.reserver}-e") and name != mine)
-                if older and up_to <= self._reserved_up_to:
+                epoch = epoch_of(name)
+                if name != mine and epoch is not None and epoch < self.owner.epoch and up_to <= self._reserved_up_to:
                     self.store.unreserve(name)
         except OSError:
             pass

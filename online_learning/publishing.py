@@ -104,7 +104,7 @@ class Publishing:
         self._state.write(LearnerState(version=max(self.numbers.floor, version), holdout_salt=self._salt,
                                        lineage=self.lineage, log_offset=self.applied_offset,
                                        judged_offset=self._judged_offset, epoch=self._owner.epoch,
-                                       store_seen=self._store_seen, store_pending=tuple(sorted(self._store_pending))))
+                                       base_version=self.base_version, store_seen=self._store_seen, store_pending=tuple(sorted(self._store_pending))))
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         from train.model import save_model_dir

@@ -65,20 +65,28 @@ class ReplicaReports:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.replicas: dict[str, ReplicaReport] = {}
+        self.gone: dict[str, float] = {}  # replicas that said goodbye, when (a late poll must not revive them)
         self.max_reported = 0  # the highest version any replica reported holding
         self.acked: deque = deque()  # (offset, ack time on `clock`), in offset order
 
     def report(self, replica: str, identity: ReplicaIdentity, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        if replica in self.gone:  # a poll that was in flight when it said goodbye
+            return
         self.replicas[replica] = ReplicaReport.of(identity, reported_at=time.time(), seen=now)
         self.max_reported = max(self.max_reported, identity.version or 0)
         for name in [r for r, v in self.replicas.items() if now - v.seen > REPLICA_FORGET_S]:
             del self.replicas[name]
 
-    def forget(self, replica: str) -> None:
+    def forget(self, replica: str, now: float | None = None) -> None:
         """A replica that said goodbye (Serve stopping it): its old offset no longer holds the
-        staleness figure up for REPLICA_LIVE_S after it is gone."""
+        staleness figure up for REPLICA_LIVE_S after it is gone. Serve never reuses a replica's
+        id, so reports under it are ignored from now on (remembered REPLICA_FORGET_S)."""
+        now = self.clock() if now is None else now
         self.replicas.pop(replica, None)
+        self.gone[replica] = now
+        for name in [r for r, at in self.gone.items() if now - at > REPLICA_FORGET_S]:
+            del self.gone[name]
 
     def live(self, now: float | None = None) -> dict[str, ReplicaReport]:
         now = self.clock() if now is None else now

@@ -70,6 +70,7 @@ class ModelFollower:
         replica replaced in a rollout stops counting in the learner's staleness figure at once."""
         if self._poller is not None:
             self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)  # no poll in flight after the goodbye
         if self.learner is None:
             return
         try:

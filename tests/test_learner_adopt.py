@@ -98,7 +98,8 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
     learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
     learner._base_data_spec, learner._judged_offset, learner.pub = None, 4, None
     learner.history = []
-    learner._adopt(learner._start_version(), "start")
+    version, listing = learner._start_version()
+    learner._adopt(version, "start", listing)
     assert learner.base_version == 1
 
     fine_tune = CommitWaits(root)
@@ -128,8 +129,8 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
     assert (state.store_seen, state.store_pending) == (3, (2,))
     restarted = cls.__new__(cls)
     restarted.s, restarted.store, restarted.log = learner.s, store, log
-    assert restarted._start_version(state) == 2  # not v3, the snapshot without the fine-tune
-    assert restarted._start_version() == 3  # what a learner that keeps no store_seen would pick
+    assert restarted._start_version(state)[0] == 2  # not v3, the snapshot without the fine-tune
+    assert restarted._start_version()[0] == 3  # what a learner that keeps no store_seen would pick
 
     learner._maybe_rebase()
     assert learner.base_version == 2 and learner.applied_offset == 2 and learner.replaying
@@ -137,6 +138,14 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
     assert learner._store_pending == frozenset() and learner._store_seen == 3
     learner._maybe_rebase()  # looked at: not adopted twice
     assert len(learner.history) == 1
+    # Restarted before the new lineage stored a snapshot: the state file names the lineage and
+    # its base (v2), so the restart resumes it rather than the older lineage's snapshot v3.
+    state = LearnerState(lineage=learner.lineage, base_version=learner.base_version,
+                         store_seen=learner._store_seen, store_pending=tuple(learner._store_pending))
+    assert restarted._start_version(state)[0] == 2
+    assert store.publish(_saved(tmp_path, "snap2", kind="online-snapshot", log_offset=4,
+                                lineage=learner.lineage), version=numbers.after(snapshot)) == 4
+    assert restarted._start_version(state)[0] == 4  # once it has one, its own newest snapshot
     log.close()
 
 
@@ -177,4 +186,40 @@ def test_a_failed_state_write_while_publishing_a_lineage_is_retried_whole(tmp_pa
     learner._publish_lineage()  # the next round's retry
     assert learner.pub is not None and learner.pub.version == written[-1] and not learner.replaying
     assert learner.served.version == learner.pub.version and learner._next_mirror is None
+    log.close()
+
+
+class PublishesDuringLoad(ModelStore):
+    """A real store where another publisher commits `other` while the learner loads a version
+    (a fine-tune finishing during an adoption)."""
+
+    other = None
+
+    def load(self, version=None):
+        if self.other is not None:
+            other, self.other = self.other, None
+            ModelStore(self.uri).publish(other)
+        return super().load(version)
+
+
+def test_a_fine_tune_committed_while_the_learner_adopts_another_is_adopted_next(tmp_path):
+    """Between the listing that chose a version to adopt and the adoption's end, another fine-tune
+    commits above every number listed. The next look adopts it (the learner must not take the
+    adoption's own, later view of the store as looked at)."""
+    store = PublishesDuringLoad(str(tmp_path / "store"))
+    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
+    log = FeedbackLog(tmp_path / "state")
+    log.append([FeedbackEvent(f"id-{i}", f"text {i}", "A") for i in range(5)])
+    cls = OnlineLearner.func_or_class
+    learner = cls.__new__(cls)
+    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
+    learner._base_data_spec, learner._judged_offset, learner.pub, learner.history = None, 4, None, []
+    version, listing = learner._start_version()
+    learner._adopt(version, "start", listing)
+    assert store.publish(_saved(tmp_path, "ft1", kind="fine-tune", log_offset=1)) == 2
+    store.other = _saved(tmp_path, "ft2", kind="fine-tune", log_offset=3)  # commits as v3 while v2 loads
+    learner._maybe_rebase()
+    assert learner.base_version == 2 and store.versions() == [1, 2, 3]
+    learner._maybe_rebase()
+    assert learner.base_version == 3 and learner.applied_offset == 3
     log.close()

@@ -342,8 +342,10 @@ def test_a_superseded_learners_late_reservation_cannot_lower_its_successors(tmp_
     late = VersionNumbers(store, type("PassedItsCheck", (), {"check": lambda self: None, "epoch": 1})())
     late.free(5)  # its reservation write lands after the successor's
     assert store.reservations()["online-learner-e1"] < store.reserved() == first + RESERVE_BLOCK
+    late.free(first + 1)  # a block as high as the successor's: its clean-up must not remove that one
+    assert store.reservations()["online-learner-e2"] == first + RESERVE_BLOCK
     save_model_dir(new_model("small", ["A", "B"]), tmp_path / "ft")
-    assert store.publish(tmp_path / "ft") == first + RESERVE_BLOCK + 1  # a fine-tune: above both
+    assert store.publish(tmp_path / "ft") == store.reserved() + 1 > first + RESERVE_BLOCK  # a fine-tune: above all
     new.release()
 
 
@@ -384,7 +386,8 @@ def test_replica_reports_track_the_oldest_event_a_live_replica_lacks():
     reports.report("d", ReplicaIdentity("L", 9, "d", 8), now=101.0 + REPLICA_FORGET_S + 2)
     reports.prune(served_offset=8, now=101.0 + REPLICA_FORGET_S + 3)
     assert reports.oldest_unserved() is not None  # "c" (live, at offset 7) lacks event 8
-    reports.forget("c")  # Serve stopped it (a rollout): it said goodbye
+    reports.forget("c", now=101.0 + REPLICA_FORGET_S + 3)  # Serve stopped it (a rollout): it said goodbye
+    reports.report("c", ReplicaIdentity("L", 1, "d", 7), now=101.0 + REPLICA_FORGET_S + 3)  # a poll in flight
     reports.prune(served_offset=8, now=101.0 + REPLICA_FORGET_S + 3)
     assert reports.oldest_unserved() is None and set(reports.replicas) == {"d"}
 

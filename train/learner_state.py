@@ -5,7 +5,8 @@ learner has judged the log. Both import this module, which imports neither.
 
 Fields: `version` (the highest number the learner has used: no later lineage may reuse it),
 `holdout_salt`, `lineage`, `log_offset` (applied), `judged_offset` (events up to it were judged
-by a round), `epoch` (the ownership epoch of the learner that wrote it), `store_seen` and
+by a round), `epoch` (the ownership epoch of the learner that wrote it),
+`base_version` (the store version the lineage started from), `store_seen` and
 `store_pending` (the model store's numbers the learner has looked at: every committed version up to
 `store_seen` except those in `store_pending`, publishes that were still uploading below it, which
 it adopts once they commit, even after a restart).
@@ -32,6 +33,7 @@ class LearnerState:
     log_offset: int = -1
     judged_offset: int = -1
     epoch: int | None = None
+    base_version: int | None = None
     store_seen: int | None = None  # None: a state file written before the learner kept it
     store_pending: tuple[int, ...] = ()
 
@@ -47,7 +49,8 @@ def read_state(state_dir: str | Path) -> LearnerState | None:
     judged = raw.get("judged_offset", raw.get("log_offset", -1))
     return LearnerState(version=raw.get("version", 0), holdout_salt=raw.get("holdout_salt"),
                         lineage=raw.get("lineage"), log_offset=raw.get("log_offset", -1), judged_offset=judged,
-                        epoch=raw.get("epoch"), store_seen=raw.get("store_seen"),
+                        epoch=raw.get("epoch"), base_version=raw.get("base_version"),
+                        store_seen=raw.get("store_seen"),
                         store_pending=tuple(raw.get("store_pending", ())))
 
 
