@@ -19,17 +19,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) demo.py
 
-# Two lanes side by side on the cores: the serial one (Ray, one test at a time) shown as it runs,
-# the Ray-free one into a file shown after; the exit status fails if either failed.
 test: install
-	@rm -f .test-ray-free.log; \
-	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not serial" -p no:cacheprovider > .test-ray-free.log 2>&1 & free=$$!; \
-	trap 'kill $$free 2>/dev/null' INT TERM; \
-	$(PY) -m pytest -q -m serial; serial=$$?; \
-	wait $$free; freerc=$$?; \
-	echo "--- the Ray-free lane, run beside the serial one ---"; cat .test-ray-free.log; \
-	echo "serial lane exit $$serial, Ray-free lane exit $$freerc"; \
-	test $$serial -eq 0 -a $$freerc -eq 0
+	$(PY) -m pytest -q
 
 test-fast: install
 	TEXTSERVE_FAST_LANE=1 $(PY) -m pytest -q -m "not integration" --timeout=120

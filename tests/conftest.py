@@ -18,20 +18,13 @@ _RAY_FIXTURES = {"ray_cluster", "s3_server"}
 _RAY_MODULES = {"test_python_m_serve_run", "test_cluster", "test_learner_restart", "test_train_job",
                 "test_cnn_family", "test_learner_growth"}
 FAST_LANE = os.environ.get("TEXTSERVE_FAST_LANE") == "1"
-# `make test` runs two pytest processes side by side (Makefile): the tests marked `serial` one at a
-# time (the Ray tests: one local Ray, fixed ports, HAProxy strays stopped by PID) and the rest,
-# Ray-free, beside them. Ray-free modules that start a live HAProxy are serial too: a Ray test's
-# clean-up of HAProxy processes it did not start would otherwise see theirs.
-_SERIAL_MODULES = _RAY_MODULES | {"test_ingress_units"}
 
 
 def pytest_itemcollected(item):
-    """Marks each test as it is collected: integration (needs Ray), and serial (see above)."""
+    """Marks each test as it is collected: integration when it needs Ray."""
     module = item.module.__name__.rsplit(".", 1)[-1]
     if _RAY_FIXTURES & set(item.fixturenames) or module in _RAY_MODULES:
         item.add_marker(pytest.mark.integration)
-    if "integration" in item.keywords or module in _SERIAL_MODULES:
-        item.add_marker(pytest.mark.serial)
 
 
 def pytest_collection_modifyitems(config, items):
