@@ -147,6 +147,20 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
                                 lineage=learner.lineage), version=numbers.after(snapshot)) == 4
     assert restarted._start_version(state)[0] == 4  # once it has one, its own newest snapshot
     log.close()
+    # What the learner's own state write keeps (the state file above was built by hand): the
+    # lineage, its base and what it has seen of the store, read back by a restart.
+    from online_learning.persistence import Ownership, StateFile
+    from train.learner_state import read_state as read_back
+
+    owner = Ownership(tmp_path / "state")
+    assert owner.try_acquire()
+    learner._state, learner._owner, learner._salt, learner.numbers = StateFile(owner), owner, "s", numbers
+    learner._used_number(9)  # a snapshot stored as v9: 4..8 (v4 unlooked at) pending until the next look
+    learner._write_state(9)
+    written = read_back(tmp_path / "state")
+    assert (written.lineage, written.base_version, written.store_seen) == (learner.lineage, 2, 9)
+    assert written.store_pending == (4, 5, 6, 7, 8)
+    owner.release()
 
 
 def test_a_failed_state_write_while_publishing_a_lineage_is_retried_whole(tmp_path):
