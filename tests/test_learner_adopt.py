@@ -78,6 +78,19 @@ def _saved(tmp_path, name: str, **metrics):
     return save_model_dir(model, tmp_path / name)
 
 
+def _learner_on(store: ModelStore, tmp_path):
+    """A learner object (no constructor: no thread, no Ray) on `store` with a base v1 published
+    and five events in its log, judged; and the log."""
+    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
+    log = FeedbackLog(tmp_path / "state")
+    log.append([FeedbackEvent(f"id-{i}", f"text {i}", "A") for i in range(5)])
+    cls = OnlineLearner.func_or_class
+    learner = cls.__new__(cls)
+    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
+    learner._base_data_spec, learner._judged_offset, learner.pub, learner.history = None, 4, None, []
+    return learner, log
+
+
 def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after_a_restart(tmp_path):
     """Row a: a fine-tune claims v2 and uploads slowly; meanwhile the learner reserves its block
     and stores a snapshot above it (v3, as the number was taken). When the fine-tune commits v2,
@@ -90,14 +103,8 @@ def test_a_fine_tune_committed_below_a_learner_snapshot_is_adopted_now_and_after
 
     root = str(tmp_path / "store")
     store = ModelStore(root)
-    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
-    log = FeedbackLog(tmp_path / "state")
-    log.append([FeedbackEvent(f"id-{i}", f"text {i}", "A") for i in range(5)])
+    learner, log = _learner_on(store, tmp_path)
     cls = OnlineLearner.func_or_class
-    learner = cls.__new__(cls)
-    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
-    learner._base_data_spec, learner._judged_offset, learner.pub = None, 4, None
-    learner.history = []
     version, listing = learner._start_version()
     learner._adopt(version, "start", listing)
     assert learner.base_version == 1
@@ -221,13 +228,7 @@ def test_a_fine_tune_committed_while_the_learner_adopts_another_is_adopted_next(
     commits above every number listed. The next look adopts it (the learner must not take the
     adoption's own, later view of the store as looked at)."""
     store = PublishesDuringLoad(str(tmp_path / "store"))
-    assert store.publish(_saved(tmp_path, "base", kind="trained")) == 1
-    log = FeedbackLog(tmp_path / "state")
-    log.append([FeedbackEvent(f"id-{i}", f"text {i}", "A") for i in range(5)])
-    cls = OnlineLearner.func_or_class
-    learner = cls.__new__(cls)
-    learner.s, learner.store, learner.log = LearnerSettings(state_dir=str(tmp_path / "state")), store, log
-    learner._base_data_spec, learner._judged_offset, learner.pub, learner.history = None, 4, None, []
+    learner, log = _learner_on(store, tmp_path)
     version, listing = learner._start_version()
     learner._adopt(version, "start", listing)
     assert store.publish(_saved(tmp_path, "ft1", kind="fine-tune", log_offset=1)) == 2
