@@ -29,6 +29,7 @@ test-fast: install
 test-upgrade: install
 	TEXTSERVE_SLOW=1 flock /tmp/ray-tests.lock $(PY) -m pytest -q -s tests/test_rolling_upgrade.py --timeout=1500
 
-# The real `ray up` of cluster/onprem.yaml on hosts that are network namespaces (root; minutes).
+# Multi-node (minutes): four raylets on this machine (tests/test_cluster.py), and the real `ray up`
+# of cluster/onprem.yaml on hosts that are network namespaces (tests/test_ray_up.py: root only).
 test-cluster: install
-	TEXTSERVE_CLUSTER_TEST=1 flock /tmp/ray-tests.lock $(PY) -m pytest -q -s tests/test_ray_up.py
+	TEXTSERVE_CLUSTER_TEST=1 flock /tmp/ray-tests.lock $(PY) -m pytest -q -s -m cluster tests/test_cluster.py tests/test_ray_up.py

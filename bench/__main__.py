@@ -7,6 +7,7 @@ commands:
   freshness  time from feedback to answers that use it (docs/FRESHNESS_BENCH.md)
   drift      an English base learns Korean from feedback online; English must not drop (docs/DRIFT.md)
   features   word against word + character n-gram features, by seed (docs/FEATURES.md)
+  quality    model families and training recipes, by seed, on clean and perturbed test sets (docs/QUALITY.md)
   replay_rounds  the learner's rounds replayed offline on a store's version: Korean and English
              accuracy per follow-up policy, no Serve, no gate (docs/ONLINE_LEARNING.md)
   cpu_split  where the machine's CPU goes under load, per process (docs/BENCHMARKS.md)

@@ -146,6 +146,17 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def limit_tf_threads(n: int) -> None:
+    """At most n TensorFlow threads per op, unless TensorFlow already runs in this process (a
+    caller's settings stand then: TensorFlow refuses the change)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+    except RuntimeError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench features", description=__doc__.split("\n\n")[0])
     p.add_argument("--langs", default="en", help="comma-separated bundled languages (default: en)")
@@ -163,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--features/--seeds: {err}")
     if len(set(seeds)) != len(seeds) or a.epochs < 1:
         p.error("--seeds must be distinct and --epochs at least 1")
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(2)
+    limit_tf_threads(2)
     rows = []
     for lang in [x.strip() for x in a.langs.split(",") if x.strip()]:
         for seed in seeds:

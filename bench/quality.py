@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     if a.epochs < 1 or any(not 0 <= x < 1 for x in smoothing):
         p.error("--epochs must be at least 1 and --label-smoothing in [0, 1)")
-    import tensorflow as tf
+    from bench.features import limit_tf_threads
 
-    tf.config.threading.set_intra_op_parallelism_threads(2)
+    limit_tf_threads(2)
     out_json = Path(a.out + ".json")
     rows = json.loads(out_json.read_text())["runs"] if out_json.is_file() else []
     for lang in [x.strip() for x in a.langs.split(",") if x.strip()]:

@@ -213,8 +213,10 @@ def variant_changes(variant: ServeVariant, tree: SourceTree | None = None) -> di
     changes = config_changes(variant_config(variant, "", 0, "", tree), shipped)
     if not variant.fast_ingress:
         changes["environment.fast_ingress"] = ("on", "off")
-    for key, value in variant.env:
-        changes[f"environment.{key}"] = (os.environ.get(key), value)
+    from serve.ingress import RAY_DEFAULTS
+
+    for key, value in variant.env:  # against what the shipped ingress would set for a user here
+        changes[f"environment.{key}"] = (os.environ.get(key, RAY_DEFAULTS.get(key)), value)
     return changes
 
 

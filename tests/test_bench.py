@@ -179,25 +179,52 @@ def test_profile_summary_from_a_speedscope_file():
     assert thread_seconds(profile) == [("t1", pytest.approx(0.04))]
 
 
-def test_features_bench_trains_each_feature_set_and_reports(tmp_path):
-    """One epoch of the small Korean model per feature set, really trained: a report with a row per
-    model, the mean per feature set, a plot; bad feature sets are refused before anything trains."""
+def test_features_bench_trains_each_feature_set_and_reports(tmp_path, capsys):
+    """One epoch of the small Korean model per feature set, really trained (`python -m bench
+    features`' main, in this process): a report with a row per model, the mean per feature set, a
+    plot; bad feature sets are refused before anything trains."""
     import json
-    import subprocess
-    import sys
+
+    from bench.__main__ import main
 
     out = tmp_path / "FEATURES"
-    done = subprocess.run([sys.executable, "-m", "bench", "features", "--langs", "ko", "--seeds", "0",
-                           "--features", "none,2-3", "--epochs", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["features", "--langs", "ko", "--seeds", "0", "--features", "none,2-3", "--epochs", "1",
+                 "--out", str(out)]) in (0, None)
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["char_ngrams"] for r in report["runs"]] == [[], [2, 3]]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["best_epoch"] == 1 for r in report["runs"])
     assert "| words + char 2/3-grams |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size
-    bad = subprocess.run([sys.executable, "-m", "bench", "features", "--features", "none,3-2", "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "widths must be distinct, increasing" in bad.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["features", "--features", "none,3-2", "--out", str(tmp_path / "BAD")])
+    assert refused.value.code == 2 and "widths must be distinct, increasing" in capsys.readouterr().err
+    assert not (tmp_path / "BAD.json").exists()
+
+
+def test_quality_bench_scores_clean_and_perturbed_sets_and_keeps_earlier_runs(tmp_path, capsys):
+    """`python -m bench quality`' main, in this process: a real 1-epoch CNN per recipe, scored on
+    the clean test set and the robustness set by kind; a later command adds its rows to the
+    report instead of replacing it; a bad recipe is refused before anything trains."""
+    import json
+
+    from bench.__main__ import main
+
+    out = tmp_path / "QUALITY"
+    common = ["quality", "--langs", "en", "--archs", "cnn", "--seeds", "0", "--epochs", "1", "--out", str(out)]
+    assert main([*common, "--recipes", "none"]) == 0
+    assert main([*common, "--recipes", "typos"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(r["recipe"] for r in report["runs"]) == ["none", "typos"]
+    for r in report["runs"]:
+        assert 0.0 < r["test_accuracy"] <= 1.0 and 0.0 < r["robust_accuracy"] <= 1.0
+        assert set(r["robust_by_kind"]) == {"names", "numbers", "order", "padding", "typos"}
+    md = out.with_suffix(".md").read_text()
+    assert "| cnn small, augment none, 1 epochs |" in md and "| cnn small, augment typos, 1 epochs |" in md
+    assert out.with_suffix(".png").stat().st_size
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main([*common, "--recipes", "typos+bogus"])
+    assert refused.value.code == 2 and "augment kinds must be distinct" in capsys.readouterr().err
 
 
 def test_cpu_sampler_tells_a_busy_process_from_an_idle_one():
@@ -305,18 +332,19 @@ def test_every_setting_a_variant_changes_is_listed():
     assert unbatched["applications.0.deployments.0.num_replicas"] == (None, 1)
     assert unbatched["applications.0.args.learner"][1] is None  # the learner off
     assert "max_batch_size` 32 -> 1" in changes_line(unbatched)
-    lean = variant_changes(VARIANTS["textserve-default-nohametrics"])
-    assert lean == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": (None, "0")}  # the environment only
+    metered = variant_changes(VARIANTS["textserve-default-hametrics"])
+    # the environment only, against what the shipped ingress sets
+    assert metered == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": ("0", "1")}
 
 
 def test_a_variants_environment_reaches_its_serve_run_and_only_the_shipped_kind_takes_one(tmp_path):
     from bench.compare import VARIANTS
     from bench.systems import ServeVariant, start_variant
 
-    system = start_variant(VARIANTS["textserve-default-nohametrics"], str(tmp_path), port=1)
+    system = start_variant(VARIANTS["textserve-default-hametrics"], str(tmp_path), port=1)
     system.command()  # renders the config and enters the hardened ingress, as a start does
     try:
-        assert system.environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+        assert system.environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
     finally:
         system.cleanup()
     with pytest.raises(ValueError, match="only for the shipped kind"):

@@ -62,6 +62,9 @@ def test_typos_that_serve_accepts_are_rejected_with_the_key_named(path, value, m
     assert any(message in p for p in problems), problems
 
 
+@pytest.mark.cluster
+@pytest.mark.skipif(os.environ.get("TEXTSERVE_CLUSTER_TEST") != "1",
+                    reason="multi-node (four raylets on this machine, ~1.5 min): make test-cluster (TEXTSERVE_CLUSTER_TEST=1)")
 def test_multinode_roles_and_serving_without_a_node(trained_store, s3_server, tmp_path):
     """Each node has a folder of its own; only the S3 store (and Ray Train's checkpoints on S3) are
     shared. The learner's feedback log is on the head's folder: it needs shared storage only where

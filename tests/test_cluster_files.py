@@ -5,6 +5,7 @@ schema, self-contained, and serving exactly cluster/serve_cluster.yaml. Offline,
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -162,19 +163,24 @@ def _doc_commands(path: Path) -> list[list[str]]:
     return commands
 
 
-def _cli_help(cli: str, sub: list[str]) -> str:
-    import subprocess
-    import sys
+@functools.cache
+def _cli_help(cli: str, sub: tuple[str, ...]) -> str:
+    """`ray SUB --help` / `serve SUB --help`: the installed CLIs' own click commands (what the
+    `ray` and `serve` executables run), invoked in this process."""
+    from click.testing import CliRunner
 
-    exe = str(Path(sys.executable).parent / cli)
-    proc = subprocess.run([exe, *sub, "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (cli, sub, proc.stderr[-2000:])
-    return proc.stdout
+    if cli == "ray":
+        from ray.scripts.scripts import cli as command
+    else:
+        from ray.serve.scripts import cli as command
+    result = CliRunner().invoke(command, [*sub, "--help"])
+    assert result.exit_code == 0, (cli, sub, result.output[-2000:])
+    return result.output
 
 
 def _check_flags(cli: str, argv: list[str]) -> None:
     sub = argv[:2] if argv[0] == "job" else argv[:1]
-    help_text = _cli_help(cli, sub)
+    help_text = _cli_help(cli, tuple(sub))
     for arg in argv[len(sub):]:
         if arg.startswith("--"):
             assert arg.split("=")[0] in help_text, f"{cli} {' '.join(sub)} has no {arg.split('=')[0]}"

@@ -7,9 +7,6 @@ one economical end-to-end run for the other family on a tiny data file.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import requests
 
@@ -45,8 +42,10 @@ def learner(url: str) -> dict:
         return {"error": repr(err)}
 
 
-def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, tmp_path):
+def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, tmp_path, capsys):
     from ray import serve
+
+    from train.__main__ import main as train_main  # `python -m train`, in this process
 
     store, state = str(tmp_path / "store"), str(tmp_path / "state")
     data = DataSpec(path=str(write_jsonl(tmp_path / "tiny.jsonl", tiny_rows())))
@@ -85,9 +84,10 @@ def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, t
         # Fine-tune: another family is refused (the CLI says so before Ray starts); the base's is kept.
         with pytest.raises(ArchMismatchError, match=r"a cnn model; --arch lstm cannot start from its weights"):
             run_training(TrainConfig(arch="lstm", epochs=1, fine_tune=True, feedback_dir=state, **common))
-        cli = subprocess.run([sys.executable, "-m", "train", "--fine-tune", "--arch", "lstm", "--store", store,
-                              "--feedback-dir", state], capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 2 and "a cnn model; --arch lstm cannot start" in cli.stderr, cli.stderr[-2000:]
+        capsys.readouterr()
+        code = train_main(["--fine-tune", "--arch", "lstm", "--store", store, "--feedback-dir", state])
+        err = capsys.readouterr().err
+        assert code == 2 and "a cnn model; --arch lstm cannot start" in err, err[-2000:]
         tuned = run_training(TrainConfig(epochs=3, fine_tune=True, feedback_dir=state, **common))
         assert tuned.metrics["arch"] == "cnn" and tuned.metrics["kind"] == "fine-tune"
         assert ModelStore(store).load(tuned.version).arch == "cnn"

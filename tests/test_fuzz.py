@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests._clients import AUTH, error_code, request_from
 
-EXAMPLES = 2000
+EXAMPLES = 1000
 SOURCES = [f"127.0.1.{i}" for i in range(1, 101)]
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                 suppress_health_check=list(HealthCheck))

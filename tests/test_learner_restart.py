@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 
+import pytest
+
 from online_learning.feedback_log import FeedbackEvent, FeedbackLog, FeedbackLogReader
 from train.data import DataSpec, load_dataset
 
@@ -21,49 +23,63 @@ ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=Fal
 from online_learning.learner import OnlineLearner
 from train.model import accuracy
 
-store, state, last, probe = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
-                                              "snapshot_interval_s": 3600.0})
-deadline = time.monotonic() + 180
-while time.monotonic() < deadline:
-    status = asyncio.run(learner.status()).as_json()
-    if (not status["replaying"] and status["applied_offset"] >= last and status["pending"] == 0
-            and status["followups_left"] == 0):
-        break
-    time.sleep(0.5)
-learner._stop.set()
-learner._thread.join(timeout=60)
-status["probe_accuracy"] = accuracy(learner.served, probe["texts"], probe["labels"]) if probe["texts"] else None
-print("STATUS " + json.dumps(status))
+for job in json.loads(sys.argv[1]):  # one learner after another, each started afresh on its own state
+    store, state, last, probe = job["store"], job["state"], job["last"], job["probe"]
+    learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
+                                                  "snapshot_interval_s": 3600.0})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = asyncio.run(learner.status()).as_json()
+        if (not status["replaying"] and status["applied_offset"] >= last and status["pending"] == 0
+                and status["followups_left"] == 0):
+            break
+        time.sleep(0.5)
+    learner._stop.set()
+    learner._thread.join(timeout=60)
+    learner.__del__()  # as Serve stopping it: the log closed and the lease released
+    status["probe_accuracy"] = accuracy(learner.served, probe["texts"], probe["labels"]) if probe["texts"] else None
+    print("STATUS " + json.dumps(status), flush=True)
 ray.shutdown()
 """
 
 
-def _restart_learner(store, state, last_offset: int, probe=None) -> dict:
-    """A learner started afresh on `state` (as after a crash: a new process), run until it has
-    been through the log and is idle; its status, and its published model's accuracy on `probe`."""
+def _restart_learners(jobs: list[tuple]) -> list[dict]:
+    """For each (store, state, last offset, probe examples): a learner started afresh on `state`
+    (as after a crash: a new process, its own local Ray; the jobs share one such process, one
+    after another), run until it has been through the log and is idle; its status, and its
+    published model's accuracy on the probe."""
     import os
     import subprocess
     import sys
 
-    probe = probe or []
-    arg = json.dumps({"texts": [e.text for e in probe], "labels": [e.label for e in probe]})
-    out = subprocess.run([sys.executable, "-c", _LEARNER_RUN, str(store), str(state), str(last_offset), arg],
-                         capture_output=True, text=True, timeout=300,
+    arg = json.dumps([{"store": str(store), "state": str(state), "last": last,
+                       "probe": {"texts": [e.text for e in probe], "labels": [e.label for e in probe]}}
+                      for store, state, last, probe in jobs])
+    out = subprocess.run([sys.executable, "-c", _LEARNER_RUN, arg], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [line for line in out.stdout.splitlines() if line.startswith("STATUS ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[-1][len("STATUS "):])
+    assert out.returncode == 0 and len(lines) == len(jobs), out.stderr[-3000:]
+    return [json.loads(line[len("STATUS "):]) for line in lines]
 
 
-def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(trained_store, tmp_path):
-    """100 good events a round had judged (the state file says so), then 600 English training
-    sentences relabelled at random, acknowledged (in the log) by a learner that died before any
-    round judged them: the restarted learner replays the 100 into its new lineage, and judges the
-    600 as new feedback instead of replaying them unchecked (the contradiction check refuses them)."""
-    store, state = tmp_path / "store", tmp_path / "state"
-    shutil.copytree(trained_store, store)  # the learner may write snapshots into it
+@pytest.fixture(scope="module")
+def restarted(trained_store, tmp_path_factory) -> dict:
+    """Both restart scenarios below, prepared on disk and run by one learner process."""
     en = load_dataset(DataSpec(langs=("en",)))
+    root = tmp_path_factory.mktemp("restarts")
+    jobs, names = [], []
+    for name, prepare in (("unjudged", _prepare_unjudged), ("judged", _prepare_judged)):
+        store, state = root / name / "store", root / name / "state"
+        shutil.copytree(trained_store, store)  # the learner may write snapshots into it
+        last, probe, extra = prepare(en, state)
+        jobs.append((store, state, last, probe))
+        names.append((name, state, extra))
+    statuses = _restart_learners(jobs)
+    return {name: {"status": status, "state": state, **extra}
+            for (name, state, extra), status in zip(names, statuses)}
+
+
+def _prepare_unjudged(en, state) -> tuple[int, list, dict]:
     rng = random.Random(11)
     labels = sorted({e.label for e in en.train})
     originals = rng.sample(en.train[100:], 600)
@@ -73,7 +89,15 @@ def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(trained
     log.close()
     (state / "learner_state.json").write_text(json.dumps({"version": 7, "holdout_salt": "s", "lineage": "old",
                                                           "log_offset": 99, "judged_offset": 99}))
-    status = _restart_learner(store, state, 699, probe=originals[:64])
+    return 699, originals[:64], {}
+
+
+def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(restarted):
+    """100 good events a round had judged (the state file says so), then 600 English training
+    sentences relabelled at random, acknowledged (in the log) by a learner that died before any
+    round judged them: the restarted learner replays the 100 into its new lineage, and judges the
+    600 as new feedback instead of replaying them unchecked (the contradiction check refuses them)."""
+    status, state = restarted["unjudged"]["status"], restarted["unjudged"]["state"]
     print(json.dumps(status["history"][-5:], indent=0))
     assert status["replayed_on_start"] == 100, "judged events replayed, unjudged ones not"
     assert status["refused"] >= 480, status["refused"]
@@ -86,18 +110,19 @@ def test_events_acknowledged_but_never_judged_are_judged_after_a_restart(trained
     assert saved["version"] >= status["version"] > 7  # numbers never go back
 
 
-def test_events_judged_before_a_restart_are_replayed_not_judged_again(trained_store, tmp_path):
-    """The other side: events a round had judged (the state file says so) are replayed into the
-    new lineage at start, without the check, before it publishes."""
-    store, state = tmp_path / "store", tmp_path / "state"
-    shutil.copytree(trained_store, store)
-    en = load_dataset(DataSpec(langs=("en",)))
+def _prepare_judged(en, state) -> tuple[int, list, dict]:
     log = FeedbackLog(state)
     log.append([FeedbackEvent(f"good-{i}", e.text, e.label) for i, e in enumerate(en.train[:100])])
     log.close()
     (state / "learner_state.json").write_text(json.dumps({"version": 1, "holdout_salt": "s", "lineage": "old",
                                                           "log_offset": 99, "judged_offset": 99}))
-    status = _restart_learner(store, state, 99)
+    return 99, [], {}
+
+
+def test_events_judged_before_a_restart_are_replayed_not_judged_again(restarted):
+    """The other side: events a round had judged (the state file says so) are replayed into the
+    new lineage at start, without the check, before it publishes."""
+    status = restarted["judged"]["status"]
     assert status["replayed_on_start"] == 100 and status["refused"] == 0
     assert status["version"] > 1 and status["served_offset"] == 99
 

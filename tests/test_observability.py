@@ -585,52 +585,6 @@ def test_alerts_wrap_into_a_prometheus_rule_as_the_docs_say():
     assert "sed 's/^/  /' cluster/observability/alerts.yml" in (ROOT / "docs" / "OBSERVABILITY.md").read_text()
 
 
-def test_status_matches_a_real_apps_model_answer(ray_cluster, base_url, trained_store, tmp_path):
-    """The real app (Classifier + OnlineLearner): after feedback is acknowledged and published,
-    the status view shows the learner's version and every replica the learner reports, as
-    /v1/model says them."""
-    import time
-
-    import requests
-    from ray import serve
-
-    from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until
-
-    store, state = str(tmp_path / "store"), str(tmp_path / "state")
-    shutil.copytree(trained_store, store)
-    deploy_online(store, state, name="obs", classifier_replicas=1)
-    url = f"{base_url}/obs"
-    auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
-    try:
-        wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="the obs app")
-        labels = requests.get(f"{url}/v1/model", timeout=10).json()["labels"]
-        events = [{"event_id": f"obs-{i}", "text": f"turn on the light number {i}", "label": labels[0]}
-                  for i in range(6)]
-        r = requests.post(f"{url}/v1/feedback", json=events, headers=auth, timeout=30)
-        assert r.status_code == 202, r.text
-
-        def judged() -> dict | None:
-            info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
-            learner = info.get("learner") or {}
-            done = (learner.get("judged_offset") or -1) >= 5 and learner.get("replicas")
-            return info if done else None
-
-        wait_until(judged, timeout=120, what="the learner judging the feedback")
-        done = _status("--url", url, token=FEEDBACK_TOKEN)
-        info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
-        assert done.returncode == 0, done.stderr
-        learner = info["learner"]
-        assert f"learner: v{learner['version']} lineage {learner['lineage'][:11]}" in done.stdout
-        for name, rep in learner["replicas"].items():
-            row = next(line for line in done.stdout.splitlines() if line.startswith(name[:13]))
-            assert f" {rep['version']} " in row, row
-        assert "backlog (unjudged) 0" in done.stdout
-        wrong = _status("--url", url, token="not-the-token")
-        assert wrong.returncode == 2 and "not the app's operator token" in wrong.stderr
-    finally:
-        serve.delete("obs")
-
-
 # -- a real app, scraped by a real Prometheus ---------------------------------------------------------
 
 def _start_prometheus(workdir: Path):
@@ -691,7 +645,7 @@ def observed_app(ray_cluster, base_url, trained_store, tmp_path_factory):
         r = requests.post(f"{url}/v1/feedback", json=events, headers=auth, timeout=30)
         assert r.status_code == 202, r.text
         requests.post(f"{url}/v1/feedback", json=events[:2], headers=auth, timeout=30)  # duplicates
-        yield {"url": url, "prom": prom, "auth": auth, "workdir": root / "prometheus"}
+        yield {"url": url, "prom": prom, "auth": auth, "workdir": root / "prometheus", "events": len(events)}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -715,6 +669,49 @@ def test_version_and_staleness_series_match_the_apps_model_answer(observed_app):
     staleness = _values(prom, "max by (replica) (ray_textserve_replica_staleness_s)")
     assert set(reported) <= set(staleness), f"no staleness series for {set(reported) - set(staleness)}"
     assert all(v < 5.0 for n, v in staleness.items() if n in reported), staleness  # in sync, under the bound
+
+
+def test_status_matches_a_real_apps_model_answer(observed_app):
+    """The real app (Classifier x2 + OnlineLearner): after its feedback is judged, the status
+    view shows the learner's version and every replica the learner reports, as /v1/model says
+    them."""
+    import requests
+
+    from tests._helpers import FEEDBACK_TOKEN, wait_until
+
+    url, auth = observed_app["url"], observed_app["auth"]
+
+    def judged() -> dict | None:
+        info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
+        learner = info.get("learner") or {}
+        done = (learner.get("judged_offset") or -1) >= observed_app["events"] - 1 and learner.get("replicas")
+        return info if done else None
+
+    wait_until(judged, timeout=120, what="the learner judging the feedback")
+
+    def versions(info: dict) -> tuple:
+        learner = info["learner"]
+        return learner["version"], sorted((n, r["version"]) for n, r in learner["replicas"].items())
+
+    def status_between_two_equal_answers():
+        """The learner may still publish: compare only a status run that two equal /v1/model
+        answers, read just before and just after it, enclose."""
+        before = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
+        run = _status("--url", url, token=FEEDBACK_TOKEN)
+        after = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
+        return (run, after) if versions(before) == versions(after) else None
+
+    done, info = wait_until(status_between_two_equal_answers, timeout=60, interval=0.5,
+                            what="a status run while the learner's versions stay put")
+    assert done.returncode == 0, done.stderr
+    learner = info["learner"]
+    assert f"learner: v{learner['version']} lineage {learner['lineage'][:11]}" in done.stdout
+    for name, rep in learner["replicas"].items():
+        row = next(line for line in done.stdout.splitlines() if line.startswith(name[:13]))
+        assert f" {rep['version']} " in row, row
+    assert "backlog (unjudged) 0" in done.stdout
+    wrong = _status("--url", url, token="not-the-token")
+    assert wrong.returncode == 2 and "not the app's operator token" in wrong.stderr
 
 
 def test_stale_replica_alert_fires_when_the_learner_stops_and_resolves_after(observed_app):

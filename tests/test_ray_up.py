@@ -41,6 +41,8 @@ pytestmark = [
     pytest.mark.cluster,
     pytest.mark.skipif(os.environ.get("TEXTSERVE_CLUSTER_TEST") != "1",
                        reason="the real `ray up` test: make test-cluster (TEXTSERVE_CLUSTER_TEST=1)"),
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                       reason="makes network namespaces, a bridge and mounts: needs root and iproute2"),
     pytest.mark.timeout(3600),
 ]
 

@@ -168,7 +168,7 @@ def test_a_publish_killed_halfway_is_never_seen_and_is_collected(s3_server, trai
     seen, stop = set(), threading.Event()
 
     def reader():  # a reader polling all along never sees version 2
-        while not stop.is_set():
+        while not stop.wait(0.02):
             seen.update(ModelStore(uri).versions())
     t = threading.Thread(target=reader)
     t.start()
@@ -215,16 +215,20 @@ def test_the_cache_keeps_the_configured_number_of_versions(s3_server, trained_st
         store.load(3)  # cached, but gone from the store: not served from the cache
 
 
-def test_train_cli_publishes_to_s3(s3_server, tmp_path):
+def test_train_cli_publishes_to_s3(ray_cluster, s3_server, tmp_path, capsys):
+    """`python -m train --store s3://...` (its main, in this process, on the suite's Ray: the
+    training worker reads the data and writes checkpoints, the driver publishes to S3)."""
+    from train.__main__ import main as train_main
+
     rows = [{"text": f"please switch {w} lamp {i}", "label": w} for i in range(20) for w in ("on", "off")]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
     uri = s3_server["uri"]("cli")
-    proc = subprocess.run([sys.executable, "-m", "train", "--store", uri, "--data", str(data), "--epochs", "1",
-                           "--batch-size", "16", "--storage-path", str(tmp_path / "runs")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    code = train_main(["--store", uri, "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                       "--cpus-per-worker", "0.25", "--storage-path", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
     store = ModelStore(uri)
-    assert f"published model version 1 -> {store.version_uri(1)}" in proc.stdout
+    assert f"published model version 1 -> {store.version_uri(1)}" in out
     loaded = store.load()
     assert loaded.version == 1 and loaded.labels == ["off", "on"]
 

@@ -15,8 +15,10 @@ from train.job import TrainConfig, run_training
 from train.store import ModelStore
 
 
-@pytest.mark.parametrize("char_ngrams", [(), (2, 3)], ids=["words", "subwords"])
-def test_train_job_publishes_loadable_version(ray_cluster, tmp_path, char_ngrams):
+def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
+    """With subword features, so the job carries every model option through to the store (a words
+    model takes this path in test_cnn_family.py and test_store_s3.py's CLI run)."""
+    char_ngrams = (2, 3)
     rows = [{"text": f"please switch on lamp {i}", "label": "on"} for i in range(30)]
     rows += [{"text": f"please switch off lamp {i}", "label": "off"} for i in range(30)]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
@@ -33,8 +35,25 @@ def test_train_job_publishes_loadable_version(ray_cluster, tmp_path, char_ngrams
     assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=120)
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """`python -m train ARGS` in this process (its main, as the module runs it) for a command that
+    must be refused before anything starts: (exit code, stderr). In-process, so each case costs
+    milliseconds instead of an interpreter start with TensorFlow; reaching Ray or training fails."""
+    import ray
+
+    import train.job
+    from train.__main__ import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command was not refused before Ray and training started")
+    monkeypatch.setattr(train.job, "run_training", started)
+    monkeypatch.setattr(ray, "init", started)
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse's errors
+        code = exit_.code
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -51,20 +70,21 @@ def run_cli(*args):
         (["--char-ngrams", "2,3", "--fine-tune"], "a fine-tune keeps its base version's features"),
     ],
 )
-def test_cli_rejects_bad_options(args, message):
-    proc = run_cli(*args)
-    assert proc.returncode == 2 and message in proc.stderr
+def test_cli_rejects_bad_options(args, message, capsys, monkeypatch):
+    code, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 2 and message in err, err
 
 
-def test_cli_bad_data_file_named_before_ray_starts(tmp_path):
+def test_cli_bad_data_file_named_before_ray_starts(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\n,greet\n", encoding="utf-8")
-    proc = run_cli("--data", str(bad))
-    assert proc.returncode == 2 and f"{bad}: row 2: empty or missing 'text'" in proc.stderr
+    code, err = run_cli(capsys, monkeypatch, "--data", str(bad))
+    assert code == 2 and f"{bad}: row 2: empty or missing 'text'" in err
 
 
 def test_cli_help_lists_every_option():
-    out = run_cli("--help").stdout
+    """The real entry point, `python -m train`, in its own interpreter."""
+    out = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, timeout=120).stdout
     for option in ("--size", "--arch", "--langs", "--data", "--epochs", "--use-gpu", "--gpus-per-worker", "--store",
                    "--steps-per-epoch", "--char-ngrams"):
         assert option in out
@@ -92,15 +112,21 @@ def test_train_on_gpu(ray_cluster, tmp_path):
 
 
 @pytest.mark.skipif(_gpus() > 0, reason="checks the refusal on a machine without a GPU")
-def test_cli_refuses_use_gpu_without_a_gpu_before_training(tmp_path):
+def test_cli_refuses_use_gpu_without_a_gpu_before_training(ray_cluster, tmp_path, capsys, monkeypatch):
+    """`python -m train --use-gpu` (its main, in this process, on the suite's real Ray, which has
+    no GPU): refused with what to do, before a training worker starts or anything is published."""
+    import train.job
+    from train.__main__ import main
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(train.job, "_fit_and_publish", trained)
     store = tmp_path / "store"
-    proc = subprocess.run([sys.executable, "-m", "train", "--use-gpu", "--epochs", "1", "--store", str(store),
-                           "--storage-path", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "error: --use-gpu: the Ray cluster has no node with 1 GPU(s)" in proc.stderr
-    assert "train on CPU without --use-gpu" in proc.stderr
-    assert "[train] small model" not in proc.stdout + proc.stderr  # no training worker started
+    code = main(["--use-gpu", "--epochs", "1", "--store", str(store), "--storage-path", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: --use-gpu: the Ray cluster has no node with 1 GPU(s)" in err
+    assert "train on CPU without --use-gpu" in err
     assert not store.exists() or not any(store.iterdir())
 
 
