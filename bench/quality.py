@@ -25,11 +25,15 @@ from pathlib import Path
 
 
 def config_key(r: dict) -> tuple:
-    return (r["lang"], r["arch"], r["size"], r["recipe"], r["label_smoothing"], r["epochs"])
+    return (r["lang"], r["arch"], r["size"], r["recipe"], r["label_smoothing"], r["epochs"],
+            tuple(r.get("char_ngrams", ())))
 
 
 def config_name(r: dict) -> str:
-    extra = f", label smoothing {r['label_smoothing']:g}" if r["label_smoothing"] else ""
+    from train.model import features_name
+
+    extra = f", {features_name(r['char_ngrams'])}" if r.get("char_ngrams") else ""
+    extra += f", label smoothing {r['label_smoothing']:g}" if r["label_smoothing"] else ""
     extra += f", {r['epochs']} epochs" if r["epochs"] != 15 else ""
     return f"{r['arch']} {r['size']}, augment {r['recipe']}{extra}"
 
@@ -41,10 +45,13 @@ def command_for(r: dict) -> str:
         cmd += f" --label-smoothing {r['label_smoothing']:g}"
     if r["epochs"] != 15:
         cmd += f" --epochs {r['epochs']}"
+    if r.get("char_ngrams"):
+        cmd += f" --features {'-'.join(map(str, r['char_ngrams']))}"
     return cmd
 
 
-def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smoothing: float, epochs: int) -> dict:
+def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smoothing: float, epochs: int,
+              char_ngrams: tuple[int, ...] = ()) -> dict:
     import keras
 
     from train.augment import augment, parse_kinds
@@ -57,7 +64,7 @@ def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smo
     train = augment(splits.train, seed, parse_kinds(recipe))
     index = {name: i for i, name in enumerate(splits.labels)}
     keras.utils.set_random_seed(seed)
-    loaded = new_model(size, splits.labels, arch)
+    loaded = new_model(size, splits.labels, arch, char_ngrams)
     if label_smoothing:
         loaded.model.compile(optimizer=keras.optimizers.Adam(1e-3),
                              loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
@@ -83,7 +90,8 @@ def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smo
         by_kind[r.kind].append((p == r.example.label, clean[r.source]))
     right = [ok for pairs in by_kind.values() for ok, _ in pairs]
     return {"lang": lang, "seed": seed, "arch": arch, "size": size, "recipe": recipe,
-            "label_smoothing": label_smoothing, "epochs": epochs, "train_examples": len(train),
+            "label_smoothing": label_smoothing, "epochs": epochs, "char_ngrams": list(char_ngrams),
+            "train_examples": len(train),
             "val_accuracy": best["val"], "best_epoch": best["epoch"], "test_accuracy": summary["accuracy"],
             "test_seen_accuracy": seen_acc, "robust_accuracy": sum(right) / len(right), "robust_examples": len(right),
             "robust_by_kind": {k: {"n": len(v), "accuracy": sum(ok for ok, _ in v) / len(v),
@@ -119,6 +127,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                     confused[(y, p)] += n
         out.append({"name": config_name(mine[0]), **{k: mine[0][k] for k in ("lang", "arch", "size", "recipe",
                                                                            "label_smoothing", "epochs")},
+                    "char_ngrams": mine[0].get("char_ngrams", []),
                     "seeds": sorted(r["seed"] for r in mine),
                     "test_mean": statistics.mean(test), "test_stdev": statistics.stdev(test) if len(test) > 1 else 0.0,
                     "test_min": min(test), "test_max": max(test),
@@ -214,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated training augmentations: none, or kinds joined with + "
                         "(names, padding, typos, numbers, order); default: none")
     p.add_argument("--label-smoothing", default="0", help="comma-separated label smoothing values (default: 0)")
+    p.add_argument("--features", default="none",
+                   help="comma-separated token features: none (words) or dash-separated character n-gram widths, "
+                        "e.g. none,2-3-4 (default: none)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--out", default="docs/QUALITY")
     a = p.parse_args(argv)
@@ -227,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in recipes:
             parse_kinds(r)
         smoothing = [float(x) for x in a.label_smoothing.split(",")]
+        from bench.features import parse_features
+
+        feature_sets = parse_features(a.features)
     except ValueError as err:
         p.error(str(err))
     if a.epochs < 1 or any(not 0 <= x < 1 for x in smoothing):
@@ -240,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for arch in archs:
                 for recipe in recipes:
-                    for ls in smoothing:
-                        r = train_one(lang, seed, arch, a.size, recipe, ls, a.epochs)
+                    for ls, grams in [(ls, grams) for ls in smoothing for grams in feature_sets]:
+                        r = train_one(lang, seed, arch, a.size, recipe, ls, a.epochs, grams)
                         rows = [x for x in rows if (config_key(x), x["seed"]) != (config_key(r), seed)] + [r]
                         kinds = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in r["robust_by_kind"].items())
                         print(f"{config_name(r)} seed {seed}: test {r['test_accuracy']:.4f} (seen "

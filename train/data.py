@@ -8,6 +8,7 @@ give the same sentences and the same train/validation/test splits on every machi
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -169,10 +170,13 @@ def _assign_templates(templates: list[_Template], spec: DataSpec, lang: str) -> 
     return assigned
 
 
-def _expand(lang: str, spec: DataSpec) -> dict[str, list[Example]]:
+@functools.lru_cache(maxsize=8)
+def _expand(lang: str, spec: DataSpec) -> dict[str, tuple[Example, ...]]:
     """Expand one language's templates into labelled sentences (seeded, deduplicated).
 
     Template split: {"train", "validation", "test", "test_seen"}; sentence split: {"all"}.
+    Kept per (language, spec) for the process: expansion is the slow part of loading, and its
+    result is immutable (tuples of frozen Examples).
     """
     from hassil.intents import RangeSlotList, TextSlotList
     from hassil.sample import sample_sentence
@@ -239,7 +243,7 @@ def _expand(lang: str, spec: DataSpec) -> dict[str, list[Example]]:
                 continue
             chosen = rng.sample(unique, min(caps[part], len(unique)))
             out[part].extend(Example(t, intent_name, lang, g) for t, g in sorted(chosen))
-    return out
+    return {part: tuple(examples) for part, examples in out.items()}
 
 
 def intent_examples(lang: str, spec: DataSpec = DataSpec()) -> list[Example]:

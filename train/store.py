@@ -79,8 +79,6 @@ CLAIMS = "_claims"
 RESERVED = "_reserved"
 PINS = "_pins"
 DEFAULT_GRACE_S = 900.0  # well above one file's upload (a 320 MB large model at 1 MB/s is ~5 min)
-# Test hook, honoured for nothing but this: seconds to sleep after each uploaded file, so a test
-# can kill a publish between two files (tests/test_store_s3.py).
 
 
 class ClaimLost(RuntimeError):
