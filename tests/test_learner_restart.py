@@ -138,6 +138,8 @@ store, state, name, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[
 loop = asyncio.new_event_loop()
 call = loop.run_until_complete
 probe = ReplicaIdentity(None, 0, None, -1)  # a replica holding nothing yet
+import train.model  # Keras and TensorFlow loaded while waiting
+sys.stdin.readline()  # the test says when to start the learner
 learner = OnlineLearner.func_or_class(store, {"state_dir": state, "publish_interval_s": 0.2,
                                               "snapshot_interval_s": 3600.0})
 say = lambda tag, **fields: print(tag + " " + json.dumps(fields), flush=True)
@@ -219,10 +221,16 @@ def test_two_learners_overlapping_for_30s_one_owns_and_the_other_takes_over_losi
         raise AssertionError(f"no {kind} from {name}: {lines[name][-5:]}; stderr: "
                              f"{(tmp_path / f'{name}.err').read_text()[-3000:]}")
 
+    def go(name):
+        procs[name].stdin.write("go\n")
+        procs[name].stdin.flush()
+
     try:
         start("first", 1_000_000)  # until killed
+        start("second", 20)  # its Ray and imports start beside the first's; its learner waits
+        go("first")
         wait_for("first", "ACK")
-        start("second", 20)
+        go("second")
         overlap_from = wait_for("second", "STANDBY")[0]  # its constructor returned while the first owns the log
         while time.monotonic() - overlap_from < 30:
             assert procs["first"].poll() is None and procs["second"].poll() is None, "a learner exited"

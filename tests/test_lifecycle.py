@@ -124,7 +124,11 @@ def test_learned_feedback_survives_a_full_stop_and_is_served_before_ready(life):
     deploy_online(life["store"], life["state"], name=APP, **LEARNER)
     wait_until(lambda: http_ok(f"{url}/healthz", timeout=2), timeout=240, interval=0.1, what="healthz after restart")
     after_acc, versions = served_accuracy(url, ko.test)  # immediately: nothing may be pending any more
-    assert after_acc >= acc - 0.05, f"Korean accuracy {acc:.3f} before the stop, {after_acc:.3f} at ready"
+    # The restarted lineage's first version is the base plus one replay of the judged log
+    # (docs/ONLINE_LEARNING.md); the follow-up passes the first lineage had come after it. So it
+    # is held to the bar that counted as learned (0.8, or what was measured then if lower), less
+    # 5 points, not to whatever the first lineage reached with its follow-ups.
+    assert after_acc >= min(acc, 0.8) - 0.05, f"Korean accuracy {acc:.3f} before the stop, {after_acc:.3f} at ready"
     assert min(versions) > before["version"], versions
     after = converge(life, "replicas converged after the restart")
     assert after["lineage"] != before["lineage"] and after["replayed_on_start"] > 0

@@ -146,15 +146,16 @@ def test_an_explicit_version_goes_to_one_publisher_only(s3_server, tmp_path):
 
 KILLED = textwrap.dedent("""
     import sys, time
-    import train.store
     from train.store import ModelStore
-    real_copy = train.store._copy
+    real_check = ModelStore._check_claim
 
-    def slow_copy(src, out):  # a slow upload: a long pause after each file, so it is killed halfway
-        written = real_copy(src, out)
-        time.sleep(30)
-        return written
-    train.store._copy = slow_copy
+    def slow_check(self, version, token, written, marker=False):
+        # A slow upload: a long pause once a file is complete in the store, before the next one
+        # (the publish checks its claim there), so it is killed halfway.
+        if written and not marker:
+            time.sleep(30)
+        return real_check(self, version, token, written, marker)
+    ModelStore._check_claim = slow_check
     print(ModelStore(sys.argv[1]).publish(sys.argv[2]), flush=True)
 """)
 
@@ -192,6 +193,8 @@ def test_a_publish_killed_halfway_is_never_seen_and_is_collected(s3_server, trai
     assert ls.returncode == 0 and "UNCOMMITTED" in ls.stdout, ls.stderr[-2000:]
     assert store.gc(keep_last=5) == {"versions": [], "uncommitted": []}  # within the grace period: kept
     assert store.publish(trained_dir(trained_store)) == 3  # the next publish goes above the half version
+    wait_until(lambda: next(r.age_s for r in store.describe() if r.version == 2) > 1.5, timeout=30,
+               what="the half version older than the 1 s grace below")
     gc = subprocess.run([sys.executable, "-m", "train", "store", "gc", "--keep-last", "5", "--grace-s", "1",
                          "--store", uri], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert gc.returncode == 0, gc.stderr[-2000:]
