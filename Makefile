@@ -1,5 +1,5 @@
 # `make demo`: set up and run the main job end to end on the embedded default.
-# `make test`: set up and run the whole test suite.
+# `make test`: set up and run the test suite (one node; `make test-cluster`: the multi-node tests).
 # `make test-fast`: the Ray-free tests only (units, parsers, the log on disk), for development.
 PYTHON ?= python3.11
 VENV := .venv

@@ -46,8 +46,8 @@ SYSTEMS = {
     "textserve-noop-1": "Serve's floor: a plain `async def __call__` answering a fixed body, 1 replica, same ingress",
     "textserve-noop-2": "Serve's floor with 2 replicas (the shipped replica count), same ingress",
     "textserve-default": "this system as shipped: cluster/serve_local.yaml (learner on, autoscaling as shipped)",
-    "textserve-default-hametrics": "as shipped, with Ray's per-request HAProxy metrics back on (Ray's default, "
-                                   "RAY_SERVE_HAPROXY_METRICS_ENABLED=1): what that reader costs",
+    "textserve-default-nohametrics": "as shipped, with Ray's per-request HAProxy metrics off "
+                                     "(RAY_SERVE_HAPROXY_METRICS_ENABLED=0): what that reader costs",
 }
 VARIANTS = {
     "textserve-batched-1": ServeVariant("textserve-batched-1"),
@@ -57,12 +57,12 @@ VARIANTS = {
     "textserve-noop-1": ServeVariant("textserve-noop-1", kind="noop"),
     "textserve-noop-2": ServeVariant("textserve-noop-2", kind="noop", replicas=2),
     "textserve-default": ServeVariant("textserve-default", kind="shipped"),
-    "textserve-default-hametrics": ServeVariant("textserve-default-hametrics", kind="shipped",
-                                                env=(("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1"),)),
+    "textserve-default-nohametrics": ServeVariant("textserve-default-nohametrics", kind="shipped",
+                                                  env=(("RAY_SERVE_HAPROXY_METRICS_ENABLED", "0"),)),
 }
 
 NEEDS_CNN_STORE = {"textserve-batched-1-cnn"}
-ON_REQUEST = {"textserve-noop-2", "textserve-default-hametrics"}  # not in the default set: named in --systems when wanted
+ON_REQUEST = {"textserve-noop-2", "textserve-default-nohametrics"}  # not in the default set: named in --systems when wanted
 
 
 def start_system(name: str, store: str, trees: dict[str, SourceTree] | None = None):

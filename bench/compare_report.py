@@ -54,7 +54,7 @@ RATIOS = [("textserve-batched-1", "textserve-noop-1", "this system (1 replica) /
           ("textserve-default", "tuned-single", "default config / tuned single process", ">= 0.8x"),
           ("textserve-noop-2", "tuned-single", "Serve's no-op floor (2 replicas) / tuned single process", ""),
           ("textserve-default", "textserve-noop-2", "default config / Serve's no-op floor (2 replicas)", ""),
-          ("textserve-default", "textserve-default-hametrics", "default config (Ray's HAProxy metrics off) / with them on", ""),
+          ("textserve-default-nohametrics", "textserve-default", "HAProxy metrics off / default config", ""),
           ("textserve-default", "flask-2017", "default config / the 2017 architecture", ">= 100x"),
           ("textserve-batched-1", "flask-2017", "this system (1 replica) / the 2017 architecture", ""),
           ("textserve-batched-1", "textserve-unbatched-1", "batched / unbatched", ""),

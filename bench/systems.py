@@ -213,10 +213,8 @@ def variant_changes(variant: ServeVariant, tree: SourceTree | None = None) -> di
     changes = config_changes(variant_config(variant, "", 0, "", tree), shipped)
     if not variant.fast_ingress:
         changes["environment.fast_ingress"] = ("on", "off")
-    from serve.ingress import RAY_DEFAULTS
-
-    for key, value in variant.env:  # against what the shipped ingress would set for a user here
-        changes[f"environment.{key}"] = (os.environ.get(key, RAY_DEFAULTS.get(key)), value)
+    for key, value in variant.env:
+        changes[f"environment.{key}"] = (os.environ.get(key), value)
     return changes
 
 

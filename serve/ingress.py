@@ -35,11 +35,6 @@ SECRET_ENV = "TEXTSERVE_INGRESS_SECRET"
 # 80 KB holds max_body_bytes (64 KB) plus headers, so a slow 60 KB body is held at the ingress too.
 BUFSIZE = "81920"
 _HARDENER = Path(__file__).resolve().parent / "haproxy_hardening.py"
-# Ray's own settings that the hardened ingress sets unless the environment does (docs/SECURITY.md).
-# RAY_SERVE_HAPROXY_METRICS_ENABLED: Ray's default "1" has HAProxy send one log line per request
-# to Ray's HAProxyManager, which turns it into Serve's HTTP metrics; "0" has each replica record
-# the same metrics itself, and that per-request work is gone (docs/BENCHMARKS.md measures it).
-RAY_DEFAULTS = {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
 
 
 def real_haproxy_binary() -> str:
@@ -86,7 +81,6 @@ def fast_ingress_env(run_dir: str | Path, overrides: dict[str, str] | None = Non
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "metrics.sock"),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": source.get("RAY_SERVE_HAPROXY_TUNE_BUFSIZE", BUFSIZE),
-        **{name: source.get(name, default) for name, default in RAY_DEFAULTS.items()},
         TRUSTED_HEADER_ENV: CLIENT_HEADER,
         # The replicas' uvicorn would otherwise believe X-Forwarded-For/-Proto from any peer on
         # 127.0.0.1 and rewrite the client address with it; "none" matches no peer.

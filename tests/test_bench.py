@@ -227,6 +227,19 @@ def test_quality_bench_scores_clean_and_perturbed_sets_and_keeps_earlier_runs(tm
     assert refused.value.code == 2 and "augment kinds must be distinct" in capsys.readouterr().err
 
 
+def test_quality_rows_name_their_features_and_older_rows_read_as_words():
+    from bench.quality import command_for, config_key, config_name
+
+    old = {"lang": "en", "arch": "cnn", "size": "small", "recipe": "names", "label_smoothing": 0.0, "epochs": 15,
+           "seed": 1}  # a row written before --features existed
+    sub = {**old, "char_ngrams": [2, 3, 4], "label_smoothing": 0.1}
+    assert config_name(old) == "cnn small, augment names"
+    assert config_name(sub) == "cnn small, augment names, words + char 2/3/4-grams, label smoothing 0.1"
+    assert config_key(old) != config_key(sub) and config_key(old) == config_key({**old, "char_ngrams": []})
+    assert command_for(old).endswith("--recipes names --seeds 1")
+    assert command_for(sub).endswith("--label-smoothing 0.1 --features 2-3-4")
+
+
 def test_cpu_sampler_tells_a_busy_process_from_an_idle_one():
     """bench cpu_split / freshness's per-process CPU, on two real processes: one spinning, one asleep."""
     import subprocess
@@ -332,19 +345,18 @@ def test_every_setting_a_variant_changes_is_listed():
     assert unbatched["applications.0.deployments.0.num_replicas"] == (None, 1)
     assert unbatched["applications.0.args.learner"][1] is None  # the learner off
     assert "max_batch_size` 32 -> 1" in changes_line(unbatched)
-    metered = variant_changes(VARIANTS["textserve-default-hametrics"])
-    # the environment only, against what the shipped ingress sets
-    assert metered == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": ("0", "1")}
+    lean = variant_changes(VARIANTS["textserve-default-nohametrics"])
+    assert lean == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": (None, "0")}  # the environment only
 
 
 def test_a_variants_environment_reaches_its_serve_run_and_only_the_shipped_kind_takes_one(tmp_path):
     from bench.compare import VARIANTS
     from bench.systems import ServeVariant, start_variant
 
-    system = start_variant(VARIANTS["textserve-default-hametrics"], str(tmp_path), port=1)
+    system = start_variant(VARIANTS["textserve-default-nohametrics"], str(tmp_path), port=1)
     system.command()  # renders the config and enters the hardened ingress, as a start does
     try:
-        assert system.environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
+        assert system.environment()["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
     finally:
         system.cleanup()
     with pytest.raises(ValueError, match="only for the shipped kind"):

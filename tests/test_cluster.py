@@ -63,6 +63,7 @@ def test_typos_that_serve_accepts_are_rejected_with_the_key_named(path, value, m
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(os.environ.get("TEXTSERVE_CLUSTER_TEST") != "1",
                     reason="multi-node (four raylets on this machine, ~1.5 min): make test-cluster (TEXTSERVE_CLUSTER_TEST=1)")
 def test_multinode_roles_and_serving_without_a_node(trained_store, s3_server, tmp_path):

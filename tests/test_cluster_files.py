@@ -173,7 +173,9 @@ def _cli_help(cli: str, sub: tuple[str, ...]) -> str:
         from ray.scripts.scripts import cli as command
     else:
         from ray.serve.scripts import cli as command
-    result = CliRunner().invoke(command, [*sub, "--help"])
+    for name in sub:  # the subcommand itself: the group's callback would reconfigure Ray's loggers
+        command = command.commands[name]
+    result = CliRunner().invoke(command, ["--help"])
     assert result.exit_code == 0, (cli, sub, result.output[-2000:])
     return result.output
 

@@ -85,7 +85,12 @@ def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, t
         with pytest.raises(ArchMismatchError, match=r"a cnn model; --arch lstm cannot start from its weights"):
             run_training(TrainConfig(arch="lstm", epochs=1, fine_tune=True, feedback_dir=state, **common))
         capsys.readouterr()
-        code = train_main(["--fine-tune", "--arch", "lstm", "--store", store, "--feedback-dir", state])
+        with pytest.MonkeyPatch.context() as patch:  # a refusal that regressed must not train here
+            import train.job
+
+            patch.setattr(train.job, "_fit_and_publish", lambda *a, **k: pytest.fail("the refused fine-tune trained"))
+            code = train_main(["--fine-tune", "--arch", "lstm", "--store", store, "--feedback-dir", state,
+                               "--storage-path", str(tmp_path / "runs")])
         err = capsys.readouterr().err
         assert code == 2 and "a cnn model; --arch lstm cannot start" in err, err[-2000:]
         tuned = run_training(TrainConfig(epochs=3, fine_tune=True, feedback_dir=state, **common))

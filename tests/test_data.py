@@ -27,6 +27,9 @@ def test_english_expansion_counts(english):
 
 
 def test_splits_are_disjoint_and_deterministic(english):
+    from train.data import _expand
+
+    _expand.cache_clear()  # expanded again, not handed back from this process's cache
     again = load_dataset(DataSpec(langs=("en",)))
     assert again == english
     train_texts = {e.text for e in english.train}

@@ -97,8 +97,7 @@ def test_access_log_datagrams_only_when_asked(tmp_path, clean_env, monkeypatch, 
     """A real HAProxy on the hardened config, its log target a UDP socket of ours: a request
     through it sends a syslog line only with TEXTSERVE_INGRESS_ACCESS_LOG=1 (Ray's default sends
     one to 127.0.0.1:514 for every request, whatever the app's access-log setting), while Ray's
-    per-request metrics line reaches its own socket when Ray's HAProxy metrics are on (Ray's
-    default; the shipped ingress turns them off: test_rays_haproxy_metrics_are_off_unless_asked)."""
+    per-request metrics line (the shipped default, metrics on) still reaches its own socket."""
     import socket
     import time
     import urllib.error
@@ -167,26 +166,6 @@ def test_bad_settings_fail_early(tmp_path, clean_env, monkeypatch):
     monkeypatch.setenv("TEXTSERVE_INGRESS_ACCESS_LOG", "yes")
     with pytest.raises(ValueError, match="1 \\(on\\) or 0"):
         fast_ingress_env(tmp_path / "ts")
-
-
-def test_rays_haproxy_metrics_are_off_unless_asked(clean_env, monkeypatch):
-    """The shipped ingress sets RAY_SERVE_HAPROXY_METRICS_ENABLED=0 (replicas record Serve's HTTP
-    metrics themselves; test_observability.py scrapes them from a real app); a user's value wins."""
-    import shutil
-    import tempfile
-
-    from serve.ingress import fast_ingress_env
-
-    run_dir = Path(tempfile.mkdtemp(prefix="tsm", dir="/tmp"))  # HAProxy's socket paths: short
-    try:
-        monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", raising=False)
-        assert fast_ingress_env(run_dir)["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
-        monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1")
-        assert fast_ingress_env(run_dir)["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
-        assert fast_ingress_env(run_dir, {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"})[
-            "RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_token_buckets_bound_memory_and_keep_active_clients_limited():

@@ -34,6 +34,8 @@ for job in json.loads(sys.argv[1]):  # one learner after another, each started a
                 and status["followups_left"] == 0):
             break
         time.sleep(0.5)
+    else:
+        sys.exit(f"learner on {state} not idle within 180 s: {json.dumps(status)[:2000]}")
     learner._stop.set()
     learner._thread.join(timeout=60)
     learner.__del__()  # as Serve stopping it: the log closed and the lease released
@@ -45,8 +47,9 @@ ray.shutdown()
 
 def _restart_learners(jobs: list[tuple]) -> list[dict]:
     """For each (store, state, last offset, probe examples): a learner started afresh on `state`
-    (as after a crash: a new process, its own local Ray; the jobs share one such process, one
-    after another), run until it has been through the log and is idle; its status, and its
+    (as after a crash: a new learner object, its own local Ray; the jobs share one such process,
+    one after another, so module-level caches carry over between them, as they would not after
+    a real crash), run until it has been through the log and is idle; its status, and its
     published model's accuracy on the probe."""
     import os
     import subprocess
@@ -55,7 +58,8 @@ def _restart_learners(jobs: list[tuple]) -> list[dict]:
     arg = json.dumps([{"store": str(store), "state": str(state), "last": last,
                        "probe": {"texts": [e.text for e in probe], "labels": [e.label for e in probe]}}
                       for store, state, last, probe in jobs])
-    out = subprocess.run([sys.executable, "-c", _LEARNER_RUN, arg], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", _LEARNER_RUN, arg], capture_output=True, text=True,
+                         timeout=200 * len(jobs) + 120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [line for line in out.stdout.splitlines() if line.startswith("STATUS ")]
     assert out.returncode == 0 and len(lines) == len(jobs), out.stderr[-3000:]

@@ -681,13 +681,16 @@ def test_status_matches_a_real_apps_model_answer(observed_app):
 
     url, auth = observed_app["url"], observed_app["auth"]
 
-    def judged() -> dict | None:
+    def settled() -> dict | None:  # judged, published, and every replica on the learner's version
         info = requests.get(f"{url}/v1/model", headers=auth, timeout=10).json()
         learner = info.get("learner") or {}
-        done = (learner.get("judged_offset") or -1) >= observed_app["events"] - 1 and learner.get("replicas")
+        done = ((learner.get("judged_offset") or -1) >= observed_app["events"] - 1 and learner.get("replicas")
+                and not learner.get("pending") and not learner.get("followups_left")
+                and all((r["lineage"], r["version"]) == (learner["lineage"], learner["version"])
+                        for r in learner["replicas"].values()))
         return info if done else None
 
-    wait_until(judged, timeout=120, what="the learner judging the feedback")
+    wait_until(settled, timeout=180, what="the learner settled and every replica on its version")
 
     def versions(info: dict) -> tuple:
         learner = info["learner"]

@@ -112,21 +112,17 @@ def test_train_on_gpu(ray_cluster, tmp_path):
 
 
 @pytest.mark.skipif(_gpus() > 0, reason="checks the refusal on a machine without a GPU")
-def test_cli_refuses_use_gpu_without_a_gpu_before_training(ray_cluster, tmp_path, capsys, monkeypatch):
-    """`python -m train --use-gpu` (its main, in this process, on the suite's real Ray, which has
-    no GPU): refused with what to do, before a training worker starts or anything is published."""
-    import train.job
-    from train.__main__ import main
-
-    def trained(*args, **kwargs):
-        raise AssertionError("training started")
-    monkeypatch.setattr(train.job, "_fit_and_publish", trained)
+def test_cli_refuses_use_gpu_without_a_gpu_before_training(tmp_path):
+    """The real `python -m train` in its own interpreter: it starts a local Ray of its own (the
+    path a machine without a cluster takes), refuses, and shuts that Ray down."""
     store = tmp_path / "store"
-    code = main(["--use-gpu", "--epochs", "1", "--store", str(store), "--storage-path", str(tmp_path / "runs")])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "error: --use-gpu: the Ray cluster has no node with 1 GPU(s)" in err
-    assert "train on CPU without --use-gpu" in err
+    proc = subprocess.run([sys.executable, "-m", "train", "--use-gpu", "--epochs", "1", "--store", str(store),
+                           "--storage-path", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: --use-gpu: the Ray cluster has no node with 1 GPU(s)" in proc.stderr
+    assert "train on CPU without --use-gpu" in proc.stderr
+    assert "[train] small model" not in proc.stdout + proc.stderr  # no training worker started
     assert not store.exists() or not any(store.iterdir())
 
 

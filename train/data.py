@@ -8,6 +8,7 @@ give the same sentences and the same train/validation/test splits on every machi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import itertools
@@ -246,9 +247,15 @@ def _expand(lang: str, spec: DataSpec) -> dict[str, tuple[Example, ...]]:
     return {part: tuple(examples) for part, examples in out.items()}
 
 
+def _expansion_spec(lang: str, spec: DataSpec) -> DataSpec:
+    """The fields of `spec` one language's expansion depends on (the rest reset, so specs that
+    differ only there share one cached expansion)."""
+    return dataclasses.replace(spec, langs=(lang,), path=None, augment="none")
+
+
 def intent_examples(lang: str, spec: DataSpec = DataSpec()) -> list[Example]:
     """Every sentence one language's templates expand into (all splits together; seeded)."""
-    return [ex for part in _expand(lang, spec).values() for ex in part]
+    return [ex for part in _expand(lang, _expansion_spec(lang, spec)).values() for ex in part]
 
 
 def split(examples: list[Example], spec: DataSpec = DataSpec()) -> Splits:
@@ -345,7 +352,7 @@ def load_dataset(spec: DataSpec) -> Splits:
         return split([ex for lang in spec.langs for ex in intent_examples(lang, spec)], spec)
     parts: dict[str, list[Example]] = defaultdict(list)
     for lang in spec.langs:
-        for part, examples in _expand(lang, spec).items():
+        for part, examples in _expand(lang, _expansion_spec(lang, spec)).items():
             parts[part].extend(examples)
     rng = random.Random(spec.seed)
     for examples in parts.values():
