@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from online_learning.rate_limit import FeedbackLimiter
 from online_learning.settings import LearnerSettings
 from serve.batcher import ModelBatcher
-from serve.feedback import (LEARNER_RETRY_AFTER, check_token, client_key, feedback_json_schema, parse_feedback,
-                            submit_answer, submit_through_handover, token_ok)
+from serve.feedback import (LEARNER_RETRY_AFTER, authorization_of, check_token, client_key, feedback_json_schema,
+                            parse_feedback, submit_answer, submit_through_handover, token_ok)
 from serve.ingress import trusted_client_header
 from serve.model_follower import ModelFollower
 from serve.requests import (PREDICT_OPENAPI, ModelError, RequestError, dumps, error_body, error_response, json_response,
@@ -181,7 +181,7 @@ class Classifier:
             if cfg is None or self._learner is None:
                 raise RequestError(404, "not_found", "online learning is off in this application's config")
             try:
-                check_token(request.headers.get("authorization"), cfg.feedback_token_env)
+                check_token(authorization_of(request), cfg.feedback_token_env)
                 auth_error = None
             except RequestError as err:
                 auth_error = err
@@ -226,7 +226,10 @@ class Classifier:
         served = follower.model
         public = {"model_version": served.version if served else None,
                   "labels": served.loaded.labels if served else []}
-        authorization = request.headers.get("authorization")
+        try:
+            authorization = authorization_of(request)
+        except RequestError as err:
+            return self._reject(err)
         if not token_ok(authorization, self.settings.operator_token_env):
             if authorization is not None:  # a wrong token: spends from the failed-auth budget
                 try:

@@ -27,6 +27,15 @@ HANDOVER_RETRY_S = 0.1
 LEARNER_RETRY_AFTER = {"Retry-After": "2"}
 
 
+def authorization_of(request) -> str | None:
+    """The request's one Authorization header. Two are a 400: a proxy in front may check the other
+    one than we would (first-wins here, last-wins elsewhere), as with a key twice in a body."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        raise RequestError(400, "duplicate_header", f"the request has {len(values)} Authorization headers; send one")
+    return values[0] if values else None
+
+
 def check_token(authorization: str | None, token_env: str) -> None:
     """401 without a bearer token, 403 with a wrong one (or when none is configured)."""
     expected = os.environ.get(token_env, "")

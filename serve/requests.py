@@ -152,6 +152,11 @@ def _unique_keys(pairs: list) -> dict:
     return obj
 
 
+def _no_constants(name: str):
+    """json's parse_constant: NaN and Infinity are not JSON (RFC 8259), though Python reads them."""
+    raise RequestError(400, "malformed_json", f"request body is not JSON: {name} is not a JSON value")
+
+
 def decode_json(body: bytes, limits):
     """Size, UTF-8 and JSON checks shared by every route that takes a body; an object with a key
     twice, at any depth, is a 400 `duplicate_key`."""
@@ -163,7 +168,7 @@ def decode_json(body: bytes, limits):
     except UnicodeDecodeError as err:
         raise RequestError(400, "invalid_encoding", f"request body is not valid UTF-8 (byte {err.start})") from err
     try:
-        payload = json.loads(decoded, object_pairs_hook=_unique_keys)
+        payload = json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except json.JSONDecodeError as err:
         raise RequestError(400, "malformed_json", f"request body is not JSON: {err.msg} at char {err.pos}") from err
     except RecursionError as err:

@@ -48,6 +48,15 @@ def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10, arch: str
         return ModelStore(store_uri).publish(tmp)
 
 
+def trained_dir(trained_store: str) -> Path:
+    """The suite's base model (the `trained_store` fixture's newest version) as a folder, ready to
+    publish into another store as it is."""
+    from train.store import ModelStore
+
+    local = ModelStore(trained_store)
+    return local.local_path(local.latest())
+
+
 # Small thresholds so a test sees a scale-up within seconds of sustained load, and the scale-down after.
 AUTOSCALING = {
     "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # `serve run` process, a Ray Train job, a multi-node cluster). The fast lane (`make test-fast`)
 # leaves them out; there `ray.init` refuses, so a test that needs Ray and is not marked fails loudly.
 _RAY_FIXTURES = {"ray_cluster", "s3_server"}
-_RAY_MODULES = {"test_python_m_serve_run", "test_cluster", "test_learner_restart", "test_train_job",
+_RAY_MODULES = {"test_python_m_serve_run", "test_cluster", "test_learner_restart",
                 "test_cnn_family", "test_learner_growth"}
 FAST_LANE = os.environ.get("TEXTSERVE_FAST_LANE") == "1"
 

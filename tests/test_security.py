@@ -54,9 +54,11 @@ def test_poisoned_texts_in_a_concurrent_load_hurt_no_one_else(hostile_app):
 @pytest.mark.parametrize("body, code", [
     (b"[" * 20_000 + b"]" * 20_000, "json_too_deep"),
     (b'{"text": "hi", "top_k": ' + b"9" * 5000 + b"}", "number_too_large"),
-], ids=["deep", "huge_int"])
+    (b'{"text": "hi", "top_k": NaN}', "malformed_json"),
+], ids=["deep", "huge_int", "nan"])
 def test_hostile_json_gets_400_with_a_code(hostile_app, path, body, code):
-    """Row 7: a 20,000-deep body or a 5,000-digit number is a 400 JSON error, not a 500."""
+    """Row 7: a 20,000-deep body or a 5,000-digit number is a 400 JSON error, not a 500; so is
+    NaN, which is not JSON though Python's parser reads it."""
     status, _, answer = request_from("127.0.0.1", hostile_app + path, "POST", body, AUTH)
     assert (status, error_code(answer)) == (400, code), answer[:200]
     assert request_from("127.0.0.1", f"{hostile_app}/v1/predict", "POST", json.dumps({"text": GOOD}).encode())[0] == 200
@@ -303,6 +305,59 @@ def test_parser_refuses_a_key_twice_at_any_depth_and_keeps_the_rest():
     assert parse_predict(b'{"texts": ["a:b", "c"]}', limits) == (["a:b", "c"], True, 3)
     assert parse_feedback(b'{"event_id": "x:1", "text": "turn on: the light", "label": "HassTurnOn"}',
                           limits, learner, labels) == [FeedbackEvent("x:1", "turn on: the light", "HassTurnOn")]
+
+
+def test_parser_refuses_nan_and_infinity_as_malformed_json():
+    """Ray-free: NaN, Infinity and -Infinity are not JSON (RFC 8259); both routes' parsers answer
+    400 malformed_json naming the word, as for any other body that is not JSON."""
+    from types import SimpleNamespace
+
+    from serve.feedback import parse_feedback
+    from serve.requests import RequestError, parse_predict
+
+    limits = SimpleNamespace(max_body_bytes=65_536, max_texts=64, max_text_chars=2_000, top_k=3)
+    learner, labels = SimpleNamespace(max_events=256), {"HassTurnOn"}
+    for word in ("NaN", "Infinity", "-Infinity"):
+        for body, parse in [(f'{{"text": "hi", "top_k": {word}}}', lambda b: parse_predict(b, limits)),
+                            (f'{{"event_id": "a", "text": "hi", "label": {word}}}',
+                             lambda b: parse_feedback(b, limits, learner, labels))]:
+            with pytest.raises(RequestError) as err:
+                parse(body.encode())
+            assert (err.value.status, err.value.code) == (400, "malformed_json") and word in str(err.value), body
+
+
+def test_two_authorization_headers_get_400_and_nothing_is_logged(hostile_app):
+    """Through the ingress: a request with two Authorization headers is a 400 duplicate_header on
+    both routes that read one, whichever comes first (a proxy in front may check the other one
+    than the app would), and no event of such a feedback was written: the same id is new after."""
+    import http.client
+
+    parts = urlsplit(hostile_app)
+    good, wrong = AUTH["Authorization"], "Bearer not-the-token"
+
+    def send(method: str, route: str, authorizations: list[str], body: bytes = b"") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=("127.0.0.14", 0))
+        try:
+            conn.putrequest(method, parts.path + route)
+            conn.putheader("Content-Type", "application/json")
+            for value in authorizations:  # one header line each
+                conn.putheader("Authorization", value)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    event = json.dumps({"event_id": "twice-1", "text": GOOD, "label": "HassTurnOn"}).encode()
+    for method, route, body in [("POST", "/v1/feedback", event), ("GET", "/v1/model", b"")]:
+        for pair in ([good, wrong], [wrong, good], [good, good]):
+            status, answer = send(method, route, pair, body)
+            assert (status, error_code(answer)) == (400, "duplicate_header"), (route, pair, status, answer[:300])
+    status, answer = send("POST", "/v1/feedback", [good], event)
+    assert status == 202 and json.loads(answer)["accepted"] == 1, answer  # the id was never taken
+    status, answer = send("GET", "/v1/model", [good])
+    assert status == 200 and "learner" in json.loads(answer), answer[:300]
 
 
 @pytest.mark.parametrize("path", ["/v1/predict", "/v1/feedback"])

@@ -18,15 +18,10 @@ import numpy as np
 import pytest
 import requests
 
-from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, wait_until, write_jsonl
+from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, trained_dir, wait_until, write_jsonl
 from train.store import ModelStore, VersionTaken
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def trained_dir(trained_store) -> Path:
-    local = ModelStore(trained_store)
-    return local.local_path(local.latest())
 
 
 def fake_model(tmp_path: Path, files: int = 4, size: int = 20_000) -> Path:
@@ -219,21 +214,29 @@ def test_the_cache_keeps_the_configured_number_of_versions(s3_server, trained_st
 
 
 def test_train_cli_publishes_to_s3(ray_cluster, s3_server, tmp_path, capsys):
-    """`python -m train --store s3://...` (its main, in this process, on the suite's Ray: the
-    training worker reads the data and writes checkpoints, the driver publishes to S3)."""
+    """`python -m train --store s3://... --char-ngrams 2,3` (its main, in this process, on the
+    suite's Ray: the training worker reads the data and writes checkpoints, the driver publishes
+    to S3). With subword features, so the job carries every model option through to the store; a
+    words model takes the Ray Train path in test_cnn_family.py and the fine-tune tests."""
     from train.__main__ import main as train_main
 
     rows = [{"text": f"please switch {w} lamp {i}", "label": w} for i in range(20) for w in ("on", "off")]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
     uri = s3_server["uri"]("cli")
-    code = train_main(["--store", uri, "--data", str(data), "--epochs", "1", "--batch-size", "16",
-                       "--cpus-per-worker", "0.25", "--storage-path", str(tmp_path / "runs")])
+    code = train_main(["--store", uri, "--data", str(data), "--epochs", "2", "--batch-size", "16",
+                       "--char-ngrams", "2,3", "--cpus-per-worker", "0.25", "--storage-path", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     store = ModelStore(uri)
     assert f"published model version 1 -> {store.version_uri(1)}" in out
     loaded = store.load()
     assert loaded.version == 1 and loaded.labels == ["off", "on"]
+    metrics = store.metrics(1)
+    assert set(metrics) >= {"test_accuracy", "val_accuracy", "samples_per_s", "epoch", "parameters"}, metrics
+    assert metrics["samples_per_s"] > 0 and metrics["epoch"] == 2
+    assert loaded.size.char_ngrams == (2, 3) and metrics["char_ngrams"] == [2, 3]
+    assert loaded.metrics["test_accuracy"] == metrics["test_accuracy"]
+    assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 
 
 AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}

@@ -1,4 +1,8 @@
-"""The Ray Train job runs end to end on a real local Ray and publishes a loadable version."""
+"""`python -m train`'s command line: refusals before anything starts (in-process, no Ray), its
+help, the real CLI refusing --use-gpu without a GPU, and training on a GPU where there is one.
+
+The Ray Train job itself runs end to end in test_store_s3.py (the CLI, subwords, to S3) and
+test_cnn_family.py (a words CNN, then its fine-tune)."""
 
 from __future__ import annotations
 
@@ -6,33 +10,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from tests._helpers import write_jsonl
 from train.data import DataSpec
 from train.job import TrainConfig, run_training
 from train.store import ModelStore
-
-
-def test_train_job_publishes_loadable_version(ray_cluster, tmp_path):
-    """With subword features, so the job carries every model option through to the store (a words
-    model takes this path in test_cnn_family.py and test_store_s3.py's CLI run)."""
-    char_ngrams = (2, 3)
-    rows = [{"text": f"please switch on lamp {i}", "label": "on"} for i in range(30)]
-    rows += [{"text": f"please switch off lamp {i}", "label": "off"} for i in range(30)]
-    data = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    cfg = TrainConfig(size="small", data=DataSpec(path=str(data)), epochs=3, batch_size=16, char_ngrams=char_ngrams,
-                      store_uri=str(tmp_path / "store"), storage_path=str(tmp_path / "runs"))
-    outcome = run_training(cfg)
-    assert outcome.version == 1
-    assert set(outcome.metrics) >= {"test_accuracy", "val_accuracy", "samples_per_s", "epoch", "parameters"}
-    assert outcome.metrics["samples_per_s"] > 0
-    loaded = ModelStore(str(tmp_path / "store")).load()
-    assert loaded.version == 1 and loaded.labels == ["off", "on"]
-    assert loaded.size.char_ngrams == char_ngrams and outcome.metrics["char_ngrams"] == list(char_ngrams)
-    assert loaded.metrics["test_accuracy"] == outcome.metrics["test_accuracy"]
-    assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str]:
@@ -111,6 +93,7 @@ def test_train_on_gpu(ray_cluster, tmp_path):
     assert ("MirroredStrategy" in device) == (n > 1), device
 
 
+@pytest.mark.integration  # a Ray of its own, in the subprocess
 @pytest.mark.skipif(_gpus() > 0, reason="checks the refusal on a machine without a GPU")
 def test_cli_refuses_use_gpu_without_a_gpu_before_training(tmp_path):
     """The real `python -m train` in its own interpreter: it starts a local Ray of its own (the
