@@ -8,6 +8,7 @@ commands:
   drift      an English base learns Korean from feedback online; English must not drop (docs/DRIFT.md)
   features   word against word + character n-gram features, by seed (docs/FEATURES.md)
   quality    model families and training recipes, by seed, on clean and perturbed test sets (docs/QUALITY.md)
+  model_cost CPU per text of one model call, by family and features (docs/MODEL_COST.md)
   replay_rounds  the learner's rounds replayed offline on a store's version: Korean and English
              accuracy per follow-up policy, no Serve, no gate (docs/ONLINE_LEARNING.md)
   cpu_split  where the machine's CPU goes under load, per process (docs/BENCHMARKS.md)
@@ -18,7 +19,8 @@ import sys
 
 COMMANDS = {"compare": "bench.compare", "serving": "bench.serving", "freshness": "bench.freshness",
             "profile": "bench.profile", "drift": "bench.drift",
-            "features": "bench.features", "quality": "bench.quality", "replay_rounds": "bench.replay_rounds", "cpu_split": "bench.cpu_split"}
+            "features": "bench.features", "quality": "bench.quality", "model_cost": "bench.model_cost",
+            "replay_rounds": "bench.replay_rounds", "cpu_split": "bench.cpu_split"}
 
 
 def main(argv: list[str]) -> int:

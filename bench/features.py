@@ -79,7 +79,8 @@ def train_one(lang: str, seed: int, grams: tuple[int, ...], arch: str, epochs: i
     def score(examples):
         return accuracy(loaded, [e.text for e in examples], [e.label for e in examples]) if examples else None
 
-    return {"lang": lang, "seed": seed, "char_ngrams": list(grams), "features": features_name(grams), "arch": arch,
+    return {"lang": lang, "seed": seed, "char_ngrams": list(grams), "subword_mix": loaded.size.subword_mix if grams else None,
+            "features": features_name(grams, loaded.size.subword_mix), "arch": arch,
             "val_accuracy": best["val"], "best_epoch": best["epoch"], "test_accuracy": score(splits.test),
             "test_seen_accuracy": score(splits.test_seen), "train_s": wall,
             "parameters": loaded.model.count_params()}

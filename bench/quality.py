@@ -24,15 +24,20 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 
+def subword_mix(r: dict) -> str | None:
+    """How a run's model mixed word and n-gram rows (runs recorded before the field averaged them)."""
+    return r.get("subword_mix", "mean") if r.get("char_ngrams") else None
+
+
 def config_key(r: dict) -> tuple:
     return (r["lang"], r["arch"], r["size"], r["recipe"], r["label_smoothing"], r["epochs"],
-            tuple(r.get("char_ngrams", ())))
+            tuple(r.get("char_ngrams", ())), subword_mix(r))
 
 
 def config_name(r: dict) -> str:
     from train.model import features_name
 
-    extra = f", {features_name(r['char_ngrams'])}" if r.get("char_ngrams") else ""
+    extra = f", {features_name(r['char_ngrams'], subword_mix(r))}" if r.get("char_ngrams") else ""
     extra += f", label smoothing {r['label_smoothing']:g}" if r["label_smoothing"] else ""
     extra += f", {r['epochs']} epochs" if r["epochs"] != 15 else ""
     return f"{r['arch']} {r['size']}, augment {r['recipe']}{extra}"
@@ -47,6 +52,8 @@ def command_for(r: dict) -> str:
         cmd += f" --epochs {r['epochs']}"
     if r.get("char_ngrams"):
         cmd += f" --features {'-'.join(map(str, r['char_ngrams']))}"
+        if subword_mix(r) == "mean":  # today's command builds word+grams models
+            cmd += " (code of 2026-12-04: rows averaged)"
     return cmd
 
 
@@ -91,6 +98,7 @@ def train_one(lang: str, seed: int, arch: str, size: str, recipe: str, label_smo
     right = [ok for pairs in by_kind.values() for ok, _ in pairs]
     return {"lang": lang, "seed": seed, "arch": arch, "size": size, "recipe": recipe,
             "label_smoothing": label_smoothing, "epochs": epochs, "char_ngrams": list(char_ngrams),
+            "subword_mix": loaded.size.subword_mix if char_ngrams else None,
             "train_examples": len(train),
             "val_accuracy": best["val"], "best_epoch": best["epoch"], "test_accuracy": summary["accuracy"],
             "test_seen_accuracy": seen_acc, "robust_accuracy": sum(right) / len(right), "robust_examples": len(right),
@@ -127,7 +135,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                     confused[(y, p)] += n
         out.append({"name": config_name(mine[0]), **{k: mine[0][k] for k in ("lang", "arch", "size", "recipe",
                                                                            "label_smoothing", "epochs")},
-                    "char_ngrams": mine[0].get("char_ngrams", []),
+                    "char_ngrams": mine[0].get("char_ngrams", []), "subword_mix": subword_mix(mine[0]),
                     "seeds": sorted(r["seed"] for r in mine),
                     "test_mean": statistics.mean(test), "test_stdev": statistics.stdev(test) if len(test) > 1 else 0.0,
                     "test_min": min(test), "test_max": max(test),

@@ -232,12 +232,34 @@ def test_quality_rows_name_their_features_and_older_rows_read_as_words():
 
     old = {"lang": "en", "arch": "cnn", "size": "small", "recipe": "names", "label_smoothing": 0.0, "epochs": 15,
            "seed": 1}  # a row written before --features existed
-    sub = {**old, "char_ngrams": [2, 3, 4], "label_smoothing": 0.1}
+    sub = {**old, "char_ngrams": [2, 3, 4], "label_smoothing": 0.1, "subword_mix": "word+grams"}
+    mean = {**sub, "subword_mix": None}  # a subword row written before the mix was recorded: rows averaged
+    del mean["subword_mix"]
     assert config_name(old) == "cnn small, augment names"
     assert config_name(sub) == "cnn small, augment names, words + char 2/3/4-grams, label smoothing 0.1"
+    assert config_name(mean) == "cnn small, augment names, mean of words and char 2/3/4-grams, label smoothing 0.1"
     assert config_key(old) != config_key(sub) and config_key(old) == config_key({**old, "char_ngrams": []})
+    assert config_key(sub) != config_key(mean) and config_key(old) == config_key({**old, "subword_mix": None})
     assert command_for(old).endswith("--recipes names --seeds 1")
     assert command_for(sub).endswith("--label-smoothing 0.1 --features 2-3-4")
+    assert command_for(mean).endswith("--features 2-3-4 (code of 2026-12-04: rows averaged)")
+
+
+def test_model_cost_bench_measures_every_model_against_the_first(tmp_path):
+    """`python -m bench model_cost`' main, in this process, tiny: every model at every batch
+    size, a positive CPU time per text, the first model at 1.00x, and the three report files."""
+    import json
+
+    from bench.model_cost import MODELS, main
+
+    out = tmp_path / "COST"
+    assert main(["--batches", "1,4", "--rounds", "1", "--texts", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["batch"], r["model"]) for r in rows] == [(b, m[0]) for b in (1, 4) for m in MODELS]
+    assert all(r["cpu_us_per_text"] > 0 for r in rows)
+    assert [r["vs_first"] for r in rows if r["model"] == MODELS[0][0]] == [1.0, 1.0]
+    assert "| 4 | cnn, words + char 2/3-grams |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size
 
 
 def test_cpu_sampler_tells_a_busy_process_from_an_idle_one():

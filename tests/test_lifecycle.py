@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from online_learning.send import send
-from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, train_quick_model, wait_until
+from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, trained_dir, wait_until
 from tests.test_online_learning import AUTH, events_from, learner_status, replicas_converged, served_accuracy
 from train.data import DataSpec, load_dataset
 
@@ -59,7 +59,7 @@ def life(ray_cluster, base_url, trained_store, tmp_path_factory):
     url = f"{base_url}/{APP}"
     wait_until(lambda: http_ok(f"{url}/healthz"), timeout=180, what="lifecycle app")
     ids = Identities()
-    yield {"url": url, "store": store, "state": state, "ids": ids}
+    yield {"url": url, "store": store, "state": state, "ids": ids, "trained": trained_store}
     serve.delete(APP)
     ids.assert_one_digest_per_number()
 
@@ -142,7 +142,11 @@ def test_plain_retrain_while_serving_is_adopted_by_every_replica(life):
 
     url = life["url"]
     before = converge(life, "converged before the retrain")
-    retrained = train_quick_model(life["store"], epochs=3)  # the store numbers it; the learner goes above
+    from train.store import ModelStore
+
+    # What `python -m train` publishes at its end: a model folder (the suite's base, trained
+    # before); the store numbers it and the learner goes above.
+    retrained = ModelStore(life["store"]).publish(trained_dir(life["trained"]))
     replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Classifier"), ("state", "=", "ALIVE")])
 
     def replaced():  # the new replica's process is up (it may still be syncing): the dead one is gone

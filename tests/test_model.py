@@ -69,16 +69,16 @@ def test_versions_saved_now_are_read_or_refused_clearly_by_older_code(tmp_path):
     cnn = json.loads((tmp_path / "cnn" / "config.json").read_text())
     assert lstm["format"] == 1 and set(lstm["size"]) == {"num_buckets", "embed_dim", "lstm_units", "max_tokens"}
     assert cnn["format"] == 2 and cnn["size"]["conv_widths"] == [3, 4, 5]
-    cnn["format"] = 4
+    cnn["format"] = 5
     (tmp_path / "cnn" / "config.json").write_text(json.dumps(cnn))
-    with pytest.raises(ValueError, match=r"model format 4, this code reads \[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"model format 5, this code reads \[1, 2, 3, 4\]"):
         load_model_dir(tmp_path / "cnn")
 
 
 def test_subword_features_share_rows_across_spellings_and_stay_bounded(tmp_path):
     """Character n-grams give "조명을" and "조명 을" (particle attached or not) common rows, a word
     and an n-gram of the same letters different rows, and a 3,000-letter token no more columns
-    than a 20-letter one. A subword version says format 3, which code from before refuses."""
+    than a 20-letter one. A subword version says format 4, which code from before refuses."""
     m = new_model("small", ["a", "b"], "lstm", (2, 3))
     tokens = m.model.get_layer("tokens")
     ids = lambda text: set(tokens(np.array([text])).numpy().ravel().tolist()) - {0}  # noqa: E731
@@ -92,7 +92,35 @@ def test_subword_features_share_rows_across_spellings_and_stay_bounded(tmp_path)
     assert not ids("조명을") & set(words_only.model.get_layer("tokens")(np.array(["조명 을"])).numpy().ravel().tolist())
     save_model_dir(m, tmp_path / "v")
     config = json.loads((tmp_path / "v" / "config.json").read_text())
-    assert config["format"] == 3 and config["size"]["char_ngrams"] == [2, 3]
+    assert config["format"] == 4 and config["size"]["char_ngrams"] == [2, 3]
+    assert config["size"]["subword_mix"] == "word+grams"
+
+
+@pytest.mark.parametrize("mix", ["word+grams", "mean"])
+def test_a_tokens_vector_is_its_word_row_plus_its_grams_or_the_mean_of_all(tmp_path, mix):
+    """What the embedding step computes, row by row, for each mix; and a subword version saved
+    before the mix existed (format 3, no field) loads as the mean, with identical answers."""
+    import keras
+
+    m = new_model("small", ["a", "b"], "cnn", (2, 3), subword_mix=mix)
+    ids = m.model.get_layer("tokens")(np.array(["lamp on", "x"])).numpy()
+    rows = m.model.get_layer("embedding").embeddings.numpy()
+    pooled_in = keras.Model(m.model.input, m.model.get_layer("conv3").input)(np.array(["lamp on", "x"])).numpy()
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            present = [i for i in ids[b, t] if i]
+            if not present:
+                continue
+            word, grams = rows[ids[b, t, 0]], rows[[i for i in ids[b, t, 1:] if i]]
+            want = word + grams.mean(axis=0) if mix == "word+grams" else rows[present].mean(axis=0)
+            np.testing.assert_allclose(pooled_in[b, t], want, rtol=1e-5, atol=1e-6)
+    save_model_dir(m, tmp_path / "v")
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert config["format"] == (4 if mix == "word+grams" else 3)
+    assert ("subword_mix" in config["size"]) == (mix == "word+grams")  # format 3 is written as before
+    back = load_model_dir(tmp_path / "v")
+    assert back.size.subword_mix == mix
+    np.testing.assert_array_equal(back.predict(TEXTS), m.predict(TEXTS))
 
 
 def test_unknown_arch_rejected():

@@ -9,7 +9,7 @@ import sys
 
 from train.data import SLOT_MODES, SPLIT_MODES, SUPPORTED_LANGS, DataFileError, DataSpec
 from train.augment import KINDS as AUGMENT_KINDS
-from train.job import DEFAULT_ARCH, DEFAULT_EPOCHS, TrainConfig
+from train.job import DEFAULT_ARCH, DEFAULT_CHAR_NGRAMS, DEFAULT_EPOCHS, TrainConfig
 from train.model import ARCHS, SIZES, features_name
 from train.evaluate import format_summary
 from train.store_cache import redact
@@ -26,10 +26,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--arch", choices=ARCHS,
                    help=f"model family: cnn (embedding -> Conv1D widths 3/4/5 -> max pool) or lstm (embedding -> "
                         f"LSTM); default {DEFAULT_ARCH} for a new model; --fine-tune keeps the base version's family")
-    p.add_argument("--char-ngrams", default="none", metavar="WIDTHS",
-                   help="subword features for a new model: comma-separated character n-gram widths, e.g. 2,3,4 "
-                        "(a token's vector is the mean of its word row and its n-grams' rows); none (the default): "
-                        "words alone. See docs/TRAINING.md for what each measured")
+    p.add_argument("--char-ngrams", metavar="WIDTHS",
+                   help="subword features for a new model: comma-separated character n-gram widths (a token's "
+                        "vector is its word row plus the mean of its n-grams' rows), or none: words alone. Default "
+                        f"{','.join(map(str, DEFAULT_CHAR_NGRAMS))} for a new model; --fine-tune keeps the base "
+                        "version's features. See docs/TRAINING.md for what each measured")
     p.add_argument("--langs", default="en",
                    help=f"comma-separated bundled corpus languages, from {','.join(SUPPORTED_LANGS)} (default: en)")
     p.add_argument("--data", metavar="FILE",
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = p.parse_args(argv)
     try:
         langs = tuple(x.strip() for x in a.langs.split(",") if x.strip())
-        char_ngrams = _widths(a.char_ngrams)
+        char_ngrams = None if a.char_ngrams is None else _widths(a.char_ngrams)
         return TrainConfig(
             size=a.size, arch=a.arch, char_ngrams=char_ngrams, data=DataSpec(langs=langs, path=a.data, seed=a.seed, split=a.split, slots=a.slots, augment=a.augment), epochs=a.epochs,
             batch_size=a.batch_size, learning_rate=a.learning_rate, steps_per_epoch=a.steps_per_epoch,
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = outcome.metrics
     print(f"\npublished model version {outcome.version} -> {redact(outcome.uri)}")
-    print(f"  size {cfg.size}, arch {m['arch']}, features {features_name(m.get('char_ngrams'))}, "
+    print(f"  size {cfg.size}, arch {m['arch']}, features {features_name(m.get('char_ngrams'), m.get('subword_mix') or 'mean')}, "
           f"{m['parameters']:,} parameters, "
           f"best epoch {m['epoch']}")
     print(f"  validation accuracy {m['val_accuracy']:.4f}, test accuracy {m['test_accuracy']:.4f} ({m['split']} split)")

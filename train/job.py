@@ -21,13 +21,16 @@ from train.data import DataSpec
 
 DEFAULT_EPOCHS = {"small": 15, "large": 2}
 DEFAULT_ARCH = "cnn"  # a new model's family when --arch is not given (docs/TRAINING.md: measured over seeds)
+DEFAULT_CHAR_NGRAMS = (2, 3)  # a new model's subword features when --char-ngrams is not given (the same)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "small"
     arch: str | None = None  # lstm or cnn; None: DEFAULT_ARCH, or a fine-tune's base family
-    char_ngrams: tuple[int, ...] = ()  # subword features of a new model (widths); () words alone
+    # Subword features of a new model (n-gram widths); () words alone; None: DEFAULT_CHAR_NGRAMS,
+    # or a fine-tune's base features.
+    char_ngrams: tuple[int, ...] | None = None
     data: DataSpec = field(default_factory=DataSpec)
     epochs: int | None = None  # None: DEFAULT_EPOCHS for the size
     batch_size: int = 64  # the production team's setting
@@ -51,8 +54,9 @@ class TrainConfig:
             from train.model import arch_named
 
             arch_named(self.arch)  # raises with the list of families
-        check_char_ngrams(self.char_ngrams)
-        if self.char_ngrams and self.fine_tune:
+        if self.char_ngrams is not None:
+            check_char_ngrams(self.char_ngrams)
+        if self.char_ngrams is not None and self.fine_tune:
             raise ValueError("a fine-tune keeps its base version's features: drop --char-ngrams")
         for name in ("epochs", "batch_size", "steps_per_epoch"):
             value = getattr(self, name)
@@ -62,6 +66,11 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.gpus_per_worker is not None and (not self.use_gpu or self.gpus_per_worker <= 0):
             raise ValueError(f"gpus_per_worker ({self.gpus_per_worker}) needs use_gpu and a positive number")
+
+    @property
+    def new_char_ngrams(self) -> tuple[int, ...]:
+        """The n-gram widths a new model gets."""
+        return DEFAULT_CHAR_NGRAMS if self.char_ngrams is None else tuple(self.char_ngrams)
 
     @property
     def num_epochs(self) -> int:
@@ -142,7 +151,8 @@ def _train_loop_per_worker(config: dict) -> None:
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
-    print(f"[train] {config['size']} {loaded.arch} model ({features_name(loaded.size.char_ngrams)}), "
+    print(f"[train] {config['size']} {loaded.arch} model "
+          f"({features_name(loaded.size.char_ngrams, loaded.size.subword_mix)}), "
           f"{loaded.model.count_params():,} parameters, on {device}; "
           f"{len(splits.train)} train / {len(splits.validation)} validation examples")
 
@@ -315,7 +325,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     loop_config = {
         "size": cfg.size,
         "arch": cfg.arch or DEFAULT_ARCH,
-        "char_ngrams": list(cfg.char_ngrams),
+        "char_ngrams": list(cfg.new_char_ngrams),
         "data": dataclasses.asdict(cfg.data),
         "epochs": cfg.num_epochs,
         "batch_size": cfg.batch_size,
@@ -360,6 +370,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
             "size": cfg.size,
             "arch": loaded.arch,
             "char_ngrams": list(loaded.size.char_ngrams),
+            "subword_mix": loaded.size.subword_mix if loaded.size.char_ngrams else None,
             "data": dataclasses.asdict(cfg.data),
             "examples": {"train": len(splits.train), "validation": len(splits.validation),
                          "test": len(splits.test), "test_seen": len(splits.test_seen)},

@@ -28,7 +28,12 @@ import tensorflow as tf  # noqa: E402
 FORMAT_VERSION = 1  # an LSTM: readable by code from before the CNN family
 CNN_FORMAT_VERSION = 2  # a CNN: code from before the CNN family refuses it with a clear error
 SUBWORD_FORMAT_VERSION = 3  # character n-grams: older code would tokenise it by words alone, so it refuses it
-READABLE_FORMATS = (FORMAT_VERSION, CNN_FORMAT_VERSION, SUBWORD_FORMAT_VERSION)
+WORD_PLUS_GRAMS_FORMAT_VERSION = 4  # n-grams added to the word row: older code would average them, so it refuses it
+READABLE_FORMATS = (FORMAT_VERSION, CNN_FORMAT_VERSION, SUBWORD_FORMAT_VERSION, WORD_PLUS_GRAMS_FORMAT_VERSION)
+# How a token's vector is made from its rows when it has character n-grams: "word+grams" (its word
+# row plus the mean of its n-gram rows: what new models use, docs/QUALITY.md) or "mean" (the mean of
+# all its rows, word row included: models saved before, format 3).
+SUBWORD_MIXES = ("word+grams", "mean")
 ARCHS = ("lstm", "cnn")  # model families; a config.json without "arch" (older versions) is lstm
 WEIGHTS_FILE = "model.weights.h5"
 CONFIG_FILE = "config.json"
@@ -43,12 +48,13 @@ class ModelSize:
     max_tokens: int  # longer texts are cut: chatbot queries are short
     conv_filters: int = 64  # cnn: filters per width
     conv_widths: tuple[int, ...] = (3, 4, 5)  # cnn: one Conv1D per width, in parallel
-    # Subword features: a token's vector is the mean of its word row and the rows of its character
-    # n-grams of these widths (hashed into the same buckets); () is words alone. Only the first
-    # max_token_chars characters of a token are split into n-grams (its word id hashes all of it),
-    # so one long token cannot make a batch huge.
+    # Subword features: a token's vector is made from its word row and the rows of its character
+    # n-grams of these widths (hashed into the same buckets) as `subword_mix` says; () is words
+    # alone. Only the first max_token_chars characters of a token are split into n-grams (its word
+    # id hashes all of it), so one long token cannot make a batch huge.
     char_ngrams: tuple[int, ...] = ()
     max_token_chars: int = 20
+    subword_mix: str = "mean"  # what a saved config without the field means; new_model gives "word+grams"
 
     def params(self, num_labels: int, arch: str = "lstm") -> int:
         """Parameters of the model this size builds for `arch` (what Keras' count_params says)."""
@@ -83,9 +89,13 @@ def check_char_ngrams(widths) -> tuple[int, ...]:
     return widths
 
 
-def features_name(widths) -> str:
-    """What a model's tokens are made of, for people: "words" or "words + char 2/3/4-grams"."""
-    return f"words + char {'/'.join(map(str, widths))}-grams" if widths else "words"
+def features_name(widths, mix: str = "word+grams") -> str:
+    """What a model's tokens are made of, for people: "words", "words + char 2/3/4-grams" or, for
+    models that average the word row with its n-grams, "mean of words and char 2/3/4-grams"."""
+    if not widths:
+        return "words"
+    grams = f"char {'/'.join(map(str, widths))}-grams"
+    return f"words + {grams}" if mix == "word+grams" else f"mean of words and {grams}"
 
 
 def size_named(name: str) -> ModelSize:
@@ -175,10 +185,19 @@ def _conv_features(size: ModelSize, ids):
 
 
 def _subword_embedding(size: ModelSize, ids):
-    """(batch, tokens, 1 + n-grams) ids -> each token's mean row, and the word ids (0: padding)."""
+    """(batch, tokens, 1 + n-grams) ids -> each token's vector, and the word ids (0: padding).
+
+    "word+grams": the word row plus the mean of the n-gram rows, so a known word keeps its full
+    weight and a misspelt or unseen one still gets the vector of its pieces; "mean": the mean of
+    all the token's rows (the word row one of ~15 for a 6-letter word with 2/3/4-grams)."""
     rows = keras.layers.Embedding(size.num_buckets, size.embed_dim, name="embedding")(ids)
     present = keras.ops.expand_dims(keras.ops.cast(keras.ops.not_equal(ids, 0), rows.dtype), -1)
-    x = keras.ops.sum(rows * present, axis=2) / keras.ops.maximum(keras.ops.sum(present, axis=2), 1.0)
+    rows = rows * present
+    if size.subword_mix == "mean":
+        x = keras.ops.sum(rows, axis=2) / keras.ops.maximum(keras.ops.sum(present, axis=2), 1.0)
+    else:
+        grams = keras.ops.sum(rows[:, :, 1:], axis=2) / keras.ops.maximum(keras.ops.sum(present[:, :, 1:], axis=2), 1.0)
+        x = rows[:, :, 0] + grams
     return x, ids[:, :, 0]
 
 
@@ -230,12 +249,16 @@ def save_model_dir(loaded: LoadedModel, directory: str | Path) -> Path:
     loaded.model.save_weights(str(directory / WEIGHTS_FILE))
     size = asdict(loaded.size)
     if not loaded.size.char_ngrams:  # words alone: the fields code from before subwords reads
-        size = {k: v for k, v in size.items() if k not in ("char_ngrams", "max_token_chars")}
+        size = {k: v for k, v in size.items() if k not in ("char_ngrams", "max_token_chars", "subword_mix")}
+    elif loaded.size.subword_mix == "mean":  # as format 3 wrote it
+        size.pop("subword_mix")
     if loaded.arch == "lstm":  # exactly what older code reads (ModelSize(**size) with its 4 fields)
         size = {k: v for k, v in size.items() if not k.startswith("conv_")}
     fmt = CNN_FORMAT_VERSION if loaded.arch == "cnn" else FORMAT_VERSION
+    if loaded.size.char_ngrams:
+        fmt = SUBWORD_FORMAT_VERSION if loaded.size.subword_mix == "mean" else WORD_PLUS_GRAMS_FORMAT_VERSION
     config = {
-        "format": SUBWORD_FORMAT_VERSION if loaded.size.char_ngrams else fmt,
+        "format": fmt,
         "size_name": loaded.size_name,
         "arch": loaded.arch,
         "size": size,
@@ -259,6 +282,8 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     if config.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {list(READABLE_FORMATS)}")
     size = ModelSize(**{k: tuple(v) if k in ("conv_widths", "char_ngrams") else v for k, v in config["size"].items()})
+    if size.subword_mix not in SUBWORD_MIXES:
+        raise ValueError(f"{directory}: unknown subword_mix {size.subword_mix!r}; this code reads {list(SUBWORD_MIXES)}")
     arch = config.get("arch", "lstm")  # versions saved before the CNN family are LSTMs
     model = build_model(size, config["labels"], arch)
     model.load_weights(str(directory / WEIGHTS_FILE))
@@ -273,8 +298,12 @@ def saved_arch(directory: str | Path) -> str:
     return config.get("arch", "lstm")
 
 
-def new_model(size_name: str, labels: list[str], arch: str = "lstm", char_ngrams: tuple[int, ...] = ()) -> LoadedModel:
-    size = dataclasses.replace(size_named(size_name), char_ngrams=tuple(char_ngrams))
+def new_model(size_name: str, labels: list[str], arch: str = "lstm", char_ngrams: tuple[int, ...] = (),
+              subword_mix: str = "word+grams") -> LoadedModel:
+    if subword_mix not in SUBWORD_MIXES:
+        raise ValueError(f"unknown subword_mix {subword_mix!r}; choose one of {list(SUBWORD_MIXES)}")
+    size = dataclasses.replace(size_named(size_name), char_ngrams=tuple(char_ngrams),
+                               subword_mix=subword_mix if char_ngrams else "mean")
     return LoadedModel(build_model(size, labels, arch), list(labels), size_name, size, {}, arch=arch)
 
 
