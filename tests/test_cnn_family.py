@@ -1,5 +1,6 @@
-"""The CNN family through the whole pipeline: trained by the real Ray Train job, served, taught
-online (lazy Adam on the embedding, deltas to the replicas), and fine-tuned into a CNN again.
+"""The CNN family, with `python -m train`'s default features (words + char 2/3-grams), through
+the whole pipeline: trained by the real Ray Train job, served, taught online (lazy Adam on the
+embedding, deltas to the replicas), and fine-tuned into a CNN with the same features again.
 
 The LSTM family takes the same path in test_online_learning.py and test_lifecycle.py; this is
 one economical end-to-end run for the other family on a tiny data file.
@@ -12,7 +13,7 @@ import requests
 
 from tests._helpers import FEEDBACK_TOKEN, deploy_online, http_ok, trained_dir, wait_until, write_jsonl
 from train.data import DataSpec
-from train.job import ArchMismatchError, TrainConfig, run_training
+from train.job import DEFAULT_CHAR_NGRAMS, ArchMismatchError, TrainConfig, run_training
 from train.store import ModelStore
 
 AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
@@ -53,6 +54,7 @@ def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, t
                   storage_path=str(tmp_path / "runs"))
     base = run_training(TrainConfig(arch="cnn", epochs=8, **common))
     assert base.metrics["arch"] == "cnn" and ModelStore(store).load(base.version).arch == "cnn"
+    assert ModelStore(store).load(base.version).size.char_ngrams == DEFAULT_CHAR_NGRAMS
 
     deploy_online(store, state, name="cnn", classifier_replicas=1)
     url = f"{base_url}/cnn"
@@ -96,6 +98,7 @@ def test_cnn_trains_serves_learns_online_and_fine_tunes(ray_cluster, base_url, t
         tuned = run_training(TrainConfig(epochs=3, fine_tune=True, feedback_dir=state, **common))
         assert tuned.metrics["arch"] == "cnn" and tuned.metrics["kind"] == "fine-tune"
         assert ModelStore(store).load(tuned.version).arch == "cnn"
+        assert ModelStore(store).load(tuned.version).size == ModelStore(store).load(base.version).size  # features kept
 
         def rebased():
             s = (converged() or {})
