@@ -104,15 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     try:  # one thread per op, as a replica runs (serve/settings.py: tf_threads)
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
+    except RuntimeError:  # TensorFlow already runs in this process: its settings stand
         pass
-    report = {**measure(batches, a.rounds, a.texts), "out": a.out}
-    command = "python -m bench model_cost " + " ".join(argv if argv is not None else sys.argv[1:])
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out + ".json").write_text(json.dumps({**report, "command": command}, indent=2))
-    Path(a.out + ".md").write_text(markdown(report, command))
-    plot(report, a.out + ".png")
+    run(batches, a.rounds, a.texts, a.out,
+        "python -m bench model_cost " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
+
+
+def run(batches: list[int], rounds: int, texts: int, out: str, command: str) -> dict:
+    """Measure and write OUT.json, .md and .png (TensorFlow's threads as the caller set them)."""
+    report = {**measure(batches, rounds, texts), "out": out}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({**report, "command": command}, indent=2))
+    Path(out + ".md").write_text(markdown(report, command))
+    plot(report, out + ".png")
+    return report
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ class FullUpdate:
     lineage: str = ""
     digest: str = ""
     epoch: int = 0
+    # train.model.model_signature of the learner's model: a replica holding another model (equal
+    # shapes, other features or labels) loads the base from the store instead; "" from older learners.
+    signature: str = ""
 
     def named(self, lineage: str, digest: str, epoch: int) -> FullUpdate:
         return dataclasses.replace(self, lineage=lineage, digest=digest, epoch=epoch)

@@ -151,8 +151,9 @@ class Publishing:
 
     def _build_full(self):
         from online_learning.weights import make_full
+        from train.model import model_signature
 
         with self._model_lock:  # the mirror and self.pub change together under this lock
             pub = self.pub
-            full = make_full(self.served.model, pub.version, pub.log_offset)
+            full = make_full(self.served.model, pub.version, pub.log_offset, model_signature(self.served))
         return ray.put(full.named(pub.lineage, pub.digest, self._owner.epoch))

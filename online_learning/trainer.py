@@ -33,7 +33,7 @@ class OnlineTrainer:
         self._emb = embedding_variable(self.model)
         self._dense = [v for v in dense_variables(self.model) if v.trainable]
         # The shared dense weights carry what the base knows; new words and languages live in
-        # embedding rows of their own. A lower rate for the dense part (learner setting
+        # embedding rows (their own word rows; n-gram rows are shared with known words). A lower rate for the dense part (learner setting
         # `dense_learning_rate`) keeps the base's answers while new rows learn fast.
         self._opt = keras.optimizers.Adam(dense_learning_rate or learning_rate)
         self._opt.build(self._dense)

@@ -34,10 +34,10 @@ def make_delta(model, rows, version: int, log_offset: int) -> DeltaUpdate:
                        dense=[v.numpy() for v in dense_variables(model)])
 
 
-def make_full(model, version: int, log_offset: int) -> FullUpdate:
-    """Every weight, not yet named (`FullUpdate.named`)."""
+def make_full(model, version: int, log_offset: int, signature: str = "") -> FullUpdate:
+    """Every weight, not yet named (`FullUpdate.named`); `signature`: the model's (model_signature)."""
     return FullUpdate(version=version, log_offset=log_offset, embedding=embedding_variable(model).numpy(),
-                      dense=[v.numpy() for v in dense_variables(model)])
+                      dense=[v.numpy() for v in dense_variables(model)], signature=signature)
 
 
 def apply_update(model, update: Update, digest=None) -> None:

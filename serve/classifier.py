@@ -180,8 +180,9 @@ class Classifier:
         try:
             if cfg is None or self._learner is None:
                 raise RequestError(404, "not_found", "online learning is off in this application's config")
+            authorization = authorization_of(request)  # two headers: 400 before anything is spent
             try:
-                check_token(authorization_of(request), cfg.feedback_token_env)
+                check_token(authorization, cfg.feedback_token_env)
                 auth_error = None
             except RequestError as err:
                 auth_error = err
@@ -265,6 +266,7 @@ class Classifier:
             "size": served.loaded.size_name if served else None,
             "arch": served.loaded.arch if served else None,
             "char_ngrams": list(served.loaded.size.char_ngrams) if served else None,  # [] words alone
+            "subword_mix": (served.loaded.size.subword_mix if served.loaded.size.char_ngrams else None) if served else None,
             "labels": served.loaded.labels if served else [],
             "metrics": served.loaded.metrics if served else {},
             "batching": {"max_batch_size": batch.max_batch_size,

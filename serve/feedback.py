@@ -28,8 +28,9 @@ LEARNER_RETRY_AFTER = {"Retry-After": "2"}
 
 
 def authorization_of(request) -> str | None:
-    """The request's one Authorization header. Two are a 400: a proxy in front may check the other
-    one than we would (first-wins here, last-wins elsewhere), as with a key twice in a body."""
+    """The request's one Authorization header. Two are a 400, on every route, before any token is
+    compared or any rate budget spent: a proxy in front may check the other one than we would
+    (first-wins here, last-wins elsewhere), as with a key twice in a body."""
     values = request.headers.getlist("authorization")
     if len(values) > 1:
         raise RequestError(400, "duplicate_header", f"the request has {len(values)} Authorization headers; send one")

@@ -8,6 +8,7 @@ Python cost is what bounds a replica's throughput.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import orjson
@@ -157,6 +158,14 @@ def _no_constants(name: str):
     raise RequestError(400, "malformed_json", f"request body is not JSON: {name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    """json's parse_float: a number too large for a double (1e999) would read as infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(400, "malformed_json", f"request body has a number out of range: {text[:40]}")
+    return value
+
+
 def decode_json(body: bytes, limits):
     """Size, UTF-8 and JSON checks shared by every route that takes a body; an object with a key
     twice, at any depth, is a 400 `duplicate_key`."""
@@ -168,7 +177,8 @@ def decode_json(body: bytes, limits):
     except UnicodeDecodeError as err:
         raise RequestError(400, "invalid_encoding", f"request body is not valid UTF-8 (byte {err.start})") from err
     try:
-        payload = json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        payload = json.loads(decoded, object_pairs_hook=_unique_keys, parse_constant=_no_constants,
+                             parse_float=_finite_float)
     except json.JSONDecodeError as err:
         raise RequestError(400, "malformed_json", f"request body is not JSON: {err.msg} at char {err.pos}") from err
     except RecursionError as err:

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from online_learning.protocol import FullUpdate, ReplicaIdentity, Update
 from serve.requests import ModelError
-from train.model import LoadedModel
+from train.model import LoadedModel, model_signature
 
 
 class DigestMismatch(RuntimeError):
@@ -22,7 +22,7 @@ class DigestMismatch(RuntimeError):
 
 
 class ModelMismatch(DigestMismatch):
-    """Full weights of another model (family, size or label set): the replica must load the
+    """Full weights of another model (family, size, features or label set): the replica must load the
     lineage's base version from the store (config + weights) before it can take them."""
 
 
@@ -31,6 +31,7 @@ class ServedModel:
         from online_learning.digest import model_digest
 
         self.loaded = loaded
+        self.signature = model_signature(loaded)
         self.version = loaded.version
         # A store version is named by the lineage that wrote it (a learner snapshot), else by itself.
         self.lineage = loaded.metrics.get("lineage") or f"store-v{loaded.version}"
@@ -98,6 +99,8 @@ class ServedModel:
             if not full and (update.lineage != self.lineage or update.version != self.version + 1):
                 self._resync = True
                 raise DigestMismatch(f"delta {name} does not follow {self.lineage}/v{self.version}")
+            if full and update.signature and update.signature != self.signature:
+                raise ModelMismatch(f"{name} is another model (family, size, features or labels) than this replica's")
             shapes = [tuple(v.shape) for v in dense_variables(self.loaded.model)]
             if shapes != [a.shape for a in update.dense] or (
                     full and update.embedding.shape != tuple(embedding_variable(self.loaded.model).shape)):

@@ -49,12 +49,12 @@ def train_quick_model(store_uri: str, langs=("en",), epochs: int = 10, arch: str
 
 
 def trained_dir(trained_store: str) -> Path:
-    """The suite's base model (the `trained_store` fixture's newest version) as a folder, ready to
-    publish into another store as it is."""
+    """The suite's base model (the `trained_store` fixture's first version: apps that serve from
+    that store add learner snapshots above it) as a folder, ready to publish into another store."""
     from train.store import ModelStore
 
     local = ModelStore(trained_store)
-    return local.local_path(local.latest())
+    return local.local_path(local.versions()[0])
 
 
 # Small thresholds so a test sees a scale-up within seconds of sustained load, and the scale-down after.

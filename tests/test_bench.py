@@ -246,20 +246,26 @@ def test_quality_rows_name_their_features_and_older_rows_read_as_words():
 
 
 def test_model_cost_bench_measures_every_model_against_the_first(tmp_path):
-    """`python -m bench model_cost`' main, in this process, tiny: every model at every batch
-    size, a positive CPU time per text, the first model at 1.00x, and the three report files."""
+    """`python -m bench model_cost`'s measurement and reports, in this process, tiny (its main
+    would set this process's TensorFlow threads): every model at every batch size, a positive CPU
+    time per text, the first model at 1.00x, and the three report files; bad options refused."""
     import json
 
-    from bench.model_cost import MODELS, main
+    from bench.model_cost import MODELS, main, run
 
     out = tmp_path / "COST"
-    assert main(["--batches", "1,4", "--rounds", "1", "--texts", "8", "--out", str(out)]) == 0
+    run([1, 4], rounds=1, texts=8, out=str(out), command="python -m bench model_cost (test)")
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["batch"], r["model"]) for r in rows] == [(b, m[0]) for b in (1, 4) for m in MODELS]
     assert all(r["cpu_us_per_text"] > 0 for r in rows)
     assert [r["vs_first"] for r in rows if r["model"] == MODELS[0][0]] == [1.0, 1.0]
     assert "| 4 | cnn, words + char 2/3-grams |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size
+    for bad in (["--batches", "0"], ["--batches", "x"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*bad, "--out", str(tmp_path / "BAD")])
+        assert refused.value.code == 2
+    assert not (tmp_path / "BAD.json").exists()
 
 
 def test_cpu_sampler_tells_a_busy_process_from_an_idle_one():

@@ -142,11 +142,23 @@ def test_plain_retrain_while_serving_is_adopted_by_every_replica(life):
 
     url = life["url"]
     before = converge(life, "converged before the retrain")
+    import tempfile
+
+    from online_learning.digest import model_digest
+    from train.model import load_model_dir, save_model_dir
     from train.store import ModelStore
 
-    # What `python -m train` publishes at its end: a model folder (the suite's base, trained
-    # before); the store numbers it and the learner goes above.
-    retrained = ModelStore(life["store"]).publish(trained_dir(life["trained"]))
+    # What `python -m train` publishes at its end: a model folder, here the suite's base with its
+    # output bias moved a little (other weights than the app's first version, the same answers),
+    # so a replica that kept or reloaded the old base cannot pass for one on the retrain.
+    model = load_model_dir(trained_dir(life["trained"]))
+    bias = model.model.get_layer("classes").bias
+    bias.assign(bias.numpy() + 0.01)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(model, tmp)
+        retrained = ModelStore(life["store"]).publish(tmp)  # the store numbers it; the learner goes above
+    old_base = model_digest(ModelStore(life["store"]).load(ModelStore(life["store"]).versions()[0]).model).hexdigest()
+    assert model_digest(ModelStore(life["store"]).load(retrained).model).hexdigest() != old_base
     replicas = list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Classifier"), ("state", "=", "ALIVE")])
 
     def replaced():  # the new replica's process is up (it may still be syncing): the dead one is gone

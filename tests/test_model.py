@@ -165,3 +165,16 @@ def test_large_size_is_the_production_shape():
 def test_accuracy_counts_unknown_labels_wrong():
     m = new_model("small", ["a", "b"])
     assert accuracy(m, ["x", "y"], ["zzz", "zzz"]) == 0.0
+
+
+def test_a_subword_config_whose_format_and_mix_disagree_is_refused(tmp_path):
+    """Format 3 means the mean of rows, format 4 the word row plus the n-grams' mean: a config
+    that says one with the other's mix (hand-edited or damaged) is refused, never loaded as a guess."""
+    save_model_dir(new_model("small", ["a", "b"], "cnn", (2, 3)), tmp_path / "v")
+    path = tmp_path / "v" / "config.json"
+    config = json.loads(path.read_text())
+    for fmt, mix in ((4, None), (3, "word+grams"), (4, "mean"), (4, "sum")):
+        size = {k: v for k, v in config["size"].items() if k != "subword_mix"}
+        path.write_text(json.dumps({**config, "format": fmt, "size": size if mix is None else {**size, "subword_mix": mix}}))
+        with pytest.raises(ValueError, match="do not go together"):
+            load_model_dir(tmp_path / "v")

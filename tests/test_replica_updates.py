@@ -100,3 +100,25 @@ def test_full_weights_of_another_model_are_refused_before_any_work(served_and_le
     with pytest.raises(ModelMismatch, match="another model"):
         served.apply([full])
     assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before.digest
+
+
+def test_full_weights_of_a_model_with_other_features_and_equal_shapes_are_refused(served_and_learner):
+    """A subword LSTM has this words LSTM's weight shapes, but tokenises otherwise: its weights in
+    this replica would answer through the wrong features. The learner signs its full updates with
+    the model's signature, so the replica refuses them (ModelMismatch: it loads the lineage's base
+    from the store instead); an unsigned full (an older learner) is still judged by shapes."""
+    from serve.runner import ModelMismatch
+    from train.model import model_signature, new_model
+
+    served, _ = served_and_learner
+    before = served.identity
+    other = new_model("small", served.loaded.labels, "lstm", (2, 3))
+    assert [w.shape for w in other.model.weights] == [w.shape for w in served.loaded.model.weights]
+    full = _published(other.model, make_full(other.model, served.version + 1, 14, model_signature(other)), "sub")
+    with pytest.raises(ModelMismatch, match="features"):
+        served.apply([full])
+    assert served.identity == before and model_digest(served.loaded.model).hexdigest() == before.digest
+    same = _published(served.loaded.model, make_full(served.loaded.model, served.version + 1, 15,
+                                                      model_signature(served.loaded)), "same")
+    served.apply([same])  # signed by an equal model: taken
+    assert served.identity.lineage == "same" and served.version == before.version + 1

@@ -308,8 +308,9 @@ def test_parser_refuses_a_key_twice_at_any_depth_and_keeps_the_rest():
 
 
 def test_parser_refuses_nan_and_infinity_as_malformed_json():
-    """Ray-free: NaN, Infinity and -Infinity are not JSON (RFC 8259); both routes' parsers answer
-    400 malformed_json naming the word, as for any other body that is not JSON."""
+    """Ray-free: NaN, Infinity and -Infinity are not JSON (RFC 8259), and 1e999 would read as
+    infinity; both routes' parsers answer 400 malformed_json naming it, as for any other body that
+    is not JSON."""
     from types import SimpleNamespace
 
     from serve.feedback import parse_feedback
@@ -317,13 +318,14 @@ def test_parser_refuses_nan_and_infinity_as_malformed_json():
 
     limits = SimpleNamespace(max_body_bytes=65_536, max_texts=64, max_text_chars=2_000, top_k=3)
     learner, labels = SimpleNamespace(max_events=256), {"HassTurnOn"}
-    for word in ("NaN", "Infinity", "-Infinity"):
+    for word in ("NaN", "Infinity", "-Infinity", "1e999", "-1e400"):  # the last two would read as infinity
         for body, parse in [(f'{{"text": "hi", "top_k": {word}}}', lambda b: parse_predict(b, limits)),
                             (f'{{"event_id": "a", "text": "hi", "label": {word}}}',
                              lambda b: parse_feedback(b, limits, learner, labels))]:
             with pytest.raises(RequestError) as err:
                 parse(body.encode())
             assert (err.value.status, err.value.code) == (400, "malformed_json") and word in str(err.value), body
+    assert parse_predict(b'{"text": "hi", "top_k": 2}', limits)[2] == 2  # finite numbers read as before
 
 
 def test_two_authorization_headers_get_400_and_nothing_is_logged(hostile_app):

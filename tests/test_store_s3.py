@@ -214,17 +214,17 @@ def test_the_cache_keeps_the_configured_number_of_versions(s3_server, trained_st
 
 
 def test_train_cli_publishes_to_s3(ray_cluster, s3_server, tmp_path, capsys):
-    """`python -m train --store s3://... --char-ngrams 2,3` (its main, in this process, on the
+    """`python -m train --store s3://... --char-ngrams none` (its main, in this process, on the
     suite's Ray: the training worker reads the data and writes checkpoints, the driver publishes
-    to S3). With subword features, so the job carries every model option through to the store; a
-    words model takes the Ray Train path in test_cnn_family.py and the fine-tune tests."""
+    to S3). Words alone, the option's explicit `none`: the default subword features take the Ray
+    Train path in test_cnn_family.py."""
     from train.__main__ import main as train_main
 
     rows = [{"text": f"please switch {w} lamp {i}", "label": w} for i in range(20) for w in ("on", "off")]
     data = write_jsonl(tmp_path / "tiny.jsonl", rows)
     uri = s3_server["uri"]("cli")
     code = train_main(["--store", uri, "--data", str(data), "--epochs", "2", "--batch-size", "16",
-                       "--char-ngrams", "2,3", "--cpus-per-worker", "0.25", "--storage-path", str(tmp_path / "runs")])
+                       "--char-ngrams", "none", "--cpus-per-worker", "0.25", "--storage-path", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     store = ModelStore(uri)
@@ -233,8 +233,11 @@ def test_train_cli_publishes_to_s3(ray_cluster, s3_server, tmp_path, capsys):
     assert loaded.version == 1 and loaded.labels == ["off", "on"]
     metrics = store.metrics(1)
     assert set(metrics) >= {"test_accuracy", "val_accuracy", "samples_per_s", "epoch", "parameters"}, metrics
-    assert metrics["samples_per_s"] > 0 and metrics["epoch"] == 2
-    assert loaded.size.char_ngrams == (2, 3) and metrics["char_ngrams"] == [2, 3]
+    assert metrics["samples_per_s"] > 0 and metrics["epoch"] in (1, 2)  # the best validation epoch
+    assert loaded.arch == "cnn" and loaded.size.char_ngrams == () and metrics["char_ngrams"] == []
+    store.read_file(1, "config.json", tmp_path / "config.json")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert metrics["subword_mix"] is None and config["format"] == 2 and "char_ngrams" not in config["size"]
     assert loaded.metrics["test_accuracy"] == metrics["test_accuracy"]
     assert np.isfinite(loaded.predict(["please switch on lamp 3"])).all()
 

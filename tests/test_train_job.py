@@ -1,8 +1,8 @@
 """`python -m train`'s command line: refusals before anything starts (in-process, no Ray), its
 help, the real CLI refusing --use-gpu without a GPU, and training on a GPU where there is one.
 
-The Ray Train job itself runs end to end in test_store_s3.py (the CLI, subwords, to S3) and
-test_cnn_family.py (a words CNN, then its fine-tune)."""
+The Ray Train job itself runs end to end in test_store_s3.py (the CLI, words alone, to S3) and
+test_cnn_family.py (the default: a CNN on words + char 2/3-grams, then its fine-tune)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,22 @@ def run_cli(capsys, monkeypatch, *args) -> tuple[int, str]:
 def test_cli_rejects_bad_options(args, message, capsys, monkeypatch):
     code, err = run_cli(capsys, monkeypatch, *args)
     assert code == 2 and message in err, err
+
+
+def test_cli_features_default_to_char_2_3_grams_for_a_new_model_and_the_base_for_a_fine_tune():
+    """No --char-ngrams: a new model gets DEFAULT_CHAR_NGRAMS and a fine-tune its base's (None);
+    `none` is words alone; the loop config a fine-tune sends names no features of its own."""
+    from train.cli import parse_args
+    from train.job import DEFAULT_CHAR_NGRAMS
+
+    assert DEFAULT_CHAR_NGRAMS == (2, 3)
+    new = parse_args([])
+    assert new.char_ngrams is None and new.new_char_ngrams == DEFAULT_CHAR_NGRAMS
+    words = parse_args(["--char-ngrams", "none"])
+    assert words.char_ngrams == () and words.new_char_ngrams == ()
+    assert parse_args(["--char-ngrams", "4,2,3"]).new_char_ngrams == (2, 3, 4)
+    fine = parse_args(["--fine-tune"])
+    assert fine.char_ngrams is None and fine.fine_tune
 
 
 def test_cli_bad_data_file_named_before_ray_starts(tmp_path, capsys, monkeypatch):

@@ -147,7 +147,7 @@ def _train_loop_per_worker(config: dict) -> None:
         return (ds.repeat() if config["steps_per_epoch"] else ds).prefetch(2)
 
     with strategy.scope():
-        loaded = base if start else new_model(config["size"], labels, config["arch"], tuple(config["char_ngrams"]))
+        loaded = base if start else new_model(config["size"], labels, config["arch"], tuple(config["char_ngrams"] or ()))
         compile_for_training(loaded.model, config["learning_rate"])
     device = (f"{len(gpus)} GPU ({', '.join(g.name for g in gpus)}; {type(strategy).__name__})" if gpus
               else "CPU")
@@ -325,7 +325,7 @@ def _fit(cfg: TrainConfig, store, pin_owner: str) -> TrainOutcome:
     loop_config = {
         "size": cfg.size,
         "arch": cfg.arch or DEFAULT_ARCH,
-        "char_ngrams": list(cfg.new_char_ngrams),
+        "char_ngrams": None if cfg.fine_tune else list(cfg.new_char_ngrams),  # a fine-tune keeps its base's
         "data": dataclasses.asdict(cfg.data),
         "epochs": cfg.num_epochs,
         "batch_size": cfg.batch_size,

@@ -282,14 +282,25 @@ def load_model_dir(directory: str | Path) -> LoadedModel:
     if config.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{directory}: model format {config.get('format')}, this code reads {list(READABLE_FORMATS)}")
     size = ModelSize(**{k: tuple(v) if k in ("conv_widths", "char_ngrams") else v for k, v in config["size"].items()})
-    if size.subword_mix not in SUBWORD_MIXES:
-        raise ValueError(f"{directory}: unknown subword_mix {size.subword_mix!r}; this code reads {list(SUBWORD_MIXES)}")
+    if size.char_ngrams:  # the format says how rows mix; a config that says otherwise is damaged
+        expected = "mean" if config["format"] == SUBWORD_FORMAT_VERSION else "word+grams"
+        if config["format"] not in (SUBWORD_FORMAT_VERSION, WORD_PLUS_GRAMS_FORMAT_VERSION) or size.subword_mix != expected:
+            raise ValueError(f"{directory}: format {config['format']} with char_ngrams {list(size.char_ngrams)} and "
+                             f"subword_mix {size.subword_mix!r} do not go together (format 3 is 'mean', 4 'word+grams')")
     arch = config.get("arch", "lstm")  # versions saved before the CNN family are LSTMs
     model = build_model(size, config["labels"], arch)
     model.load_weights(str(directory / WEIGHTS_FILE))
     metrics_path = directory / METRICS_FILE
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     return LoadedModel(model, list(config["labels"]), config["size_name"], size, metrics, arch=arch)
+
+
+def model_signature(loaded: LoadedModel) -> str:
+    """What besides the weights decides a model's answers: family, size with its features
+    (n-gram widths, how rows mix) and labels. Two models with equal weight shapes may differ here
+    (a words CNN and a char 2/3-gram CNN), so weights may only move between equal signatures."""
+    return json.dumps({"arch": loaded.arch, "size": asdict(loaded.size), "labels": list(loaded.labels)},
+                      sort_keys=True, ensure_ascii=False)
 
 
 def saved_arch(directory: str | Path) -> str:
