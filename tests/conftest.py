@@ -27,7 +27,15 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.integration)
 
 
+# The hostile app's modules run last, in this order, and share one deploy of it (`hostile_app`
+# is per session): the security tests first, then the fuzzing, whose random feedback may teach
+# that app anything. Last, so its idle replicas take no CPU from the Ray Train tests.
+_LAST_MODULES = ("test_security", "test_fuzz")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i + 1 for i, name in enumerate(_LAST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], 0))  # stable: else as collected
     slow_ok = os.environ.get("TEXTSERVE_SLOW") == "1"
     for item in items:
         if "slow" in item.keywords and not slow_ok:
@@ -65,6 +73,9 @@ def ray_cluster(s3_server):
         # A deleted replica keeps answering 30 s by default so that HAProxy notices it going; the
         # tests delete apps often, and connection failures are retried on another replica anyway.
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+        # Ray Train's controller looks at its worker every 2 s by default, so a finished run waits
+        # up to 2 s to be noticed; the suite's runs take seconds each.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # address="local": a new instance of its own, never one found running on this machine
         ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
         yield ctx
@@ -150,11 +161,11 @@ def base_url(ray_cluster, trained_store):
     return url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hostile_app(ray_cluster, base_url, trained_store, tmp_path_factory):
-    """An app with online learning of its own for the security tests (fuzzed feedback must not
-    reach the learning tests' model): 2 Classifier replicas, its own store copy and feedback log.
-    Per module, so its CPUs are free again for the Ray Train tests that follow."""
+    """An app with online learning of its own for the security and fuzz tests (fuzzed feedback
+    must not reach the learning tests' model): 2 Classifier replicas, its own store copy and
+    feedback log. Deployed once; its modules run last (_LAST_MODULES)."""
     import shutil
 
     from ray import serve
