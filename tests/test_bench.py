@@ -362,7 +362,7 @@ def test_cpu_meter_counts_the_server_tree_not_the_client(server_spins):
         assert cost["server_cpu_s"] < 0.15, cost
 
 
-def test_every_setting_a_variant_changes_is_listed():
+def test_every_setting_a_variant_changes_is_listed(monkeypatch):
     from bench.compare import VARIANTS
     from bench.compare_report import changes_line
     from bench.systems import variant_changes
@@ -373,8 +373,12 @@ def test_every_setting_a_variant_changes_is_listed():
     assert unbatched["applications.0.deployments.0.num_replicas"] == (None, 1)
     assert unbatched["applications.0.args.learner"][1] is None  # the learner off
     assert "max_batch_size` 32 -> 1" in changes_line(unbatched)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", raising=False)  # "before" is the caller's environment
     lean = variant_changes(VARIANTS["textserve-default-nohametrics"])
     assert lean == {"environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": (None, "0")}  # the environment only
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1")
+    assert variant_changes(VARIANTS["textserve-default-nohametrics"]) == {
+        "environment.RAY_SERVE_HAPROXY_METRICS_ENABLED": ("1", "0")}
 
 
 def test_a_variants_environment_reaches_its_serve_run_and_only_the_shipped_kind_takes_one(tmp_path):
