@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests that need a Ray instance: through the suite's fixtures, or started by the test itself (a
 # `serve run` process, a Ray Train job, a multi-node cluster). The fast lane (`make test-fast`)
 # leaves them out; there `ray.init` refuses, so a test that needs Ray and is not marked fails loudly.
+# The bench tests that train real models on the whole data set are marked by hand (seconds each).
 _RAY_FIXTURES = {"ray_cluster", "s3_server"}
 _RAY_MODULES = {"test_python_m_serve_run", "test_cluster", "test_learner_restart",
                 "test_cnn_family", "test_learner_growth"}
@@ -141,7 +142,9 @@ def trained_store(tmp_path_factory):
     from tests._helpers import train_quick_model
 
     store = str(tmp_path_factory.mktemp("store"))
-    train_quick_model(store)
+    # The fast lane's tests take the model's shape and its answers to plain commands, not its
+    # accuracy: 4 epochs there (seconds), 10 for the apps the integration tests teach and measure.
+    train_quick_model(store, epochs=4 if FAST_LANE else 10)
     return store
 
 

@@ -179,6 +179,7 @@ def test_profile_summary_from_a_speedscope_file():
     assert thread_seconds(profile) == [("t1", pytest.approx(0.04))]
 
 
+@pytest.mark.integration  # no Ray, but real models trained on the whole data set: not the fast lane
 def test_features_bench_trains_each_feature_set_and_reports(tmp_path, capsys):
     """One epoch of the small Korean model per feature set, really trained (`python -m bench
     features`' main, in this process): a report with a row per model, the mean per feature set, a
@@ -201,6 +202,7 @@ def test_features_bench_trains_each_feature_set_and_reports(tmp_path, capsys):
     assert not (tmp_path / "BAD.json").exists()
 
 
+@pytest.mark.integration  # no Ray, but real models trained on the whole data set: not the fast lane
 def test_quality_bench_scores_clean_and_perturbed_sets_and_keeps_earlier_runs(tmp_path, capsys):
     """`python -m bench quality`' main, in this process: a real 1-epoch CNN per recipe, scored on
     the clean test set and the robustness set by kind; a later command adds its rows to the
